@@ -1,0 +1,119 @@
+"""Transformer building blocks shared by the tokenizer, the ECG encoder, the masked
+transformer and the critic: pre-norm attention (self, causal or cross) and feed-forward.
+
+Attention goes through `scaled_dot_product_attention`, so the fused kernels run on GPU
+and the math path on CPU, with no branch in our code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FeedForward(nn.Module):
+    """Pre-norm GELU MLP."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, dim * mult)
+        self.down = nn.Linear(dim * mult, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.up(self.norm(x))))
+
+
+class Attention(nn.Module):
+    """Pre-norm multi-head attention.
+
+    Self-attention when `context` is None, cross-attention (queries from x, keys and
+    values from context) otherwise. `causal` makes token i see only tokens <= i.
+    `key_mask` (batch, keys), True where a key may be attended, hides padding or
+    masked-out condition tokens.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, causal: bool = False, context_dim: int | None = None) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.causal = causal
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+        b, n, _ = x.shape
+        h = self.norm(x)
+        source = h if context is None else context
+        q = self.to_q(h)
+        k, v = self.to_kv(source).chunk(2, dim=-1)
+        # (b, n, heads*d) -> (b, heads, n, d)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        attn_mask = None
+        if key_mask is not None:
+            attn_mask = key_mask[:, None, None, :]  # (b, 1, 1, keys), broadcast over heads and queries
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal and context is None)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention to a condition, feed-forward; all residual."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        ff_mult: int = 4,
+        causal: bool = False,
+        context_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.attn = Attention(dim, heads, dim_head, causal=causal)
+        self.cross = Attention(dim, heads, dim_head, context_dim=context_dim) if context_dim else None
+        self.ff = FeedForward(dim, ff_mult)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(x)
+        if self.cross is not None:
+            x = x + self.cross(x, context=context, key_mask=context_mask)
+        return x + self.ff(x)
+
+
+class Transformer(nn.Module):
+    """A stack of Blocks with a final LayerNorm."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        dim_head: int,
+        ff_mult: int = 4,
+        causal: bool = False,
+        context_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, dim_head, ff_mult, causal=causal, context_dim=context_dim) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
+        for block in self.blocks:
+            x = block(x, context=context, context_mask=context_mask)
+        return self.norm(x)
+
+
+def sinusoidal_embedding(positions: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sin/cos features of (possibly fractional) positions: (...,) -> (..., dim).
+
+    Used for time in seconds or frame indices; a fixed function of the position alone,
+    so it never leaks information across a causal boundary.
+    """
+    half = dim // 2
+    freqs = torch.exp(-torch.log(torch.tensor(max_period)) * torch.arange(half, device=positions.device) / half)
+    angles = positions.float()[..., None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
