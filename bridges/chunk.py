@@ -16,6 +16,7 @@ class EcgChunk:
     samples: float32, shape (leads, n). t0: time of the first sample in seconds on the
     device's clock (or the receiver's monotonic clock where the device sends none).
     seq: the source's sequence number, increasing by one per chunk.
+    received: the receiver's monotonic clock on arrival (replay: on release); None if unknown.
     """
 
     device: str
@@ -24,6 +25,7 @@ class EcgChunk:
     t0: float
     seq: int
     unit: str = "mV"
+    received: float | None = None
 
     @property
     def n_samples(self) -> int:
@@ -41,3 +43,19 @@ class EcgChunk:
     def t_end(self) -> float:
         """Time just after the last sample (t0 of a contiguous next chunk)."""
         return self.t0 + self.duration
+
+
+@dataclass(frozen=True)
+class RrIntervals:
+    """Rhythm without a waveform (BLE Heart Rate service, 0x2A37).
+
+    A rhythm source only: it carries beat-to-beat intervals, never ECG samples, so the
+    engine must not treat it as a chunk. rr: seconds, oldest first (may be empty when the
+    sensor sent only a rate). t: receiver's monotonic time of the notification.
+    """
+
+    device: str
+    t: float
+    hr_bpm: int
+    rr: tuple[float, ...]
+    seq: int

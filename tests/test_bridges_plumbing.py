@@ -1,0 +1,86 @@
+"""Backoff, the drop-oldest queue and payload decoding (no network)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import msgpack
+import numpy as np
+import pytest
+
+from echopulse.bridges import status
+from echopulse.bridges.backoff import Backoff
+from echopulse.bridges.payload import PayloadError, decode_payload
+from echopulse.bridges.queue import DropOldestQueue
+
+
+def test_backoff_grows_caps_jitters_and_resets() -> None:
+    b = Backoff(initial=1.0, maximum=8.0, factor=2.0, jitter=0.5, rng=random.Random(0))
+    delays = [b.next_delay() for _ in range(8)]
+    caps = [1, 2, 4, 8, 8, 8, 8, 8]
+    assert all(c * 0.5 <= d <= c for d, c in zip(delays, caps))
+    assert len(set(delays)) == len(delays)  # jittered: no two equal
+    b.reset()
+    assert b.next_delay() <= 1.0
+
+
+def test_backoff_without_jitter_is_exact() -> None:
+    b = Backoff(initial=0.5, maximum=3.0, jitter=0.0)
+    assert [b.next_delay() for _ in range(4)] == [0.5, 1.0, 2.0, 3.0]
+
+
+async def test_queue_drops_oldest_and_counts() -> None:
+    q: DropOldestQueue[int] = DropOldestQueue(3)
+    assert [q.put_nowait(i) for i in range(5)] == [False, False, False, True, True]
+    assert q.dropped == 2 and len(q) == 3
+    assert [await asyncio.wait_for(q.get(), 1) for _ in range(3)] == [2, 3, 4]
+
+
+async def test_queue_get_waits_for_put() -> None:
+    q: DropOldestQueue[str] = DropOldestQueue(2)
+    getter = asyncio.ensure_future(asyncio.wait_for(q.get(), 1))
+    await asyncio.sleep(0.01)
+    assert not getter.done()
+    q.put_nowait("x")
+    assert await getter == "x"
+
+
+def test_payload_non_finite_passes_to_the_checker() -> None:
+    # JSON as Python writes it (NaN/Infinity tokens); the checker repairs, not the decoder
+    d = decode_payload(json.dumps({"fs": 100, "unit": "mV", "samples": [1.0, float("nan"), float("inf")]}).encode())
+    assert np.isnan(d.samples[0, 1]) and np.isinf(d.samples[0, 2])
+
+
+def test_payload_msgpack_list_of_lists_in_uv() -> None:
+    d = decode_payload(msgpack.packb({"fs": 500.0, "t0": 12.5, "seq": 3, "unit": "uV", "samples": [[1000, 2000], [-500, 0]]}))
+    np.testing.assert_allclose(d.samples, [[1.0, 2.0], [-0.5, 0.0]])
+    assert d.samples.dtype == np.float32 and (d.fs, d.t0, d.seq) == (500.0, 12.5, 3)
+
+
+@pytest.mark.parametrize(
+    ("msg", "code"),
+    [
+        ({"fs": 100, "unit": "mV", "samples": "!!notbase64", "shape": [2]}, status.MALFORMED),
+        ({"fs": 100, "unit": "mV", "samples": "AAAAAA==", "shape": [2]}, status.BAD_SHAPE),
+        ({"fs": 100, "unit": "mV", "samples": "AAAAAA==", "shape": [0]}, status.BAD_SHAPE),
+        ({"fs": 100, "unit": "mV", "samples": [1], "seq": 1.5}, status.BAD_FIELD),
+        ({"fs": 100, "unit": "mV", "samples": [1], "t0": "noon"}, status.BAD_FIELD),
+        ({"fs": True, "unit": "mV", "samples": [1]}, status.BAD_FIELD),
+        ({"fs": 100, "unit": None, "samples": [1]}, status.UNKNOWN_UNIT),
+        ({"fs": 100, "unit": "mV", "samples": []}, status.BAD_SHAPE),
+        ({"fs": 100, "unit": "mV", "samples": ["a"]}, status.BAD_SHAPE),
+    ],
+)
+def test_payload_rejections(msg: dict, code: str) -> None:
+    with pytest.raises(PayloadError) as info:
+        decode_payload(json.dumps(msg).encode())
+    assert info.value.code == code
+
+
+def test_payload_size_limit_configurable() -> None:
+    body = json.dumps({"fs": 100, "unit": "mV", "samples": [0.0] * 100}).encode()
+    decode_payload(body, max_payload=len(body))
+    with pytest.raises(PayloadError) as info:
+        decode_payload(body, max_payload=len(body) - 1)
+    assert info.value.code == status.OVERSIZED
