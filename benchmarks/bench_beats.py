@@ -1,0 +1,191 @@
+"""Beat detection: our streaming detector beside sleepecg and neurokit2, same recordings.
+
+Recordings: the project's simulator (ground-truth R times) at several heart rates and
+noise levels, and sleepecg's toy ECG (real, no ground truth: scored against the peaks
+both peers agree on; peaks only one peer finds are ignored for every detector).
+Ours runs as it runs live: a `QrsDetector` fed 1-s chunks. Throughput is x-real-time on
+the toy ECG (360 Hz); latency is confirmation time minus the true R time, after the
+2-s learning period. Numba is warmed up before timing; the warm-up is reported.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import numpy as np
+
+from echopulse.core.simulate.ecg import simulate_ecg
+from echopulse.kernels import qrs
+from echopulse.stream.beat_score import Score, consensus, score
+from echopulse.stream.beats import BeatSegmenter
+
+log = logging.getLogger(__name__)
+
+TOL = 0.05
+FS = 360.0
+HEART_RATES = (45, 75, 120, 170)
+NOISE = {"clean": 0.0, "noisy": 1.0, "very noisy": 3.0}
+LEARN_S = 2.5
+
+
+def _ours(x: np.ndarray, fs: float) -> tuple[np.ndarray, np.ndarray]:
+    """Streaming in 1-s chunks; returns R and confirmation times (s)."""
+    r, d = qrs.detect(x, fs, chunk=int(fs))
+    return r / fs, d / fs
+
+
+def _sleepecg(x: np.ndarray, fs: float) -> np.ndarray:
+    import sleepecg
+
+    return sleepecg.detect_heartbeats(np.asarray(x, np.float64), fs) / fs
+
+
+def _neurokit(x: np.ndarray, fs: float) -> np.ndarray:
+    import neurokit2 as nk
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # neurokit2's deprecation chatter
+        _, info = nk.ecg_peaks(np.asarray(x, np.float64), sampling_rate=fs)
+    return np.asarray(info["ECG_R_Peaks"], dtype=np.float64) / fs
+
+
+DETECTORS = {"ours": lambda x, fs: _ours(x, fs)[0], "sleepecg": _sleepecg, "neurokit2": _neurokit}
+
+
+def _best_time(fn, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _stream_detector(x: np.ndarray, fs: float) -> None:
+    det = qrs.QrsDetector(fs)
+    step = int(fs)
+    for i in range(0, x.shape[0], step):
+        det.push(x[i:i + step])
+
+
+def _stream_segmenter(x: np.ndarray, fs: float) -> None:
+    seg = BeatSegmenter(fs, 1)
+    step = int(fs)
+    x2 = x[None, :]
+    for i in range(0, x.shape[0], step):
+        seg.push(x2[:, i:i + step], i / fs)
+
+
+def _compile_cold() -> float:
+    """Compile the QRS kernel from scratch (no cache) to report the true compile time."""
+    import numba
+
+    fresh = numba.njit(cache=False)(qrs.detect_chunk)
+    det = qrs.QrsDetector(250.0)
+    out = np.empty((2, det.capacity_for(8)), np.int64)
+    t0 = time.perf_counter()
+    fresh(np.zeros(8, np.float32), det._f, det._s, out)
+    return time.perf_counter() - t0
+
+
+def run(quick: bool = False) -> dict:
+    import sleepecg
+
+    rows: list[dict] = []
+
+    def row(metric: str, value: float, unit: str, target: str | None = None) -> None:
+        rows.append({"metric": metric, "value": float(value), "unit": unit, "target": target})
+
+    t0 = time.perf_counter()
+    qrs.warm_up()
+    _stream_segmenter(np.zeros(int(4 * FS), np.float32), FS)
+    row("numba warm-up (compile or cache load)", time.perf_counter() - t0, "s")
+    if not quick:
+        row("numba cold compile of the QRS kernel", _compile_cold(), "s")
+
+    # accuracy and latency on simulated recordings with ground truth
+    duration = 20.0 if quick else 120.0
+    scores = {(d, n): Score(0, 0, 0) for d in DETECTORS for n in NOISE}
+    latency = []
+    for level, noise in NOISE.items():
+        for hr in HEART_RATES:
+            rec = simulate_ecg(duration, fs=FS, hr=hr, seed=hr, noise=noise)
+            x = rec.signal[0]
+            lo, hi = 0.3, rec.duration - 0.5
+            truth = rec.r_peaks[(rec.r_peaks > lo) & (rec.r_peaks < hi)]
+            for name, fn in DETECTORS.items():
+                found = fn(x, FS)
+                found = found[(found > lo) & (found < hi)]
+                scores[name, level] += score(truth, found, TOL)
+            r, d = _ours(x, FS)
+            for rt, dt in zip(r, d):
+                j = np.searchsorted(truth, rt)
+                near = [truth[k] for k in (j - 1, j) if 0 <= k < len(truth) and abs(truth[k] - rt) <= TOL]
+                if near and near[0] > LEARN_S:
+                    latency.append(dt - near[0])
+    for level in NOISE:
+        for name in DETECTORS:
+            target = ">= 0.995" if (name == "ours" and level == "clean") else None
+            row(f"F1 {name}, simulated {level} ({len(HEART_RATES)} HRs 45-170 bpm)", scores[name, level].f1, "", target)
+    lat = np.asarray(latency)
+    row("detection latency after true R, p50", np.percentile(lat, 50), "s", "<= 0.25")
+    row("detection latency after true R, p99", np.percentile(lat, 99), "s", "<= 0.25")
+    row("detection latency after true R, max", np.max(lat), "s")
+
+    # other device rates (Polar H10 130 Hz, Apple Watch 512 Hz): clean and noisy together
+    for fs in (130.0, 512.0):
+        per = {name: Score(0, 0, 0) for name in DETECTORS}
+        lat_fs = []
+        for noise in (0.0,) if quick else (0.0, 1.0):
+            for hr in HEART_RATES:
+                rec = simulate_ecg(duration, fs=fs, hr=hr, seed=hr + int(fs), noise=noise)
+                lo, hi = 0.3, rec.duration - 0.5
+                truth = rec.r_peaks[(rec.r_peaks > lo) & (rec.r_peaks < hi)]
+                for name, fn in DETECTORS.items():
+                    found = fn(rec.signal[0], fs)
+                    per[name] += score(truth, found[(found > lo) & (found < hi)], TOL)
+                r, d = _ours(rec.signal[0], fs)
+                late = (r > LEARN_S) & (r < hi)
+                lat_fs.extend((d - r)[late])
+        for name in DETECTORS:
+            row(f"F1 {name}, simulated at {fs:g} Hz (clean{'' if quick else ' + noisy'})", per[name].f1, "")
+        row(f"detection latency after detected R at {fs:g} Hz, p99", np.percentile(lat_fs, 99), "s", "<= 0.25")
+
+    # real ECG without truth: consensus of the two peers
+    toy, fs_toy = sleepecg.get_toy_ecg()
+    if quick:
+        toy = toy[: int(60 * fs_toy)]
+    toy32 = toy.astype(np.float32)
+    found = {name: fn(toy32 if name == "ours" else toy, fs_toy) for name, fn in DETECTORS.items()}
+    truth, ambiguous = consensus(found["sleepecg"], found["neurokit2"], TOL)
+    for name in DETECTORS:
+        f1 = score(truth, found[name], TOL, ignore=ambiguous).f1
+        row(f"F1 {name}, sleepecg toy ECG vs peer consensus (peers define it)", f1, "")
+
+    # throughput on the toy ECG
+    reps = 3 if quick else 7
+    seconds = toy.shape[0] / fs_toy
+    t_sleep = _best_time(lambda: _sleepecg(toy, fs_toy), reps)
+    t_nk = _best_time(lambda: _neurokit(toy, fs_toy), max(1, reps // 2))
+    t_stream = _best_time(lambda: _stream_detector(toy32, fs_toy), reps)
+    t_whole = _best_time(lambda: qrs.detect(toy32, fs_toy), reps)
+    t_seg = _best_time(lambda: _stream_segmenter(toy32, fs_toy), reps)
+    row("throughput sleepecg (whole recording, C backend)", seconds / t_sleep, "x realtime")
+    row("throughput neurokit2 ecg_peaks (whole recording)", seconds / t_nk, "x realtime")
+    row("throughput ours, whole recording in one call", seconds / t_whole, "x realtime")
+    row("throughput ours, streaming 1-s chunks", seconds / t_stream, "x realtime")
+    row("throughput ours streaming 1-s / sleepecg", t_sleep / t_stream, "ratio", ">= 1")
+    row("throughput BeatSegmenter (detect + windows), 1-s chunks", seconds / t_seg, "x realtime")
+    return {"rows": rows, "toy_seconds": seconds, "n_latency": int(lat.size)}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    result = run(quick="--quick" in sys.argv)
+    for r in result["rows"]:
+        log.info("%-60s %12.4g %-10s %s", r["metric"], r["value"], r["unit"], r["target"] or "")
+    log.debug(json.dumps(result))

@@ -1,0 +1,168 @@
+"""Streaming beat segmentation: ECG chunks in, beats with their model-rate window out.
+
+A `BeatSegmenter` runs the streaming QRS detector (`kernels/qrs.py`) on one lead and
+keeps the recent raw signal of every lead in a ring buffer. Beat k is emitted when
+R_{k+1} is detected, so its RR is known. Its window (what the ECG encoder reads) starts
+`config.pre_r_s` before R_k and lasts `config.window_s`, resampled to `config.fs` by a
+windowed sinc evaluated on a grid anchored at R (`kernels/resample.py`), cut from the
+ring at emission time.
+
+Determinism: the window holds only samples delivered up to the sample that confirmed
+R_{k+1} (`detected_at`), as if the stream arrived sample by sample; later samples are
+zero and `valid` is False there, as for samples lost to a gap or NaN. So the beats,
+windows included, do not depend on how the stream was chunked. `cut_window` cuts a
+window from whatever the ring holds now, for a caller that wants the longer view.
+
+Time: sample i of the stream is at `t0 + i / fs`, t0 being the first chunk's; the
+segmenter treats chunks as contiguous. A caller that sees a gap or a change of rate
+starts a new segmenter (or calls `reset`).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..core.config import EcgEncoderConfig
+from ..kernels.qrs import QrsDetector, QrsParams
+from ..kernels.resample import resample, support
+from .ring import SampleRing
+
+RING_S = 12.0  # raw history kept: the longest RR plus a window's lead-in and search-back
+PIECE_S = 1.0  # long chunks are taken in pieces so the ring still holds each beat's start
+N_HR = 8       # RR intervals the current heart rate is a median of
+
+
+@dataclass(frozen=True, eq=False)  # arrays inside: compare fields, not beats
+class Beat:
+    """One heartbeat, [R_k, R_{k+1}), with the ECG window the generator conditions on."""
+
+    index: int
+    r_time: float
+    rr: float
+    next_r_time: float
+    window: np.ndarray      # (leads, config.window_samples) float32 at config.fs
+    valid: np.ndarray       # (config.window_samples,) bool: False where not delivered
+    detected_at: float      # stream time at which the beat was emitted
+
+    @property
+    def hr(self) -> float:
+        """Heart rate of this beat in beats per minute."""
+        return 60.0 / self.rr
+
+
+class BeatSegmenter:
+    """Beats from a stream of (leads × n) float32 chunks in millivolts at rate `fs`."""
+
+    def __init__(self, fs: float, n_leads: int, config: EcgEncoderConfig | None = None,
+                 detect_lead: int = 0, backend: str = "numba", params: QrsParams | None = None) -> None:
+        if not 0 <= detect_lead < n_leads:
+            raise ValueError(f"detect_lead {detect_lead} out of range for {n_leads} leads")
+        self.fs = float(fs)
+        self.n_leads = int(n_leads)
+        self.config = config or EcgEncoderConfig()
+        self.detect_lead = int(detect_lead)
+        self._backend = backend
+        self._params = params
+        n = self.config.window_samples
+        self._grid = np.arange(n, dtype=np.float64) * (self.fs / self.config.fs) - self.config.pre_r_s * self.fs
+        self._support = support(self.fs, self.config.fs)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stream: the next push starts a new timeline."""
+        self._detector = QrsDetector(self.fs, self._params, self._backend)
+        self._ring = SampleRing(self.n_leads, int(math.ceil(RING_S * self.fs)) + 2 * self._support)
+        self._t0: float | None = None
+        self._last_r: int | None = None
+        self._rr: deque[int] = deque(maxlen=N_HR)
+        self._count = 0
+
+    # ---------------------------------------------------------------------------
+    @property
+    def n_samples(self) -> int:
+        """Samples received since the start (or the last reset)."""
+        return self._ring.end
+
+    @property
+    def expected_t0(self) -> float | None:
+        """t0 a contiguous next chunk would carry; None before the first push."""
+        return None if self._t0 is None else self._t0 + self._ring.end / self.fs
+
+    @property
+    def heart_rate(self) -> float | None:
+        """Median heart rate (bpm) of the last few RR intervals; None before two R peaks."""
+        if not self._rr:
+            return None
+        return 60.0 * self.fs / float(np.median(np.fromiter(self._rr, dtype=np.float64)))
+
+    @property
+    def last_r_time(self) -> float | None:
+        """Time of the latest R peak found (its beat is emitted with the next R)."""
+        return None if self._last_r is None else self.time_of(self._last_r)
+
+    def time_of(self, index: float) -> float:
+        """Stream time of a (fractional) absolute sample index."""
+        if self._t0 is None:
+            raise RuntimeError("no samples pushed yet")
+        return self._t0 + index / self.fs
+
+    # ---------------------------------------------------------------------------
+    def push(self, samples: np.ndarray, t0: float) -> list[Beat]:
+        """Feed a chunk (leads × n); returns the beats it completes, oldest first."""
+        samples = np.asarray(samples, dtype=np.float32)
+        if samples.ndim != 2 or samples.shape[0] != self.n_leads:
+            raise ValueError(f"expected ({self.n_leads}, n) samples, got {samples.shape}")
+        if self._t0 is None:
+            self._t0 = float(t0)
+        beats: list[Beat] = []
+        piece = max(1, int(PIECE_S * self.fs))
+        for i in range(0, samples.shape[1], piece):
+            part = samples[:, i:i + piece]
+            self._ring.append(part)
+            r_peaks = self._detector.push(part[self.detect_lead])
+            confirmed = self._detector.last_detected_at
+            for r, det in zip(r_peaks.tolist(), confirmed.tolist()):
+                if self._last_r is not None:
+                    beats.append(self._beat(self._last_r, r, det))
+                    self._rr.append(r - self._last_r)
+                self._last_r = r
+        return beats
+
+    def cut_window(self, r_time: float) -> tuple[np.ndarray, np.ndarray]:
+        """The window around an R peak at `r_time` from what the ring holds now:
+        (leads × window_samples float32, valid bool)."""
+        r = (r_time - self.time_of(0)) * self.fs
+        return self._window(r, self._ring.end)
+
+    # ---------------------------------------------------------------------------
+    def _beat(self, r: int, r_next: int, det: int) -> Beat:
+        window, valid = self._window(float(r), det + 1)
+        beat = Beat(index=self._count, r_time=self.time_of(r), rr=(r_next - r) / self.fs,
+                    next_r_time=self.time_of(r_next), window=window, valid=valid,
+                    detected_at=self.time_of(det))
+        self._count += 1
+        return beat
+
+    def _window(self, r: float, upto: int) -> tuple[np.ndarray, np.ndarray]:
+        """Resample samples [ring start, upto) onto the window grid of an R at index r."""
+        pos = r + self._grid
+        n_out = pos.shape[0]
+        lo = max(self._ring.start, int(math.floor(pos[0])) - self._support)
+        hi = min(upto, self._ring.end, int(math.ceil(pos[-1])) + self._support + 1)
+        window = np.zeros((self.n_leads, n_out), dtype=np.float32)
+        valid = np.zeros(n_out, dtype=bool)
+        if hi <= lo:
+            return window, valid
+        seg = self._ring.read(lo, hi)
+        finite = np.isfinite(seg).all(axis=0)
+        seg = np.where(finite, seg, np.float32(0.0))
+        nearest = np.rint(pos).astype(np.int64)
+        inside = (nearest >= lo) & (nearest < hi)
+        valid[inside] = finite[nearest[inside] - lo]
+        if valid.any():
+            out = resample(seg, pos - lo, self.fs, self.config.fs, backend=self._backend)
+            window[:, valid] = out[:, valid]
+        return window, valid
