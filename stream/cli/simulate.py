@@ -136,44 +136,14 @@ def run(args: argparse.Namespace) -> int:
 # -- preview --------------------------------------------------------------------------------
 
 
-def _ecg_strip(ecg: np.ndarray, fs: float, t0: float, t1: float, cursor: float | None, width: int, marks: np.ndarray) -> np.ndarray:
-    """An RGB strip (STRIP_HEIGHT × width) with the ECG between t0 and t1, R marks and a cursor."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, STRIP_HEIGHT), (8, 12, 10))
-    draw = ImageDraw.Draw(img)
-    i0, i1 = max(int(t0 * fs), 0), min(int(t1 * fs) + 1, ecg.shape[-1])
-    seg = ecg[i0:i1]
-    if len(seg) > 1:
-        lo, hi = np.percentile(seg, 1), np.percentile(seg, 99.5)
-        span = max(hi - lo, 0.2)
-        x = (np.arange(i0, i1) / fs - t0) / (t1 - t0) * (width - 1)
-        y = (STRIP_HEIGHT - 8) - (seg - lo) / span * (STRIP_HEIGHT - 16)
-        draw.line(list(zip(x.tolist(), y.tolist())), fill=(80, 230, 120), width=1)
-    for r in marks:
-        if t0 <= r <= t1:
-            xr = (r - t0) / (t1 - t0) * (width - 1)
-            draw.line([(xr, 0), (xr, 5)], fill=(230, 200, 60))
-    if cursor is not None:
-        xc = (cursor - t0) / (t1 - t0) * (width - 1)
-        draw.line([(xc, 0), (xc, STRIP_HEIGHT)], fill=(240, 70, 70), width=2)
-    return np.asarray(img)
-
-
-def _echo_rgb(frame: np.ndarray, side: int) -> np.ndarray:
-    from PIL import Image
-
-    img = Image.fromarray(frame).resize((side, side), Image.BILINEAR)
-    return np.repeat(np.asarray(img)[:, :, None], 3, axis=2)
-
-
 def write_preview(path: Path, sample: dict[str, Any], args: argparse.Namespace) -> None:
     """MP4 of the sample (beat-locked clips are shown over several beats at 30 fps) with its
     ECG under the echo and a cursor at each frame's time, plus a PNG contact sheet."""
-    import imageio.v2 as imageio
     from PIL import Image, ImageDraw
 
     from echopulse.core.simulate import simulate_pair
+
+    from .. import media
 
     path.parent.mkdir(parents=True, exist_ok=True)
     movie = sample
@@ -182,15 +152,18 @@ def write_preview(path: Path, sample: dict[str, Any], args: argparse.Namespace) 
         movie = simulate_pair(args.seed, **{**_pair_kwargs(args), "fps": 30.0, "frames": 90})
     times = movie["video_t"]
     ecg = movie["ecg"][0]
-    with imageio.get_writer(path, fps=args.fps or 30.0, codec="libx264", quality=7, macro_block_size=16) as writer:
-        for frame, t in zip(movie["video"], times):
-            strip = _ecg_strip(ecg, movie["ecg_fs"], t - 1.5, t + 0.5, t, PREVIEW_SIDE, movie["r_peaks"])
-            writer.append_data(np.concatenate([_echo_rgb(frame, PREVIEW_SIDE), strip], axis=0))
+    media.write_mp4(path, (
+        np.concatenate([
+            media.gray_to_rgb(frame, PREVIEW_SIDE),
+            media.ecg_strip(ecg, movie["ecg_fs"], t - 1.5, t + 0.5, PREVIEW_SIDE, height=STRIP_HEIGHT, cursor=t, marks=movie["r_peaks"]),
+        ], axis=0)
+        for frame, t in zip(movie["video"], times)
+    ), fps=args.fps or 30.0)
 
     # Contact sheet of the sample itself: every frame, ED/ES labelled, the ECG under all.
     tile = 128
     video, t_s = sample["video"], sample["video_t"]
-    row = np.concatenate([_echo_rgb(f, tile) for f in video], axis=1)
+    row = np.concatenate([media.gray_to_rgb(f, tile) for f in video], axis=1)
     sheet = Image.fromarray(row)
     draw = ImageDraw.Draw(sheet)
     for i in range(len(video)):
@@ -199,7 +172,7 @@ def write_preview(path: Path, sample: dict[str, Any], args: argparse.Namespace) 
     width = row.shape[1]
     span = t_s[-1] - t_s[0]
     t0, t1 = t_s[0] - 0.5 * tile / width * span - 0.05, t_s[-1] + 0.5 * tile / width * span + 0.05
-    strip = Image.fromarray(_ecg_strip(sample["ecg"][0], sample["ecg_fs"], t0, t1, None, width, sample["r_peaks"]))
+    strip = Image.fromarray(media.ecg_strip(sample["ecg"][0], sample["ecg_fs"], t0, t1, width, height=STRIP_HEIGHT, marks=sample["r_peaks"]))
     sd = ImageDraw.Draw(strip)
     for t in t_s:
         x = (t - t0) / (t1 - t0) * (width - 1)
