@@ -1,0 +1,210 @@
+"""Record a protocol-v1 stream: per device, segments of one MP4 and one NPZ each.
+
+    rec = Recorder(Path("rec"), rotate_s=600, rotate_frames=3000)
+    for msg in subscriber.messages(timeout=1.0):
+        rec.add(msg)
+        rec.tick()
+    rec.close()
+
+Layout under the output folder::
+
+    <device>/<device>_<UTC start, YYYYmmddTHHMMSSZ>_<n>.mp4   frames as video (H.264, fragmented)
+    <device>/<device>_<UTC start>_<n>.npz                     frames and every header field
+    segments.jsonl                                            one line per closed segment
+    statuses.jsonl                                            every status message received
+
+A segment closes, and the device's next frame opens a new one, when it is `rotate_s`
+seconds old (wall clock) or holds `rotate_frames` frames, when the frame shape changes,
+when the device's seq goes back (its publisher restarted), and on `close()`. Frames lost
+in transit (a forward jump of seq) do not split a segment: the NPZ's `gap` says how many
+were lost before each frame. The MP4 is written as frames come, in fragments, so a crash
+leaves a playable file; the NPZ is written whole when the segment closes, which is why
+`rotate_frames` bounds the memory a segment holds.
+
+NPZ arrays, one entry per frame: ``frames`` (uint8 N×H×W), ``seq``, ``beat``, ``frame``,
+``beat_frames`` (frames in that beat), ``t`` (ECG time, s), ``r_time``, ``rr``, ``hr``,
+``capture``, ``publish``, ``latency``, ``recv`` (wall clock when recorded), ``gap``,
+``model``, ``headers`` (each header as JSON; binary fields left out) and ``meta`` (JSON:
+device, segment, why it opened and closed, the MP4's name and fps).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .protocol import FrameMessage, Message, StatusMessage
+
+log = logging.getLogger(__name__)
+
+# (npz name, header field, dtype) of the per-frame columns.
+_COLUMNS = (
+    ("seq", "seq", np.int64), ("beat", "beat", np.int64), ("frame", "frame", np.int64),
+    ("beat_frames", "frames", np.int64), ("t", "t", np.float64), ("r_time", "r_time", np.float64),
+    ("rr", "rr", np.float64), ("hr", "hr", np.float64), ("capture", "capture", np.float64),
+    ("publish", "publish", np.float64), ("latency", "latency", np.float64),
+)
+
+
+@dataclass(frozen=True)
+class RotatePolicy:
+    """When a segment closes: whichever of its age and its frame count comes first."""
+
+    rotate_s: float = 600.0
+    rotate_frames: int = 3000  # ~100 s at 30 fps; 3000 frames of 128×128 hold 49 MB in memory
+
+    def __post_init__(self) -> None:
+        if not self.rotate_s > 0 or self.rotate_frames < 1:
+            raise ValueError("rotate_s must be > 0 and rotate_frames >= 1")
+
+
+def _json_safe(header: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in header.items() if not isinstance(v, (bytes, bytearray, memoryview))})
+
+
+def _video_fps(header: dict[str, Any]) -> float:
+    """The beat's own frame rate (frames per RR interval), the rate the MP4 plays at."""
+    return float(min(max(header["frames"] / header["rr"], 1.0), 120.0))
+
+
+class Segment:
+    """One device's open recording."""
+
+    def __init__(self, folder: Path, device: str, index: int, first: FrameMessage, opened: str,
+                 wall: float, fps: float | None) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(wall))
+        self.stem = folder / f"{device}_{stamp}_{index:04d}"
+        self.device, self.index, self.opened, self.started = device, index, opened, wall
+        self.shape = first.pixels.shape
+        self.fps = fps or _video_fps(first.header)
+        self.frames: list[np.ndarray] = []
+        self.headers: list[dict[str, Any]] = []
+        self.recv: list[float] = []
+        self.gaps: list[int] = []
+        self._writer = self._open_video()
+
+    def _open_video(self) -> Any:
+        import imageio.v2 as imageio
+
+        # Fragmented MP4: readable up to the last fragment even if the recorder is killed.
+        return imageio.get_writer(
+            self.stem.with_suffix(".mp4"), format="FFMPEG", fps=self.fps, codec="libx264", pixelformat="yuv420p",
+            macro_block_size=2, ffmpeg_log_level="error", output_params=["-movflags", "+frag_keyframe+empty_moov"],
+        )
+
+    @property
+    def last_seq(self) -> int:
+        return self.headers[-1]["seq"]
+
+    def add(self, msg: FrameMessage, recv: float) -> None:
+        pixels = np.array(msg.pixels)  # a copy: the message's buffer is reused by ZeroMQ
+        h, w = pixels.shape
+        # yuv420p needs even sides; pad with one black row/column rather than let imageio rescale.
+        self._writer.append_data(np.pad(pixels, ((0, h % 2), (0, w % 2))))
+        self.frames.append(pixels)
+        self.headers.append(msg.header)
+        self.recv.append(recv)
+        self.gaps.append(msg.gap)
+
+    def close(self, reason: str) -> dict[str, Any]:
+        """Finish the MP4, write the NPZ (atomically), and return the segment's index line."""
+        self._writer.close()
+        meta = {"device": self.device, "segment": self.index, "opened": self.opened, "closed": reason,
+                "mp4": self.stem.with_suffix(".mp4").name, "fps": self.fps, "started": self.started}
+        columns = {name: np.array([h[key] for h in self.headers], dtype=dtype) for name, key, dtype in _COLUMNS}
+        partial = self.stem.with_suffix(".partial.npz")
+        np.savez(
+            partial, frames=np.stack(self.frames), recv=np.array(self.recv), gap=np.array(self.gaps, dtype=np.int64),
+            model=np.array([h["model"] for h in self.headers], dtype=str),
+            headers=np.array([_json_safe(h) for h in self.headers], dtype=str), meta=np.array(json.dumps(meta)),
+            **columns,
+        )
+        os.replace(partial, self.stem.with_suffix(".npz"))  # a reader never sees half an NPZ
+        return {**meta, "npz": self.stem.with_suffix(".npz").name, "frames": len(self.frames),
+                "seq": [self.headers[0]["seq"], self.last_seq], "t": [self.headers[0]["t"], self.headers[-1]["t"]],
+                "lost": int(sum(self.gaps))}
+
+
+class Recorder:
+    """Write every device's frames to rotating segments under `out`; statuses to statuses.jsonl."""
+
+    def __init__(self, out: Path, policy: RotatePolicy | None = None, *, fps: float | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.policy = policy or RotatePolicy()
+        self.fps = fps
+        self.clock = clock
+        self.open: dict[str, Segment] = {}
+        self.closed: list[dict[str, Any]] = []  # index lines of the segments written so far
+        self.frames = 0
+        self._count: dict[str, int] = {}  # segments started per device
+
+    def add(self, msg: Message) -> None:
+        if isinstance(msg, StatusMessage):
+            self._append_line("statuses.jsonl", msg.status)
+            return
+        now = self.clock()
+        device = msg.device
+        segment = self.open.get(device)
+        reason = "start"
+        if segment is not None:
+            reason = self._split_reason(segment, msg, now)
+            if reason:
+                self._close(device, reason)
+                segment = None
+        if segment is None:
+            index = self._count.get(device, 0)
+            self._count[device] = index + 1
+            segment = Segment(self.out / device, device, index, msg, reason, now, self.fps)
+            self.open[device] = segment
+            log.info("%s: segment %d opened (%s)", device, index, reason)
+        segment.add(msg, now)
+        self.frames += 1
+        if len(segment.frames) >= self.policy.rotate_frames:
+            self._close(device, "rotate_frames")
+
+    def _split_reason(self, segment: Segment, msg: FrameMessage, now: float) -> str:
+        if msg.seq <= segment.last_seq:
+            return "restart"  # seq went back: the publisher (or engine) started again
+        if msg.pixels.shape != segment.shape:
+            return "shape"
+        if now - segment.started >= self.policy.rotate_s:
+            return "rotate_time"
+        return ""
+
+    def tick(self) -> None:
+        """Close the segments older than rotate_s (call it now and then, also when no frames come)."""
+        now = self.clock()
+        for device, segment in list(self.open.items()):
+            if now - segment.started >= self.policy.rotate_s:
+                self._close(device, "rotate_time")
+
+    def close(self, reason: str = "stopped") -> None:
+        """Flush and close every open segment."""
+        for device in list(self.open):
+            self._close(device, reason)
+
+    def _close(self, device: str, reason: str) -> None:
+        segment = self.open.pop(device)
+        line = segment.close(reason)
+        self.closed.append(line)
+        self._append_line("segments.jsonl", line)
+        log.info("%s: segment %d closed (%s): %d frames", device, segment.index, reason, line["frames"])
+
+    def _append_line(self, name: str, record: dict[str, Any]) -> None:
+        with open(self.out / name, "a", encoding="utf-8") as f:  # opened per line: always flushed
+            f.write(json.dumps(record) + "\n")
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,128 @@
+"""The viewer without a browser: fan-out policy, the browser wire format, HTTP routes and the WebSocket feed."""
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from echopulse.stream.protocol import FrameMessage
+from echopulse.stream.viewer import ViewerServer
+from echopulse.stream.viewer.fanout import ClientFeed, Fanout
+from echopulse.stream.viewer.wire import event_payload, frame_payload, parse_frame_payload
+
+from _beat_publisher import BeatPublisher, expected_frame
+
+
+def _header(**changes):
+    header = {"v": 1, "device": "d1", "seq": 7, "beat": 1, "frame": 2, "frames": 10, "t": 1.2, "r_time": 1.0,
+              "rr": 0.8, "hr": 75.0, "shape": [4, 6], "dtype": "uint8", "model": "sim", "capture": 10.0,
+              "publish": 10.01, "latency": 0.01}
+    return {**header, **changes}
+
+
+async def test_feed_keeps_the_newest_frames_when_full():
+    feed = ClientFeed(max_frames=3)
+    for i in range(5):
+        feed.put_frame("a", bytes([i]))
+    feed.put_frame("b", b"\xff")
+    feed.put_event("status")
+    batch = await asyncio.wait_for(feed.take(timeout=1.0), 2.0)
+    assert batch == ["status", b"\x02", b"\x03", b"\x04", b"\xff"]  # events first, the oldest two of "a" dropped
+    assert feed.skipped == 2
+    assert await asyncio.wait_for(feed.take(timeout=0.05), 2.0) == []  # nothing left: waits, then empty
+
+
+async def test_fanout_reaches_every_client_until_removed():
+    fanout = Fanout(max_frames=2)
+    a, b = fanout.add(), fanout.add()
+    fanout.put_frame("d", b"1")
+    fanout.remove(b)
+    fanout.put_event("e")
+    assert await asyncio.wait_for(a.take(1.0), 2.0) == ["e", b"1"]
+    assert await asyncio.wait_for(b.take(1.0), 2.0) == [b"1"]
+
+
+def test_frame_payload_round_trip_with_ecg_and_nan():
+    pixels = np.arange(24, dtype=np.uint8).reshape(4, 6)
+    ecg = np.array([0.1, -0.5, 1.25], dtype="<f4")
+    msg = FrameMessage("echo/d1", _header(ecg=ecg.tobytes(), ecg_fs=250.0, hr=float("nan"), blob=b"\x00\x01"),
+                       pixels, gap=3)
+    header, got = parse_frame_payload(frame_payload(msg, recv=11.0))
+    np.testing.assert_array_equal(got, pixels)
+    assert header["ecg"] == pytest.approx([0.1, -0.5, 1.25]) and header["ecg_fs"] == 250.0
+    assert "hr" not in header and "blob" not in header  # JSON has no NaN; unknown binary is left out
+    assert header["gap"] == 3 and header["recv"] == 11.0 and header["seq"] == 7
+
+
+def test_event_payload_is_typed_json():
+    assert json.loads(event_payload("status", {"device": "d1", "code": "overload"})) == {
+        "type": "status", "device": "d1", "code": "overload"}
+
+
+def _get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, answer.headers["Content-Type"], answer.read()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, err.headers["Content-Type"], err.read()
+
+
+@pytest.mark.network
+async def test_viewer_serves_page_and_feeds_websocket_from_zeromq():
+    publisher = BeatPublisher("tcp://127.0.0.1:0", ("d1", "d2"), rr=0.2, frames=5, shape=(16, 20), status_every=1)
+    publisher.start_and_wait()
+    try:
+        async with ViewerServer(publisher.endpoint, port=0) as viewer:
+            status, kind, body = await asyncio.to_thread(_get, viewer.url)
+            assert status == 200 and kind.startswith("text/html") and b"/viewer.js" in body
+            assert b"http" not in body.replace(b"http-equiv", b"")  # no CDN: every resource is ours
+            for path, kind_prefix in (("viewer.js", "text/javascript"), ("viewer.css", "text/css")):
+                status, kind, _ = await asyncio.to_thread(_get, viewer.url + path)
+                assert status == 200 and kind.startswith(kind_prefix)
+            assert (await asyncio.to_thread(_get, viewer.url + "nope"))[0] == 404
+            frames: dict[str, list] = {"d1": [], "d2": []}
+            kinds: set[str] = set()
+            async with connect(viewer.url.replace("http", "ws") + "ws", open_timeout=10) as ws:
+                while min(len(v) for v in frames.values()) < 6 or not {"hello", "status", "stats"} <= kinds:
+                    message = await asyncio.wait_for(ws.recv(), 10.0)
+                    if isinstance(message, str):
+                        kinds.add(json.loads(message)["type"])
+                        continue
+                    header, pixels = parse_frame_payload(message)
+                    frames[header["device"]].append((header, pixels))
+            for _ in range(50):  # the server forgets a closed browser promptly
+                health = json.loads((await asyncio.to_thread(_get, viewer.url + "health"))[2])
+                if health["clients"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        publisher.stop()
+    assert health["frames"]["d1"] >= 6 and health["clients"] == 0
+    for k, device in enumerate(("d1", "d2")):
+        for header, pixels in frames[device]:
+            expected = expected_frame(k, header["beat"], header["frame"], header["frames"], header["seq"], (16, 20))
+            np.testing.assert_array_equal(pixels, expected)
+        seqs = [h["seq"] for h, _ in frames[device]]
+        assert seqs == sorted(seqs)  # in order, none repeated
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["view", "--connect", "tcp://127.0.0.1:5556", "--port", "70000"], "port must be between"),
+    (["view", "--connect", "nonsense", "--port", "0"], "cannot connect"),
+    (["view"], "--connect"),
+])
+def test_view_bad_arguments_are_one_line_exit_2(argv, words, capsys):
+    from echopulse.stream.cli import main
+
+    try:
+        status = main(argv)
+    except SystemExit as exit:  # argparse errors exit from the parser
+        status = exit.code
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and words in err and len(err.splitlines()) == 1
