@@ -1,0 +1,174 @@
+"""Backends turn one detected beat into that beat's echo frames, behind one interface.
+
+- ``sim``: the simulator's heart (`core.simulate.beat_driven.BeatDrivenEcho`) driven by the
+  detected R times, one heart per device, seeded from the device id so a device always
+  gets the same heart. A baseline, and a way to run the whole stream without a model.
+- ``model``: the learned generator (`core.generator.Generator`), the default once it exists.
+
+`render` runs in an executor thread (the engine keeps the event loop free for sources),
+at most one call per device at a time, so per-device state needs no lock.
+"""
+from __future__ import annotations
+
+import importlib.util
+import zlib
+from abc import ABC, abstractmethod
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class BeatLike(Protocol):
+    """What a backend reads from a beat (`stream.beats.Beat` has these and more)."""
+
+    index: int
+    r_time: float
+    rr: float
+    window: np.ndarray   # leads × W at the model rate
+    valid: np.ndarray    # W booleans: False where the stream had not delivered yet
+
+
+def device_seed(device: str) -> int:
+    """A seed that is the same for a device id in every run (Python's hash() is salted)."""
+    return zlib.crc32(device.encode("utf-8"))
+
+
+class Backend(ABC):
+    """Makes frames (F×H×W uint8) and their ECG times (F seconds) for one beat."""
+
+    name: str
+    ecg_config: Any = None  # EcgEncoderConfig of the windows the backend wants (None: default)
+
+    @abstractmethod
+    def new_state(self, device: str) -> Any:
+        """Per-device state, made when the device first sends ECG."""
+
+    @abstractmethod
+    def render(self, state: Any, beat: BeatLike) -> tuple[np.ndarray, np.ndarray]:
+        """Frames and times for `beat`; runs in a worker thread."""
+
+    def warm_up(self) -> None:
+        """Compile/load whatever the first beat would otherwise wait for (optional)."""
+
+    def close(self) -> None:
+        """Release resources (optional)."""
+
+
+class SimBackend(Backend):
+    """The simulator's beat-driven heart, one per device."""
+
+    name = "sim"
+
+    def __init__(self, size: int = 64, frames_per_beat: int = 10) -> None:
+        from ..core.simulate.beat_driven import BeatDrivenEcho
+
+        self._make = BeatDrivenEcho
+        self.size = size
+        self.frames_per_beat = frames_per_beat
+
+    def new_state(self, device: str) -> Any:
+        return self._make(seed=device_seed(device), size=self.size, frames_per_beat=self.frames_per_beat)
+
+    def render(self, state: Any, beat: BeatLike) -> tuple[np.ndarray, np.ndarray]:
+        frames, times = state.render_beat(float(beat.r_time), float(beat.rr))
+        return np.ascontiguousarray(frames, dtype=np.uint8), np.asarray(times, dtype=np.float64)
+
+    def warm_up(self) -> None:
+        self.render(self.new_state("warm-up"), _warm_beat())
+
+
+class ModelBackend(Backend):
+    """The learned generator: one resident model, one generator state per device.
+
+    Weights are shared; each device gets its own `Generator` view over them (its own
+    prime frame, reference loop and random stream). A device without a recorded echo is
+    primed with a reference loop from its simulated heart (the `sim` backend's subject
+    for that device), rendered at the device's first RR.
+    """
+
+    def __init__(self, checkpoint: str | None = None, device: str | None = None) -> None:
+        from ..core.generator import Generator
+        from ..core.simulate.beat_driven import BeatDrivenEcho
+
+        self._generator_cls = Generator
+        self._sim = BeatDrivenEcho
+        self.base = Generator.load(checkpoint, device=device) if checkpoint else Generator.default(device=device)
+        self.name = f"model:{self.base.name}"
+        self.ecg_config = self.base.preset.ecg
+
+    def new_state(self, device: str) -> Any:
+        b = self.base
+        seed = device_seed(device)
+        generator = self._generator_cls(b.preset, b.tokenizer, b.ecg_encoder, b.transformer, b.critic,
+                                        device=b.device, seed=seed, name=b.name)
+        return {"generator": generator, "seed": seed, "primed": False}
+
+    def render(self, state: Any, beat: BeatLike) -> tuple[np.ndarray, np.ndarray]:
+        generator = state["generator"]
+        if not state["primed"]:
+            size = self.base.preset.tokenizer.image_size
+            sim = self._sim(seed=state["seed"], size=size, frames_per_beat=generator.frames_per_beat)
+            frames, _ = sim.render_beat(float(beat.r_time), float(beat.rr))
+            # Beat-locked layout: the previous beat's last frame, then this beat's frames.
+            generator.prime_loop(np.concatenate([frames[-1:], frames]), beat_locked=True)
+            state["primed"] = True
+        seed = (state["seed"] + 1_000_003 * int(beat.index)) % (2**31)  # reproducible per (device, beat)
+        frames, times = generator.generate_beat(beat.window, beat.valid, float(beat.r_time), float(beat.rr), seed=seed)
+        return np.ascontiguousarray(frames, dtype=np.uint8), np.asarray(times, dtype=np.float64)
+
+    def warm_up(self) -> None:
+        self.render(self.new_state("warm-up"), _warm_beat(self.ecg_config))
+
+
+def _warm_beat(config: Any = None) -> BeatLike:
+    """A plausible beat for warm-up renders: 75 bpm, a window of zeros (1 lead), all valid."""
+    from types import SimpleNamespace
+
+    from ..core.config import EcgEncoderConfig
+
+    n = (config or EcgEncoderConfig()).window_samples
+    return SimpleNamespace(index=0, r_time=0.0, rr=0.8, window=np.zeros((1, n), np.float32), valid=np.ones(n, bool))
+
+
+def model_available() -> bool:
+    """True once `core/generator.py` exists in this installation."""
+    try:
+        return importlib.util.find_spec("echopulse.core.generator") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def shipped_model() -> bool:
+    """True when a trained generator ships with the package (core/weights/tiny)."""
+    if not model_available():
+        return False
+    from ..core.generator import DEFAULT_WEIGHTS
+
+    return (DEFAULT_WEIGHTS / "transformer.json").is_file()
+
+
+def default_backend() -> str:
+    """`model` once a trained generator ships; until then `sim` (an untrained model makes noise)."""
+    return "model" if shipped_model() else "sim"
+
+
+def make_backend(name: str | None = None, **options: Any) -> Backend:
+    """Build a backend by name (None: the default). Raises ValueError for an unknown name,
+    RuntimeError when the model backend is asked for before the generator exists,
+    OSError for a checkpoint that cannot be read."""
+    name = name or default_backend()
+    checkpoint = options.pop("checkpoint", None)
+    if checkpoint is not None:
+        if name != "model":
+            raise ValueError("a checkpoint is for the model backend (--backend model)")
+        options["checkpoint"] = checkpoint
+    if name == "sim":
+        try:
+            return SimBackend(**options)
+        except ImportError as err:
+            raise RuntimeError(f"the sim backend needs core/simulate/beat_driven.py: {err}") from None
+    if name == "model":
+        if not model_available():
+            raise RuntimeError("the model backend needs core/generator.py, which this installation lacks; use --backend sim")
+        return ModelBackend(**options)
+    raise ValueError(f"unknown backend {name!r}; known: sim, model")

@@ -1,0 +1,201 @@
+"""`echopulse serve`: run the streaming engine as a daemon.
+
+    echopulse serve --source mqtt://HOST:PORT/FILTER | mqtts://... | ble://ADDRESS |
+                             file://PATH[?speed=1&device=NAME] | synthetic://?devices=N
+                    --publish tcp://127.0.0.1:5556 --data-dir DIR [--backend sim|model]
+                    [--duration S]
+
+--source may be given several times. MQTT: user:password@ before the host, a topic
+filter after it (default ecg/+; the device id is the topic's last level), query options
+client_id, qos, max_payload (bytes); mqtts:// uses TLS with the system's CA store.
+file:// replays a recording at real-time pace (speed=0: as fast as possible; fs and lead
+options where the file does not say). synthetic:// options: devices, hr, seed, speed,
+duration (s of ECG per device), prefix (device ids are PREFIX-0, PREFIX-1, ...). SIGINT/SIGTERM stop the engine cleanly: raw ECG
+files flushed, a "stopped" status per device, sockets closed, exit status 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from .args import CliError, positive_int, ranged
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("mqtt", "mqtts", "ble", "file", "synthetic")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve live ECG as echo frames over ZeroMQ",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", action="append", required=True, help="ECG source URL (repeatable)")
+    p.add_argument("--publish", default="tcp://127.0.0.1:5556", help="ZeroMQ endpoint to bind (default %(default)s)")
+    p.add_argument("--data-dir", required=True, help="folder where every device's raw ECG is appended")
+    p.add_argument("--backend", choices=("sim", "model"), default=None,
+                   help="frame backend (default: model if installed, else sim)")
+    p.add_argument("--checkpoint", default=None,
+                   help="generator checkpoint folder for --backend model (default: the shipped model)")
+    p.add_argument("--duration", type=ranged(float, 0.001, 1e9, "duration"), default=None,
+                   help="stop after S seconds (default: run until stopped)")
+    p.add_argument("--beat-queue", type=positive_int("beat-queue"), default=4,
+                   help="beats waiting per device before the oldest is dropped (default %(default)s)")
+    p.add_argument("--signal-timeout", type=ranged(float, 0.01, 3600.0, "signal-timeout"), default=3.0,
+                   help="seconds without ECG before a device's signal counts as lost (default %(default)s)")
+    p.add_argument("--workers", type=positive_int("workers"), default=2, help="backend threads (default %(default)s)")
+    p.add_argument("--allow-device", action="append", default=None, metavar="ID",
+                   help="serve only these device ids (repeatable; default: any, up to --max-devices)")
+    p.add_argument("--max-devices", type=positive_int("max-devices"), default=256,
+                   help="devices served at most; more are refused with a status (default %(default)s)")
+    p.set_defaults(handler=handle)
+
+
+def _query(url: str) -> tuple[str, dict[str, str]]:
+    """Split 'head?query' by hand: an MQTT filter may hold '#', which urlsplit takes for a fragment."""
+    head, _, query = url.partition("?")
+    return head, {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+
+
+def _number(options: dict[str, str], key: str, kind: type, default: Any, url: str) -> Any:
+    if key not in options:
+        return default
+    try:
+        return kind(options[key])
+    except ValueError:
+        raise CliError(f"{url}: option {key}={options[key]!r} is not a valid {kind.__name__}") from None
+
+
+def make_source(url: str) -> Any:
+    """Build the bridge for one --source URL; CliError with one line when it cannot be."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in SCHEMES:
+        raise CliError(f"--source {url!r}: expected one of {', '.join(s + '://' for s in SCHEMES)}")
+    head, options = _query(rest)
+    if scheme in ("mqtt", "mqtts"):
+        return _mqtt_source(url, scheme, head, options)
+    if scheme == "file":
+        return _file_source(url, head, options)
+    if scheme == "ble":
+        if not head:
+            raise CliError(f"--source {url!r}: ble:// needs a device address")
+        ble = _bridge("ble", url)
+        return ble.PolarH10Source(unquote(head))
+    synthetic = _bridge("synthetic", url)
+    kwargs = {
+        "devices": _number(options, "devices", int, 1, url),
+        "hr": _number(options, "hr", float, 75.0, url),
+        "seed": _number(options, "seed", int, 0, url),
+        "realtime": _number(options, "speed", float, 1.0, url),
+        "duration_s": _number(options, "duration", float, None, url),
+        "prefix": options.get("prefix") or "sim",
+    }
+    try:
+        return synthetic.SyntheticSource(**kwargs)
+    except ValueError as err:
+        raise CliError(f"--source {url!r}: {err}") from None
+
+
+def _bridge(name: str, url: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(f"echopulse.bridges.{name}")
+    except ImportError as err:
+        raise CliError(f"--source {url!r}: the {name} bridge is not available: {err}") from None
+
+
+def _mqtt_source(url: str, scheme: str, head: str, options: dict[str, str]) -> Any:
+    from ...bridges.mqtt import MqttSource
+
+    netloc, _, topic_filter = head.partition("/")
+    parts = urlsplit(f"//{netloc}")
+    try:
+        port = parts.port or (8883 if scheme == "mqtts" else 1883)
+    except ValueError:
+        raise CliError(f"--source {url!r}: bad port") from None
+    if not parts.hostname:
+        raise CliError(f"--source {url!r}: no broker host")
+    tls = None
+    if scheme == "mqtts":
+        import ssl
+
+        tls = ssl.create_default_context()
+    return MqttSource(
+        parts.hostname, port, unquote(topic_filter) or "ecg/+",
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        tls=tls, client_id=options.get("client_id") or None,
+        qos=_number(options, "qos", int, 1, url), max_payload=_number(options, "max_payload", int, 262144, url),
+    )
+
+
+def _file_source(url: str, head: str, options: dict[str, str]) -> Any:
+    from ...bridges.replay import FileSource
+
+    path = Path(unquote(head))
+    if not path.exists() and not path.with_name(path.name + ".hea").exists():
+        raise CliError(f"--source {url!r}: no such file {path}")
+    lead = options.get("lead")
+    return FileSource(
+        path, fs=_number(options, "fs", float, None, url), lead=int(lead) if lead and lead.isdigit() else lead,
+        device=options.get("device") or path.stem, realtime=_number(options, "speed", float, 1.0, url),
+    )
+
+
+async def serve(args: argparse.Namespace, sources: list[Any], backend: Any) -> dict:
+    from ..engine import Engine
+    from ..publish import Publisher
+    from ..session import EngineLimits
+
+    from ...bridges.recording import ReplayError
+
+    for source in sources:  # a file that cannot be read is a usage error, not a stream event
+        if hasattr(source, "load"):
+            try:
+                await source.load()
+            except ReplayError as err:
+                raise CliError(str(err)) from None
+    try:
+        publisher = Publisher(args.publish, last_value_cache=True)
+    except OSError as err:
+        raise CliError(str(err)) from None
+    try:
+        limits = EngineLimits(beat_queue=args.beat_queue, signal_timeout_s=args.signal_timeout, workers=args.workers,
+                              max_devices=args.max_devices)
+        engine = Engine(sources, backend, publisher, args.data_dir, limits=limits, devices=args.allow_device)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, engine.stop)
+        log.info("serving on %s, raw ECG in %s, backend %s", publisher.endpoint, args.data_dir, backend.name)
+        try:
+            await engine.run(duration=args.duration)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        return engine.counters()
+    finally:
+        publisher.close()
+
+
+def handle(args: argparse.Namespace) -> int:
+    from .. import backends
+
+    sources = [make_source(url) for url in args.source]
+    data_dir = Path(args.data_dir)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"--data-dir {data_dir}: {err}") from None
+    try:
+        backend = backends.make_backend(args.backend, checkpoint=args.checkpoint)
+    except (ValueError, RuntimeError, OSError) as err:
+        raise CliError(str(err)) from None
+    counters = asyncio.run(serve(args, sources, backend))
+    for device, values in sorted(counters.items()):
+        if values:
+            log.info("%s: %s", device, ", ".join(f"{k}={v}" for k, v in sorted(values.items())))
+    return 0

@@ -1,0 +1,143 @@
+"""Raw ECG persistence: every chunk of every device is appended to disk as it arrives.
+
+Layout, one folder per device (the id percent-encoded where it is not a safe file name)::
+
+    DATA_DIR/<device>/ecg.f32      float32 little-endian samples, appended chunk after chunk;
+                                   within a chunk, time-major (n × leads interleaved)
+    DATA_DIR/<device>/index.jsonl  one JSON object per chunk, written after its samples:
+        {"seq": int, "t0": float, "fs": float, "n": int, "leads": int, "unit": str,
+         "offset": int (index of the chunk's first float32 in ecg.f32),
+         "received": float (wall clock, Unix s)}
+
+Samples are stored exactly as received (units as the chunk says, NaN included), valid
+or not: this is the record of what came in. Both files are flushed to the OS after every
+chunk, so a crash of the process loses nothing received; ``fsync=True`` also survives a
+power cut at a cost per chunk. A restart appends to the same files. A reader that meets
+a half-written last index line (a crash mid-write) ignores it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import quote, unquote
+
+import numpy as np
+
+from ..bridges.chunk import EcgChunk
+
+SAMPLES_FILE = "ecg.f32"
+INDEX_FILE = "index.jsonl"
+_DTYPE = np.dtype("<f4")
+
+
+def device_dirname(device: str) -> str:
+    """A file-system-safe folder name for a device id (reversible: see list_devices)."""
+    name = quote(device, safe="-_:@+=,")
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+class RawEcgWriter:
+    """Append-only writer of one device's raw ECG."""
+
+    def __init__(self, data_dir: str | Path, device: str, *, fsync: bool = False) -> None:
+        self.device = device
+        self.folder = Path(data_dir) / device_dirname(device)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._fsync = fsync
+        self._samples = open(self.folder / SAMPLES_FILE, "ab")
+        self._index = open(self.folder / INDEX_FILE, "a", encoding="utf-8")
+        self._offset = self._samples.tell() // _DTYPE.itemsize
+        self.chunks_written = 0
+
+    def append(self, chunk: EcgChunk) -> None:
+        """Write one chunk's samples, then its index line; flush both."""
+        data = np.ascontiguousarray(np.asarray(chunk.samples, dtype=_DTYPE).T)  # n × leads
+        self._samples.write(data.tobytes())
+        self._samples.flush()
+        entry = {
+            "seq": int(chunk.seq), "t0": float(chunk.t0), "fs": float(chunk.fs), "n": chunk.n_samples,
+            "leads": chunk.n_leads, "unit": chunk.unit, "offset": self._offset, "received": time.time(),
+        }
+        self._index.write(json.dumps(entry) + "\n")
+        self._index.flush()
+        if self._fsync:
+            os.fsync(self._samples.fileno())
+            os.fsync(self._index.fileno())
+        self._offset += data.size
+        self.chunks_written += 1
+
+    def close(self) -> None:
+        for handle in (self._samples, self._index):
+            if not handle.closed:
+                handle.flush()
+                handle.close()
+
+
+class DataDir:
+    """Writers for every device, opened on first use."""
+
+    def __init__(self, root: str | Path, *, fsync: bool = False) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._fsync = fsync
+        self._writers: dict[str, RawEcgWriter] = {}
+
+    def append(self, chunk: EcgChunk) -> None:
+        writer = self._writers.get(chunk.device)
+        if writer is None:
+            writer = self._writers[chunk.device] = RawEcgWriter(self.root, chunk.device, fsync=self._fsync)
+        writer.append(chunk)
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+
+@dataclass(frozen=True)
+class RawChunk:
+    """One persisted chunk: its index entry and its samples (leads × n float32)."""
+
+    entry: dict
+    samples: np.ndarray
+
+
+def list_devices(root: str | Path) -> list[str]:
+    """Device ids that have data under `root`."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(unquote(p.name) for p in root.iterdir() if (p / INDEX_FILE).is_file())
+
+
+def read_chunks(root: str | Path, device: str) -> Iterator[RawChunk]:
+    """Yield a device's persisted chunks in the order they arrived."""
+    folder = Path(root) / device_dirname(device)
+    data = np.fromfile(folder / SAMPLES_FILE, dtype=_DTYPE)
+    with open(folder / INDEX_FILE, encoding="utf-8") as index:
+        for line in index:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break  # half-written last line: the chunk's samples may be incomplete too
+            start, n, leads = entry["offset"], entry["n"], entry["leads"]
+            if start + n * leads > data.size:
+                break
+            yield RawChunk(entry, data[start : start + n * leads].reshape(n, leads).T)
+
+
+def read_device(root: str | Path, device: str) -> tuple[np.ndarray, list[dict]]:
+    """All of a device's samples joined in arrival order (leads × N) and the index entries.
+
+    Raises ValueError when the lead count changed mid-recording (use read_chunks then).
+    """
+    chunks = list(read_chunks(root, device))
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.float32), []
+    if len({c.samples.shape[0] for c in chunks}) > 1:
+        raise ValueError(f"{device}: the number of leads changes within the recording; use read_chunks")
+    return np.concatenate([c.samples for c in chunks], axis=1), [c.entry for c in chunks]

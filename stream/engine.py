@@ -1,0 +1,263 @@
+"""The asyncio engine: sources in, beats segmented per device, frames rendered and published.
+
+    engine = Engine([MqttSource(...)], make_backend("sim"), Publisher("tcp://127.0.0.1:5556"), "data")
+    await engine.run(duration=None)          # until stop(), SIGTERM (see cli/serve) or the sources end
+
+Tasks: one pump per source (reads chunks, persists them, checks and segments them on the
+loop: all O(chunk) and non-blocking), one render loop per device (takes the oldest
+waiting beat, renders it in the executor so sources keep flowing, publishes its frames
+in order), and a watchdog (no data for `signal_timeout_s` → signal_lost). Per-device beat
+queues are bounded with a drop-oldest policy (`EngineLimits`). Bad input never stops the
+engine: it becomes a status message on ``status/<device>`` and a counter.
+
+Events that concern no single device (a broker disconnect, a refused device) are
+published as device ``_engine``.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, AsyncIterable, Iterable, Sequence
+
+from ..bridges.chunk import EcgChunk
+from ..bridges.status import SourceStatus
+from . import protocol
+from .backends import Backend
+from .datadir import DataDir
+from .publish import Publisher
+from .session import EngineLimits, Session, source_status_code
+
+log = logging.getLogger(__name__)
+
+ENGINE_DEVICE = "_engine"
+MAX_REFUSED_REMEMBERED = 10_000  # refused ids reported once each; past this, only counted
+
+
+class Engine:
+    """Serve any number of devices from any number of sources through one backend."""
+
+    def __init__(
+        self,
+        sources: Sequence[AsyncIterable[Any]],
+        backend: Backend,
+        publisher: Publisher,
+        data_dir: str | Path | None = None,
+        *,
+        limits: EngineLimits | None = None,
+        devices: Iterable[str] | None = None,
+    ) -> None:
+        self.sources = list(sources)
+        self.backend = backend
+        self.publisher = publisher
+        self.limits = limits or EngineLimits()
+        self.allowed = set(devices) if devices is not None else None
+        self.data = DataDir(data_dir) if data_dir is not None else None
+        self.sessions: dict[str, Session] = {}
+        self.engine_counters: Counter[str] = Counter()
+        self._refused: set[str] = set()
+        self._stop = asyncio.Event()
+        self.started = asyncio.Event()  # set once warmed up and the sources are open
+        self._renders: dict[str, asyncio.Task[None]] = {}
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- public -------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        """Counters per device, plus ``_engine`` for engine-wide ones (a copy, for metrics)."""
+        out = {device: dict(s.counters) for device, s in self.sessions.items()}
+        out[ENGINE_DEVICE] = dict(self.engine_counters)
+        return out
+
+    def stop(self) -> None:
+        """Ask `run` to finish (safe to call from a signal handler on the loop)."""
+        self._stop.set()
+
+    async def run(self, duration: float | None = None) -> None:
+        """Serve until stop(), `duration` seconds, or every source has ended (then drain)."""
+        loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="echopulse-render")
+        try:
+            # First beats must not wait for JIT compiles or model loading.
+            await loop.run_in_executor(self._executor, self._warm_up)
+            async with contextlib.AsyncExitStack() as stack:
+                for source in self.sources:
+                    if hasattr(source, "__aenter__"):
+                        await stack.enter_async_context(source)  # type: ignore[arg-type]
+                pumps = [asyncio.create_task(self._pump(s), name=f"pump-{i}") for i, s in enumerate(self.sources)]
+                watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+                self.started.set()
+                stopper = asyncio.create_task(self._stop.wait(), name="stop")
+                ended = asyncio.gather(*pumps)
+                await asyncio.wait([stopper, ended], timeout=duration, return_when=asyncio.FIRST_COMPLETED)
+                if ended.done() and not self._stop.is_set():
+                    await self._drain()
+                for task in (*pumps, watchdog, stopper):
+                    task.cancel()
+                await asyncio.gather(*pumps, watchdog, stopper, return_exceptions=True)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ended
+        finally:
+            await self._shutdown()
+
+    # -- sources ------------------------------------------------------------------------
+
+    async def _pump(self, source: AsyncIterable[Any]) -> None:
+        try:
+            await self._pump_items(source)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a failed source ends; the others keep going
+            log.exception("source %r failed", source)
+            self.engine_counters["source_failures"] += 1
+            self._publish_status(ENGINE_DEVICE, "source", f"source failed: {err}", self.engine_counters)
+
+    async def _pump_items(self, source: AsyncIterable[Any]) -> None:
+        async for item in source:
+            try:
+                if isinstance(item, EcgChunk):
+                    self._on_chunk(item)
+                elif isinstance(item, SourceStatus):
+                    self._on_source_status(item)
+                else:
+                    self.engine_counters["unknown_items"] += 1
+            except Exception:  # a bug on one chunk must not stop a fleet
+                log.exception("error handling %r", item)
+                self.engine_counters["internal_errors"] += 1
+
+    def _session(self, device: str) -> Session | None:
+        session = self.sessions.get(device)
+        if session is not None:
+            return session
+        reason = None
+        try:
+            protocol.check_device(device)
+        except protocol.ProtocolError as err:
+            reason = str(err)
+        if reason is None and self.allowed is not None and device not in self.allowed:
+            reason = "not in the device list"
+        elif reason is None and len(self.sessions) >= self.limits.max_devices:
+            reason = f"over the limit of {self.limits.max_devices} devices"
+        if reason is not None:
+            self.engine_counters["refused_chunks"] += 1
+            # Report each refused device once; remember a bounded number of them.
+            if device not in self._refused and len(self._refused) < MAX_REFUSED_REMEMBERED:
+                self._refused.add(device)
+                self._publish_status(ENGINE_DEVICE, "bad_input", f"refused device {device!r}: {reason}",
+                                     self.engine_counters)
+            return None
+        session = self.sessions[device] = Session(device, self.limits, config=self.backend.ecg_config)
+        self._renders[device] = asyncio.create_task(self._render_loop(session), name=f"render-{device}")
+        log.info("new device %s", device)
+        return session
+
+    def _on_chunk(self, chunk: EcgChunk) -> None:
+        session = self._session(chunk.device)
+        if session is None:
+            return
+        if self.data is not None:
+            self.data.append(chunk)  # before any check: the record of what came in
+        for code, message in session.ingest(chunk):
+            self._report(session, code, message)
+
+    def _on_source_status(self, item: SourceStatus) -> None:
+        code = source_status_code(item.code)
+        message = f"{item.code}: {item.message}" if item.message else item.code
+        session = self._session(item.device) if item.device else None
+        if session is None:
+            self.engine_counters[f"source_{item.code}"] += 1
+            self._publish_status(ENGINE_DEVICE, code, message, self.engine_counters)
+            return
+        session.counters[f"source_{item.code}"] += 1
+        if code == "bad_input":
+            session.counters["bad_input"] += 1
+        self._report(session, code, message)
+
+    # -- rendering ----------------------------------------------------------------------
+
+    async def _render_loop(self, session: Session) -> None:
+        loop = asyncio.get_running_loop()
+        try:  # made now, while the detector learns the first beats; retried per beat on failure
+            session.state = await loop.run_in_executor(self._executor, self.backend.new_state, session.device)
+        except Exception:
+            log.exception("%s: backend state failed", session.device)
+        while True:
+            pending = await session.next_beat()
+            beat = pending.beat
+            try:
+                if session.state is None:
+                    session.state = await loop.run_in_executor(self._executor, self.backend.new_state, session.device)
+                frames, times = await loop.run_in_executor(self._executor, self.backend.render, session.state, beat)
+                self.publisher.publish_frames(
+                    session.device, frames, times=times, beat=pending.index, r_time=float(beat.r_time),
+                    rr=float(beat.rr), model=self.backend.name, capture=pending.capture,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                log.exception("%s: rendering beat %d failed", session.device, pending.index)
+                session.counters["render_errors"] += 1
+                self._report(session, "error", f"rendering beat {pending.index} failed: {err}")
+            else:
+                session.counters["beats_published"] += 1
+                session.counters["frames"] += len(frames)
+            finally:
+                session.mark_done()
+
+    async def _drain(self) -> None:
+        """Finite sources ended: let the queued beats out, within drain_timeout_s."""
+        deadline = time.monotonic() + self.limits.drain_timeout_s
+        while any(s.busy for s in self.sessions.values()) and time.monotonic() < deadline and not self._stop.is_set():
+            await asyncio.sleep(0.01)
+
+    # -- watchdog and statuses ----------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.watchdog_interval_s)
+            self.publisher.serve_subscriptions()  # late joiners get the latest statuses
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                event = session.check_idle(now)
+                if event is not None:
+                    self._report(session, *event)
+
+    def _report(self, session: Session, code: str, message: str) -> None:
+        if session.should_report(code, message, time.monotonic()):
+            self._publish_status(session.device, code, message, session.counters)
+
+    def _publish_status(self, device: str, code: str, message: str, counters: Any) -> None:
+        log.log(logging.INFO if code in ("source", "signal_restored", "stopped") else logging.WARNING,
+                "%s %s: %s", device, code, message)
+        try:
+            self.publisher.publish_status(device, code, message, counters)
+        except Exception:  # statuses are best effort; never let one stop the engine
+            log.exception("could not publish status %s for %s", code, device)
+
+    # -- shutdown -----------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        for task in self._renders.values():
+            task.cancel()
+        if self._renders:
+            await asyncio.wait(list(self._renders.values()), timeout=self.limits.stop_timeout_s)
+        for session in self.sessions.values():
+            self._publish_status(session.device, "stopped", "engine stopped", session.counters)
+        if self.data is not None:
+            self.data.close()
+        if self._executor is not None:
+            # Renders in flight finish in their threads; beats not started are abandoned.
+            # Waited for off the loop, so signal handlers stay responsive meanwhile.
+            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+            self._executor = None
+        self.backend.close()
+
+    def _warm_up(self) -> None:
+        t0 = time.perf_counter()
+        Session.warm_up()
+        self.backend.warm_up()
+        log.info("warm-up took %.2f s", time.perf_counter() - t0)

@@ -1,0 +1,239 @@
+"""One device's state in the engine: checker, beat detector, beat queue, counters, signal state.
+
+A Session never publishes anything itself: `ingest` and `check_idle` return the status
+events ``(code, message)`` for the engine to publish, so the policy is testable without
+sockets. What each checker issue does here:
+
+- dropped chunks (duplicate, out of order, bad shape, all-overlap): counted, not used;
+- gap, fs change, lead-count change, seq reset: the beat detector restarts, so no RR
+  interval is measured across a discontinuity (no beat invented);
+- flat line on every lead: ``signal_lost`` and the detector is dropped (the beat begun
+  before the flat line is abandoned); the first chunk that is not flat again gives
+  ``signal_restored``;
+- NaN/inf (repaired by the checker), saturation, seq gap, overlap: reported, data used.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..bridges import status as source_codes
+from ..bridges import validate
+from ..bridges.chunk import UNIT_TO_MV, EcgChunk
+from ..core.config import EcgEncoderConfig
+from . import protocol
+
+Event = tuple[str, str]  # (status code, message)
+
+# Checker issues after which the detector starts afresh.
+_RESTART_DETECTOR = {validate.GAP, validate.FS_CHANGE, validate.LEADS_CHANGE, validate.SEQ_RESET}
+# Status codes that mark a state change: always published, never rate-limited.
+_ALWAYS_REPORTED = {"signal_lost", "signal_restored", "stopped"}
+
+
+@dataclass
+class EngineLimits:
+    """Bounds and timers of the engine.
+
+    Drop policy under overload: each device has a queue of at most `beat_queue` beats
+    waiting for the backend. A new beat arriving at a full queue pushes out the oldest
+    waiting beat (a live viewer wants the newest heartbeat, and latency stays bounded);
+    the drop is counted in the device's ``beats_dropped`` and reported as an
+    ``overload`` status. Memory is bounded by max_devices × beat_queue beat windows.
+    Statuses of one kind are published at most once per `status_interval_s` per device
+    (the counters they carry still count every event).
+    """
+
+    beat_queue: int = 4               # beats waiting per device before the oldest is dropped
+    signal_timeout_s: float = 3.0     # no ECG for this long → signal_lost
+    watchdog_interval_s: float = 0.5  # how often the watchdog looks
+    status_interval_s: float = 1.0    # repeat a status kind per device at most this often
+    max_devices: int = 256            # devices beyond this are refused (bad_input on _engine)
+    workers: int = 2                  # backend threads (renders run off the event loop)
+    drain_timeout_s: float = 10.0     # when finite sources end, wait this long for queued beats
+    stop_timeout_s: float = 5.0       # on stop, wait this long for renders in flight
+
+    def __post_init__(self) -> None:
+        if self.beat_queue < 1 or self.max_devices < 1 or self.workers < 1:
+            raise ValueError("beat_queue, max_devices and workers must be >= 1")
+        if min(self.signal_timeout_s, self.watchdog_interval_s) <= 0:
+            raise ValueError("signal_timeout_s and watchdog_interval_s must be > 0")
+
+
+def source_status_code(code: str) -> str:
+    """The protocol status code for a bridges `SourceStatus` code."""
+    if code == source_codes.OVERFLOW:
+        return "overload"
+    if code in (source_codes.CONNECTED, source_codes.RECONNECTED, source_codes.DISCONNECTED,
+                source_codes.CONNECT_FAILED):
+        return "source"
+    return "bad_input"  # malformed, oversized, unknown unit, bad shape/field/topic, and anything new
+
+
+@dataclass
+class PendingBeat:
+    beat: Any          # stream.beats.Beat
+    index: int         # the device's beat number (continues across detector restarts)
+    capture: float     # wall clock when the chunk completing the beat arrived
+
+
+@dataclass
+class Session:
+    device: str
+    limits: EngineLimits = field(default_factory=EngineLimits)
+    config: EcgEncoderConfig | None = None
+
+    def __post_init__(self) -> None:
+        protocol.check_device(self.device)  # the id must fit in a topic
+        self.checker = validate.ChunkChecker()
+        self.segmenter: Any = None
+        self.state: Any = None              # the backend's, made by the engine on the first beat
+        self.counters: Counter[str] = Counter()
+        self.lost: str | None = None        # why the signal is lost, or None
+        self.last_data = time.monotonic()
+        self._beat_index = 0
+        self._queue: deque[PendingBeat] = deque()
+        self._ready = asyncio.Event()
+        self._in_flight = False
+        self._last_report: dict[tuple[str, str], float] = {}
+
+    # -- input --------------------------------------------------------------------------
+
+    def ingest(self, chunk: EcgChunk) -> list[Event]:
+        """Check, segment and queue one chunk; return the status events it caused."""
+        self.last_data = time.monotonic()
+        capture = time.time()
+        self.counters["chunks"] += 1
+        self.counters["samples"] += chunk.n_samples
+        events: list[Event] = []
+        result = self.checker.check(chunk)
+        restart = flat = False
+        for issue in result.issues:
+            self.counters[f"issue_{issue.code}"] += 1
+            if issue.code == validate.FLAT_LINE and issue.count >= chunk.n_leads:
+                flat = True
+                continue
+            self.counters["bad_input"] += 1
+            events.append(("bad_input", f"{issue.code}: {issue.message}"))
+            restart |= issue.code in _RESTART_DETECTOR
+        used = result.chunk
+        if used is None:
+            self.counters["chunks_dropped"] += 1
+            return events
+        if used.unit not in UNIT_TO_MV:
+            self.counters["chunks_dropped"] += 1
+            self.counters["bad_input"] += 1
+            return [*events, ("bad_input", f"unknown_unit: {used.unit!r}")]
+        if flat:
+            self.counters["flat_chunks"] += 1
+            self.segmenter = None  # abandon the beat begun before the flat line
+            if self.lost != "flat line":  # new, or data came back after silence but flat
+                self.lost = "flat line"
+                self.counters["signal_lost"] += 1
+                events.append(("signal_lost", f"flat line on every lead for {self.checker.flat_s:g} s (lead off?)"))
+            return events
+        if self.lost is not None:
+            # After a flat line the detector starts afresh; after silence the checker
+            # says whether time jumped (a gap restarts it) or the stream simply resumed.
+            restart |= self.lost == "flat line"
+            events.append(self._restore())
+        if restart and self.segmenter is not None:
+            self.segmenter = None
+            self.counters["detector_restarts"] += 1
+        events.extend(self._segment(used, capture))
+        return events
+
+    def _segment(self, chunk: EcgChunk, capture: float) -> list[Event]:
+        from .beats import BeatSegmenter  # numba: imported when the first chunk arrives
+
+        if self.segmenter is None:
+            self.segmenter = BeatSegmenter(chunk.fs, chunk.n_leads, self.config)
+        samples = np.asarray(chunk.samples, dtype=np.float32)
+        if chunk.unit != "mV":
+            samples = samples * np.float32(UNIT_TO_MV[chunk.unit])
+        events = []
+        for beat in self.segmenter.push(samples, chunk.t0):
+            events.extend(self._enqueue(beat, capture))
+        return events
+
+    def _enqueue(self, beat: Any, capture: float) -> list[Event]:
+        events = []
+        if len(self._queue) >= self.limits.beat_queue:
+            dropped = self._queue.popleft()
+            self.counters["beats_dropped"] += 1
+            events.append(("overload", f"beat queue full ({self.limits.beat_queue}): dropped beat {dropped.index}"))
+        self._queue.append(PendingBeat(beat, self._beat_index, capture))
+        self._beat_index += 1
+        self.counters["beats"] += 1
+        self._ready.set()
+        return events
+
+    def _restore(self) -> Event:
+        event = ("signal_restored", f"signal back after {self.lost}")
+        self.lost = None
+        return event
+
+    def check_idle(self, now: float) -> Event | None:
+        """The watchdog's question: has this device been silent too long? (monotonic `now`)"""
+        silent = now - self.last_data
+        if self.lost is None and silent > self.limits.signal_timeout_s:
+            self.lost = "no data"
+            self.counters["signal_lost"] += 1
+            return ("signal_lost", f"no data for {silent:.1f} s")
+        return None
+
+    # -- output -------------------------------------------------------------------------
+
+    async def next_beat(self) -> PendingBeat:
+        """Wait for the oldest queued beat and take it (the render loop calls this)."""
+        while not self._queue:
+            self._ready.clear()
+            await self._ready.wait()
+        self._in_flight = True
+        return self._queue.popleft()
+
+    def take_all(self) -> list[PendingBeat]:
+        """Take every queued beat at once (offline replay, no event loop)."""
+        beats = list(self._queue)
+        self._queue.clear()
+        return beats
+
+    def mark_done(self) -> None:
+        """The beat taken by next_beat is finished (published or failed)."""
+        self._in_flight = False
+
+    @property
+    def busy(self) -> bool:
+        """Beats queued or being rendered."""
+        return bool(self._queue) or self._in_flight
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def should_report(self, code: str, message: str, now: float) -> bool:
+        """Rate limit: one status per kind (code and issue word) per status_interval_s."""
+        if code in _ALWAYS_REPORTED:
+            return True
+        key = (code, message.split(":", 1)[0])
+        last = self._last_report.get(key)
+        if last is not None and now - last < self.limits.status_interval_s:
+            self.counters["statuses_suppressed"] += 1
+            return False
+        self._last_report[key] = now
+        return True
+
+    @staticmethod
+    def warm_up() -> None:
+        """Compile the detector's kernels before the first device arrives."""
+        from .beats import BeatSegmenter
+
+        fs = 250.0
+        t = np.arange(int(4 * fs)) / fs
+        ecg = np.exp(-(((t % 0.8) - 0.4) ** 2) / 2e-4).astype(np.float32)[None, :]
+        BeatSegmenter(fs, 1).push(ecg, 0.0)

@@ -1,0 +1,168 @@
+"""Python subscriber API for protocol v1: decoded frames and status messages, with gap counting.
+
+    with Subscriber("tcp://127.0.0.1:5556") as sub:
+        for msg in sub.messages(timeout=5.0):
+            if isinstance(msg, FrameMessage): show(msg.pixels)
+
+    async with AsyncSubscriber(endpoint, topics=("echo/dev1",)) as sub:
+        msg = await sub.recv(timeout=1.0)
+
+ZeroMQ subscribers miss whatever was published before they connected (slow joiner),
+and PUB drops past its high-water mark; `FrameMessage.gap` and :attr:`lost` say how
+many frames of a device were missed, from the per-device `seq`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import AsyncIterator, Iterable, Iterator
+
+import zmq
+import zmq.asyncio
+
+from . import protocol
+from .protocol import FrameMessage, Message, ProtocolError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOPICS = (protocol.FRAME_PREFIX, protocol.STATUS_PREFIX)
+
+
+class _GapTracker:
+    """Per-device seq bookkeeping shared by the sync and async subscribers."""
+
+    def __init__(self) -> None:
+        self.last_seq: dict[str, int] = {}
+        self.lost: dict[str, int] = {}        # frames missed (seq jumped forward)
+        self.restarts: dict[str, int] = {}    # seq went back: the publisher restarted
+        self.errors = 0                       # messages that failed to decode
+
+    def decode(self, parts: list) -> Message | None:
+        try:
+            msg = protocol.decode(parts)
+        except ProtocolError as err:
+            self.errors += 1
+            log.warning("dropping malformed message: %s", err)
+            return None
+        if not isinstance(msg, FrameMessage):
+            return msg
+        device, seq = msg.device, msg.seq
+        last = self.last_seq.get(device)
+        self.last_seq[device] = seq
+        if last is None or seq == last + 1:
+            return msg
+        if seq > last + 1:
+            gap = seq - last - 1
+            self.lost[device] = self.lost.get(device, 0) + gap
+            return dataclasses.replace(msg, gap=gap)
+        self.restarts[device] = self.restarts.get(device, 0) + 1
+        return msg
+
+
+def _subscribe(socket: zmq.Socket, endpoint: str, topics: Iterable[str], rcvhwm: int) -> None:
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVHWM, rcvhwm)
+    for topic in topics:
+        socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    socket.connect(endpoint)
+
+
+class Subscriber(_GapTracker):
+    """Blocking subscriber. `topics` are prefixes (``"echo/"``, ``"status/dev1"``)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        topics: Iterable[str] = DEFAULT_TOPICS,
+        *,
+        rcvhwm: int = 10_000,
+        context: zmq.Context | None = None,
+    ) -> None:
+        super().__init__()
+        self._own_context = context is None
+        self._context = context or zmq.Context()
+        self._socket = self._context.socket(zmq.SUB)
+        try:
+            _subscribe(self._socket, endpoint, topics, rcvhwm)
+        except zmq.ZMQError as err:
+            self.close()
+            raise OSError(f"cannot connect to {endpoint}: {err}") from None
+
+    def recv(self, timeout: float | None = None) -> Message | None:
+        """The next valid message, or None after `timeout` seconds (None: wait forever).
+
+        Malformed messages are counted in :attr:`errors` and skipped.
+        """
+        wait_ms = None if timeout is None else max(0, int(timeout * 1000))
+        while True:
+            if not self._socket.poll(wait_ms):
+                return None
+            msg = self.decode(self._socket.recv_multipart(copy=False))
+            if msg is not None:
+                return msg
+
+    def messages(self, timeout: float | None = None) -> Iterator[Message]:
+        """Yield messages until none arrives for `timeout` seconds."""
+        while (msg := self.recv(timeout)) is not None:
+            yield msg
+
+    def close(self) -> None:
+        if not self._socket.closed:
+            self._socket.close(linger=0)
+        if self._own_context and not self._context.closed:
+            self._context.term()
+
+    def __enter__(self) -> "Subscriber":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncSubscriber(_GapTracker):
+    """asyncio subscriber (zmq.asyncio); same bookkeeping as :class:`Subscriber`."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        topics: Iterable[str] = DEFAULT_TOPICS,
+        *,
+        rcvhwm: int = 10_000,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        super().__init__()
+        self._own_context = context is None
+        self._context = context or zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.SUB)
+        try:
+            _subscribe(self._socket, endpoint, topics, rcvhwm)
+        except zmq.ZMQError as err:
+            self.close()
+            raise OSError(f"cannot connect to {endpoint}: {err}") from None
+
+    async def recv(self, timeout: float | None = None) -> Message | None:
+        """The next valid message, or None after `timeout` seconds (None: wait forever)."""
+        wait_ms = None if timeout is None else max(0, int(timeout * 1000))
+        while True:
+            if not await self._socket.poll(wait_ms):
+                return None
+            msg = self.decode(await self._socket.recv_multipart(copy=False))
+            if msg is not None:
+                return msg
+
+    async def messages(self, timeout: float | None = None) -> AsyncIterator[Message]:
+        """Yield messages until none arrives for `timeout` seconds."""
+        while (msg := await self.recv(timeout)) is not None:
+            yield msg
+
+    def close(self) -> None:
+        if not self._socket.closed:
+            self._socket.close(linger=0)
+        if self._own_context and not self._context.closed:
+            self._context.term()
+
+    async def __aenter__(self) -> "AsyncSubscriber":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

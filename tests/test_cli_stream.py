@@ -1,0 +1,185 @@
+"""The serve / replay / subscribe commands, run as a user would."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from echopulse.core.simulate.ecg import simulate_ecg
+from echopulse.stream import datadir, protocol
+from echopulse.stream.cli import main
+from echopulse.stream.protocol import FrameMessage, StatusMessage
+from echopulse.stream.publish import Publisher
+from echopulse.stream.subscribe import Subscriber
+
+FS = 250.0
+
+
+@pytest.fixture(scope="module")
+def recording():
+    return simulate_ecg(12.0, fs=FS, hr=75.0, seed=7, pvc_rate=0.0)
+
+
+@pytest.fixture
+def csv_file(tmp_path, recording):
+    path = tmp_path / "rec.csv"
+    np.savetxt(path, recording.signal[0], fmt="%.6f")
+    return path
+
+
+def test_replay_npz_has_frames_per_beat(tmp_path, csv_file, recording):
+    out = tmp_path / "out.npz"
+    assert main(["replay", str(csv_file), "--fs", "250", "--out", str(out), "--backend", "sim"]) == 0
+    with np.load(out) as z:
+        data = {k: z[k] for k in z.files}
+    assert {"frames", "t", "beat", "r_peaks", "hr"} <= set(data)
+    frames, t, beat, r_peaks, hr = (data[k] for k in ("frames", "t", "beat", "r_peaks", "hr"))
+    assert frames.dtype == np.uint8 and frames.ndim == 3 and len(frames) == len(t) == len(beat)
+    assert len(r_peaks) == len(hr) == len(recording.r_peaks) - 1
+    np.testing.assert_allclose(r_peaks, recording.r_peaks[:-1], atol=0.02)
+    np.testing.assert_allclose(hr, 75.0, rtol=0.2)
+    assert np.all(np.diff(beat) >= 0) and set(beat.tolist()) == set(range(len(r_peaks)))
+    assert np.all(np.diff(t) > 0)  # ECG time runs forward across beats
+    for b in range(len(r_peaks)):  # every beat's frames start at its R
+        assert t[beat == b][0] == pytest.approx(r_peaks[b], abs=1e-6)
+
+
+def test_replay_mp4(tmp_path, recording):
+    import imageio_ffmpeg
+
+    rec = tmp_path / "rec.npy"
+    np.save(rec, recording.signal)
+    out = tmp_path / "out.mp4"
+    assert main(["replay", str(rec), "--fs", "250", "--out", str(out), "--backend", "sim"]) == 0
+    n_frames, seconds = imageio_ffmpeg.count_frames_and_secs(str(out))
+    assert n_frames >= 10 * (len(recording.r_peaks) - 2)
+    assert seconds == pytest.approx(recording.r_peaks[-2] - recording.r_peaks[0], rel=0.15)  # plays at ECG pace
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["replay", "missing.csv", "--out", "{tmp}/o.npz"], "no such file"),
+        (["replay", "{csv}", "--out", "{tmp}/o.avi"], ".npz or .mp4"),
+        (["replay", "{csv}", "--out", "{tmp}/nofolder/o.npz"], "does not exist"),
+        (["replay", "{csv}", "--out", "{tmp}/o.npz", "--device", "a b"], "device"),
+        (["serve", "--source", "gopher://x", "--data-dir", "{tmp}/d"], "expected one of"),
+        (["serve", "--source", "file://{tmp}/none.csv", "--data-dir", "{tmp}/d"], "no such file"),
+        (["serve", "--source", "mqtt://:1883/ecg/+", "--data-dir", "{tmp}/d"], "no broker host"),
+        (["serve", "--source", "synthetic://?devices=x", "--data-dir", "{tmp}/d"], "devices"),
+        (["subscribe", "tcp://127.0.0.1:1", "--out", "{tmp}/o.txt"], ".npz"),
+        (["subscribe", "nonsense", "--count", "1"], "cannot connect"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_status_2(argv, words, tmp_path, csv_file, capsys):
+    argv = [a.format(tmp=tmp_path, csv=csv_file) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and "error" in err
+
+
+def test_replay_unreadable_file_is_a_cli_error(tmp_path, capsys):
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"not numpy at all")
+    assert main(["replay", str(bad), "--out", str(tmp_path / "o.npz"), "--fs", "250"]) == 2
+    assert "bad.npy" in capsys.readouterr().err
+
+
+@pytest.mark.network
+def test_subscribe_prints_lines_and_saves(tmp_path, capsys):
+    out = tmp_path / "got.npz"
+    frames = np.arange(3 * 16 * 16, dtype=np.uint8).reshape(3, 16, 16)
+    with Publisher("tcp://127.0.0.1:0") as pub:
+        result = {}
+        thread = threading.Thread(target=lambda: result.setdefault(
+            "rc", main(["subscribe", pub.endpoint, "--count", "6", "--timeout", "10", "--out", str(out)])))
+        thread.start()
+        deadline = time.monotonic() + 10
+        beat = 0
+        while thread.is_alive() and time.monotonic() < deadline:  # slow joiner: keep sending
+            pub.publish_status("dev", "overload", f"round {beat}", {"beats_dropped": beat})
+            pub.publish_frames("dev", frames, times=[1.0, 1.1, 1.2], beat=beat, r_time=1.0, rr=0.8, model="sim",
+                               capture=time.time())
+            beat += 1
+            time.sleep(0.05)
+        thread.join(timeout=5)
+    assert result["rc"] == 0
+    lines = capsys.readouterr().out.splitlines()
+    frame_lines = [line for line in lines if line.startswith("frame")]
+    assert len(frame_lines) == 6 and all("dev" in line and "hr=75.0" in line for line in frame_lines)
+    assert any(line.startswith("status dev overload: round") for line in lines)
+    with np.load(out) as z:
+        assert z["frames"].shape == (6, 16, 16)
+        headers = [json.loads(h) for h in z["headers"]]
+        for h, f in zip(headers, z["frames"]):
+            protocol.validate_header(h)
+            np.testing.assert_array_equal(f, frames[h["frame"]])
+        assert list(z["seq"]) == [h["seq"] for h in headers]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.network
+def test_serve_sigterm_exits_0_with_files_flushed(tmp_path, recording):
+    rec = tmp_path / "rec.npy"
+    np.save(rec, recording.signal)
+    data = tmp_path / "data"
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    cmd = [sys.executable, "-m", "echopulse.stream.cli", "serve", "--source", f"file://{rec}?fs=250&speed=2&device=holter",
+           "--publish", endpoint, "--data-dir", str(data), "--backend", "sim"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "error"})
+    got = []
+    try:
+        with Subscriber(endpoint) as sub:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len([m for m in got if isinstance(m, FrameMessage)]) < 20:
+                msg = sub.recv(timeout=0.5)
+                if msg is not None:
+                    got.append(msg)
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=15)
+            while (msg := sub.recv(timeout=0.5)) is not None:
+                got.append(msg)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    frames = [m for m in got if isinstance(m, FrameMessage)]
+    assert len(frames) >= 20 and all(m.device == "holter" for m in frames)
+    assert [m.code for m in got if isinstance(m, StatusMessage)][-1:] == ["stopped"]
+    samples, entries = datadir.read_device(data, "holter")
+    assert entries and len(entries) == len(set(e["seq"] for e in entries))
+    np.testing.assert_array_equal(samples, recording.signal[:, :samples.shape[1]])  # every chunk received, whole
+
+
+@pytest.mark.network
+def test_subscribe_summary_and_timeout(capsys):
+    with Publisher("tcp://127.0.0.1:0") as pub:
+        result = {}
+        thread = threading.Thread(target=lambda: result.setdefault(
+            "rc", main(["subscribe", pub.endpoint, "--topic", "echo/", "--summary", "--timeout", "1.0"])))
+        thread.start()
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:  # then silence: --timeout ends the command
+            pub.publish_frames("a", np.zeros((2, 4, 4), np.uint8), times=[0.0, 0.4], beat=0, r_time=0.0, rr=0.8,
+                               model="sim", capture=time.time())
+            pub.publish_status("a", "overload", "not subscribed to")
+            time.sleep(0.05)
+        thread.join(timeout=10)
+    assert not thread.is_alive() and result["rc"] == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("frames=") and "statuses=0 devices=1 lost=0" in lines[0]

@@ -1,0 +1,59 @@
+"""Backends behind one interface: the sim heart per device, the learned generator."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from echopulse.bridges.chunk import EcgChunk
+from echopulse.core.simulate.ecg import simulate_ecg
+from echopulse.stream import backends
+from echopulse.stream.session import EngineLimits, Session
+
+
+def detected_beats(seconds: float = 5.0, fs: float = 250.0, config=None):
+    rec = simulate_ecg(seconds, fs=fs, hr=75.0, seed=4, pvc_rate=0.0)
+    s = Session("b", EngineLimits(beat_queue=1000), config=config)
+    step = int(0.5 * fs)
+    for i, start in enumerate(range(0, rec.signal.shape[1], step)):
+        s.ingest(EcgChunk("b", rec.signal[:, start:start + step], fs, start / fs, i))
+    return [p.beat for p in s.take_all()]
+
+
+def test_sim_backend_is_one_heart_per_device_and_reproducible():
+    sim = backends.make_backend("sim")
+    beat = detected_beats()[0]
+    a1, t1 = sim.render(sim.new_state("dev-a"), beat)
+    a2, _ = sim.render(sim.new_state("dev-a"), beat)
+    b1, _ = sim.render(sim.new_state("dev-b"), beat)
+    assert a1.dtype == np.uint8 and a1.shape == (10, 64, 64)
+    np.testing.assert_allclose(t1, beat.r_time + beat.rr * np.arange(10) / 10)
+    np.testing.assert_array_equal(a1, a2)  # the same device id gets the same heart
+    assert not np.array_equal(a1, b1)
+
+
+def test_device_seed_is_stable():
+    assert backends.device_seed("strap-7") == 481422950  # the same in every run (hash() is salted)
+    assert backends.device_seed("a") != backends.device_seed("b")
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown backend"):
+        backends.make_backend("magic")
+
+
+def test_default_is_sim_until_a_trained_model_ships():
+    assert backends.default_backend() == ("model" if backends.shipped_model() else "sim")
+
+
+@pytest.mark.slow
+def test_model_backend_renders_a_detected_beat():
+    if not backends.model_available():
+        pytest.skip("core/generator.py not in this installation")
+    model = backends.make_backend("model", device="cpu")
+    beats = detected_beats(config=model.ecg_config)
+    state = model.new_state("dev-a")
+    frames, times = model.render(state, beats[0])
+    size = model.base.preset.tokenizer.image_size
+    assert frames.dtype == np.uint8 and frames.shape == (model.base.frames_per_beat, size, size)
+    assert times[0] == pytest.approx(beats[0].r_time) and np.all(np.diff(times) > 0)
+    assert model.name.startswith("model:")

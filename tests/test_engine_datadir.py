@@ -1,0 +1,74 @@
+"""Raw ECG persistence: exact round trip, appends across restarts, crash-truncated index."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from echopulse.bridges.chunk import EcgChunk
+from echopulse.stream import datadir
+
+
+def chunk(device: str, seq: int, n: int = 7, leads: int = 2, fs: float = 130.0) -> EcgChunk:
+    rng = np.random.default_rng(seq)
+    return EcgChunk(device, rng.normal(size=(leads, n)).astype(np.float32), fs, seq * n / fs, seq, "uV")
+
+
+def test_round_trip_is_exact_and_keeps_the_index(tmp_path):
+    sent = [chunk("polar/H10 a", i) for i in range(5)]
+    sent[2].samples[1, 3] = np.nan  # stored as received
+    d = datadir.DataDir(tmp_path)
+    for c in sent:
+        d.append(c)
+    d.close()
+    assert datadir.list_devices(tmp_path) == ["polar/H10 a"]
+    samples, entries = datadir.read_device(tmp_path, "polar/H10 a")
+    np.testing.assert_array_equal(samples, np.concatenate([c.samples for c in sent], axis=1))
+    assert [(e["seq"], e["t0"], e["fs"], e["n"], e["leads"], e["unit"]) for e in entries] == [
+        (c.seq, c.t0, c.fs, 7, 2, "uV") for c in sent]
+
+
+def test_files_are_readable_before_close(tmp_path):
+    writer = datadir.RawEcgWriter(tmp_path, "dev")
+    writer.append(chunk("dev", 0))
+    samples, entries = datadir.read_device(tmp_path, "dev")  # flushed per chunk: a crash loses nothing
+    assert samples.shape == (2, 7) and len(entries) == 1
+    writer.close()
+
+
+def test_restart_appends(tmp_path):
+    for i in range(3):
+        d = datadir.DataDir(tmp_path)
+        d.append(chunk("dev", i))
+        d.close()
+    _, entries = datadir.read_device(tmp_path, "dev")
+    assert [e["seq"] for e in entries] == [0, 1, 2] and [e["offset"] for e in entries] == [0, 14, 28]
+
+
+def test_half_written_last_line_is_ignored(tmp_path):
+    d = datadir.DataDir(tmp_path)
+    for i in range(3):
+        d.append(chunk("dev", i))
+    d.close()
+    index = tmp_path / "dev" / datadir.INDEX_FILE
+    index.write_text(index.read_text() + '{"seq": 3, "t0"')
+    samples, entries = datadir.read_device(tmp_path, "dev")
+    assert len(entries) == 3 and samples.shape == (2, 21)
+
+
+def test_lead_change_needs_read_chunks(tmp_path):
+    d = datadir.DataDir(tmp_path)
+    d.append(chunk("dev", 0, leads=1))
+    d.append(chunk("dev", 1, leads=3))
+    d.close()
+    with pytest.raises(ValueError, match="read_chunks"):
+        datadir.read_device(tmp_path, "dev")
+    assert [c.samples.shape for c in datadir.read_chunks(tmp_path, "dev")] == [(1, 7), (3, 7)]
+
+
+@pytest.mark.parametrize("device", ["..", ".hidden", "a/../../b", "ünï"])
+def test_device_ids_stay_inside_the_data_dir(tmp_path, device):
+    d = datadir.DataDir(tmp_path / "root")
+    d.append(chunk(device, 0))
+    d.close()
+    assert datadir.list_devices(tmp_path / "root") == [device]
+    assert [p.parent.parent for p in (tmp_path / "root").glob("*/*")] == [tmp_path / "root"] * 2
