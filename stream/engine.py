@@ -192,9 +192,11 @@ class Engine:
                 if session.state is None:
                     session.state = await loop.run_in_executor(self._executor, self.backend.new_state, session.device)
                 frames, times = await loop.run_in_executor(self._executor, self.backend.render, session.state, beat)
+                config = session.config
                 self.publisher.publish_frames(
                     session.device, frames, times=times, beat=pending.index, r_time=float(beat.r_time),
                     rr=float(beat.rr), model=self.backend.name, capture=pending.capture,
+                    extra=protocol.beat_ecg_fields(beat.window, beat.valid, config.fs, config.pre_r_s, float(beat.rr)),
                 )
             except asyncio.CancelledError:
                 raise

@@ -23,9 +23,14 @@ Frames, one message per video frame::
         "capture": float,        # wall clock (Unix s) when the ECG completing the beat arrived
         "publish": float,        # wall clock (Unix s) when the frame was sent
         "latency": float,        # publish - capture (s)
+        # optional, sent by the engine so a viewer can draw the trace under the echo:
+        "ecg": bytes,            # the beat's ECG, lead 0, mV, float32 little-endian, from
+                                 # r_time for rr seconds; NaN where the stream had no data yet
+        "ecg_fs": float,         # sample rate of "ecg" (the model rate, 250 Hz)
     }
 
 The pixels are the frame's raw bytes, row-major, ``prod(shape) * itemsize`` long.
+Every frame of a beat carries the same "ecg", so a viewer that skips frames still has it.
 
 Status, one message per event::
 
@@ -207,6 +212,26 @@ def validate_header(header: Any) -> dict[str, Any]:
 def validate_status(status: Any) -> dict[str, Any]:
     """Check a status map against v1; return it, or raise ProtocolError."""
     return _validate("status", status, _STATUS_FIELDS)
+
+
+def beat_ecg_fields(window: np.ndarray, valid: np.ndarray, fs: float, pre_r_s: float, rr: float) -> dict[str, Any]:
+    """The optional "ecg"/"ecg_fs" header fields of a beat, from its model-rate window.
+
+    window: leads × n starting `pre_r_s` before R; valid: per-sample mask of what the
+    stream had delivered. Lead 0 from R for one RR, unknown samples as NaN.
+    """
+    start = int(round(pre_r_s * fs))
+    stop = min(start + int(round(rr * fs)), window.shape[-1])
+    trace = np.where(valid[start:stop], window[0, start:stop], np.nan).astype("<f4")
+    return {"ecg": trace.tobytes(), "ecg_fs": float(fs)}
+
+
+def decode_ecg(header: dict[str, Any]) -> np.ndarray | None:
+    """The "ecg" field of a header as float32 samples, or None when it has none."""
+    data = header.get("ecg")
+    if not isinstance(data, (bytes, bytearray)) or len(data) % 4:
+        return None
+    return np.frombuffer(data, dtype="<f4")
 
 
 def encode_frame(header: dict[str, Any], pixels: np.ndarray) -> list[Any]:

@@ -45,8 +45,9 @@ def _beat_header_prefix(base: dict[str, Any]) -> bytes:
 class Publisher:
     """Bind a PUB socket at `endpoint` and send protocol-v1 messages.
 
-    ``endpoint`` may use port 0 (``tcp://127.0.0.1:0``): the bound address is in
-    :attr:`endpoint` afterwards. Use as a context manager or call :meth:`close`.
+    ``endpoint`` may be one address or several; port 0 (``tcp://127.0.0.1:0``) binds a
+    free port, and the bound addresses are in :attr:`endpoints` (:attr:`endpoint` is the
+    first) afterwards. Use as a context manager or call :meth:`close`.
 
     last_value_cache: bind an XPUB socket instead, which sees subscriptions, and keep the
     latest status of every device; a subscriber that joins later gets those statuses at
@@ -59,7 +60,7 @@ class Publisher:
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | Sequence[str],
         *,
         hwm: int = DEFAULT_HWM,
         context: zmq.Context | None = None,
@@ -73,12 +74,20 @@ class Publisher:
         self._socket.setsockopt(zmq.LINGER, 0)
         if last_value_cache:
             self._socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every join, even to a topic already subscribed
-        try:
-            self._socket.bind(endpoint)
-        except zmq.ZMQError as err:
+        # One socket may bind several endpoints (loopback for local viewers, an interface
+        # for the ward network): every subscriber sees the same sequence numbers.
+        self.endpoints: list[str] = []
+        for address in [endpoint] if isinstance(endpoint, str) else list(endpoint):
+            try:
+                self._socket.bind(address)
+            except zmq.ZMQError as err:
+                self.close()
+                raise OSError(f"cannot bind {address}: {err}") from None
+            self.endpoints.append(self._socket.getsockopt_string(zmq.LAST_ENDPOINT))
+        if not self.endpoints:
             self.close()
-            raise OSError(f"cannot bind {endpoint}: {err}") from None
-        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            raise ValueError("a Publisher needs at least one endpoint")
+        self.endpoint: str = self.endpoints[0]
         self._seq: dict[str, int] = {}
         self._cache: dict[bytes, dict[str, Any]] | None = {} if last_value_cache else None
         self.frames_sent = 0

@@ -90,6 +90,7 @@ class Session:
 
     def __post_init__(self) -> None:
         protocol.check_device(self.device)  # the id must fit in a topic
+        self.config = self.config or EcgEncoderConfig()  # the beat windows' rate and alignment
         self.checker = validate.ChunkChecker()
         self.segmenter: Any = None
         self.state: Any = None              # the backend's, made by the engine on the first beat

@@ -75,6 +75,8 @@ def test_replay_mp4(tmp_path, recording):
         (["serve", "--source", "file://{tmp}/none.csv", "--data-dir", "{tmp}/d"], "no such file"),
         (["serve", "--source", "mqtt://:1883/ecg/+", "--data-dir", "{tmp}/d"], "no broker host"),
         (["serve", "--source", "synthetic://?devices=x", "--data-dir", "{tmp}/d"], "devices"),
+        (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--metrics", "9108"], "HOST:PORT"),
+        (["serve", "--data-dir", "{tmp}/d"], "--source"),
         (["subscribe", "tcp://127.0.0.1:1", "--out", "{tmp}/o.txt"], ".npz"),
         (["subscribe", "nonsense", "--count", "1"], "cannot connect"),
     ],

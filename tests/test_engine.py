@@ -264,3 +264,21 @@ async def test_device_ids_that_cannot_be_topics_are_refused_once(tmp_path):
     refused = statuses_of(got, ENGINE_DEVICE, "bad_input")
     assert len(refused) == 1 and "'bad id'" in refused[0]["message"]
     assert datadir.list_devices(tmp_path) == ["ok"] and "bad id" not in engine.counters()
+
+
+async def test_frames_carry_the_beats_ecg(tmp_path):
+    items = chunks("a", 8, 1)
+    with Publisher("tcp://127.0.0.1:0") as pub:
+        engine = Engine([ListSource(items)], StubBackend(), pub, tmp_path, limits=EngineLimits(beat_queue=64))
+        got = await serve_and_collect(engine, pub)
+    frames = frames_of(got, "a")
+    assert frames
+    sent = np.concatenate([c.samples[0] for c in items])
+    for m in frames:
+        trace = protocol.decode_ecg(m.header)
+        assert m.header["ecg_fs"] == 250.0
+        assert len(trace) == round(m.header["rr"] * 250.0)
+        # Model-rate samples of the input (also 250 Hz here) from the beat's R onwards.
+        known = trace[np.isfinite(trace)]
+        i0 = round(m.header["r_time"] * FS)
+        np.testing.assert_allclose(known[:20], sent[i0:i0 + 20], atol=0.05)

@@ -55,3 +55,14 @@ def test_cli_help_does_not_import_torch() -> None:
     code = "import sys; from echopulse.stream.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_public_api_names_of_design() -> None:
+    # DESIGN §1: one Python API, echopulse.core.Generator and echopulse.stream.Engine.
+    import echopulse.core
+    import echopulse.stream
+
+    assert echopulse.stream.Engine.__name__ == "Engine"
+    assert echopulse.core.Generator.__name__ == "Generator"
+    with pytest.raises(AttributeError):
+        echopulse.stream.NoSuchThing  # noqa: B018

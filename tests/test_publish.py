@@ -144,3 +144,28 @@ def test_last_value_cache_gives_late_joiners_the_latest_statuses():
                 send_beat(pub, "a", beat_frames(1), 1)
                 frame = sub2.recv(timeout=0.05)
             assert isinstance(frame, FrameMessage)
+
+
+def test_one_publisher_serves_several_endpoints():
+    with Publisher(["tcp://127.0.0.1:0", "tcp://127.0.0.1:0"]) as pub:
+        assert len(pub.endpoints) == 2 and pub.endpoints[0] != pub.endpoints[1]
+        with Subscriber(pub.endpoints[0]) as first, Subscriber(pub.endpoints[1]) as second:
+            wait_joined(pub, first)
+            wait_joined(pub, second)
+            send_beat(pub, "dev", beat_frames(n=2, size=16), beat=0)
+            got = [[m for m in sub.messages(timeout=1.0) if isinstance(m, FrameMessage)] for sub in (first, second)]
+    # Both sides see the same frames with the same per-device sequence numbers.
+    assert [[m.seq for m in side] for side in got] == [[0, 1], [0, 1]]
+
+
+def test_beat_ecg_fields_round_trip_with_nan_where_unknown():
+    fs, pre, rr = 250.0, 0.5, 0.8
+    window = np.arange(625, dtype=np.float32)[None, :] / 100
+    valid = np.ones(625, bool)
+    valid[300:] = False  # the stream had not delivered these yet
+    fields = protocol.beat_ecg_fields(window, valid, fs, pre, rr)
+    trace = protocol.decode_ecg(fields)
+    assert fields["ecg_fs"] == fs and trace.shape == (200,)  # R .. R + rr at 250 Hz
+    np.testing.assert_array_equal(trace[:175], window[0, 125:300])
+    assert np.isnan(trace[175:]).all()
+    assert protocol.decode_ecg({}) is None

@@ -33,13 +33,17 @@ SCHEMES = ("mqtt", "mqtts", "ble", "file", "synthetic")
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve live ECG as echo frames over ZeroMQ",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", action="append", required=True, help="ECG source URL (repeatable)")
-    p.add_argument("--publish", default="tcp://127.0.0.1:5556", help="ZeroMQ endpoint to bind (default %(default)s)")
-    p.add_argument("--data-dir", required=True, help="folder where every device's raw ECG is appended")
+    p.add_argument("--config", default=None, help="read every setting from this TOML file (deploy/echopulse.toml)")
+    p.add_argument("--source", action="append", default=None, help="ECG source URL (repeatable)")
+    p.add_argument("--publish", action="append", default=None,
+                   help="ZeroMQ endpoint to bind (repeatable; default tcp://127.0.0.1:5556)")
+    p.add_argument("--data-dir", default=None, help="folder where every device's raw ECG is appended")
     p.add_argument("--backend", choices=("sim", "model"), default=None,
                    help="frame backend (default: model if installed, else sim)")
     p.add_argument("--checkpoint", default=None,
                    help="generator checkpoint folder for --backend model (default: the shipped model)")
+    p.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                   help="serve /metrics (Prometheus text) and /health on this address (default: off)")
     p.add_argument("--duration", type=ranged(float, 0.001, 1e9, "duration"), default=None,
                    help="stop after S seconds (default: run until stopped)")
     p.add_argument("--beat-queue", type=positive_int("beat-queue"), default=4,
@@ -146,8 +150,30 @@ def _file_source(url: str, head: str, options: dict[str, str]) -> Any:
     )
 
 
-async def serve(args: argparse.Namespace, sources: list[Any], backend: Any) -> dict:
+def _metrics_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CliError(f"--metrics {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9108")
+    return host or "127.0.0.1", int(port)
+
+
+def apply_config(args: argparse.Namespace) -> Any:
+    """Fill `args` from --config FILE.toml; return the ServeConfig (its limits and metrics are used by serve)."""
+    from ..config_file import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        raise CliError(str(err)) from None
+    args.source, args.data_dir, args.publish = list(config.sources), str(config.data_dir), list(config.publish)
+    args.backend, args.duration = config.backend, config.duration_s
+    logging.getLogger().setLevel(config.log_level.upper())
+    return config
+
+
+async def serve(args: argparse.Namespace, sources: list[Any], backend: Any, config: Any = None) -> dict:
     from ..engine import Engine
+    from ..metrics import MetricsServer
     from ..publish import Publisher
     from ..session import EngineLimits
 
@@ -160,22 +186,34 @@ async def serve(args: argparse.Namespace, sources: list[Any], backend: Any) -> d
             except ReplayError as err:
                 raise CliError(str(err)) from None
     try:
-        publisher = Publisher(args.publish, last_value_cache=True)
+        publisher = Publisher(args.publish or ["tcp://127.0.0.1:5556"], last_value_cache=True)
     except OSError as err:
         raise CliError(str(err)) from None
     try:
-        limits = EngineLimits(beat_queue=args.beat_queue, signal_timeout_s=args.signal_timeout, workers=args.workers,
-                              max_devices=args.max_devices)
+        if config is not None:
+            limits = EngineLimits(**config.limits)
+        else:
+            limits = EngineLimits(beat_queue=args.beat_queue, signal_timeout_s=args.signal_timeout,
+                                  workers=args.workers, max_devices=args.max_devices)
         engine = Engine(sources, backend, publisher, args.data_dir, limits=limits, devices=args.allow_device)
+        address = _metrics_address(args.metrics) if args.metrics else (config.metrics if config is not None else None)
+        metrics = MetricsServer(engine.counters, *address) if address else None
+        if metrics is not None:
+            try:
+                await metrics.start()
+            except OSError as err:
+                raise CliError(f"metrics: cannot listen on {metrics.host}:{metrics.port}: {err}") from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, engine.stop)
-        log.info("serving on %s, raw ECG in %s, backend %s", publisher.endpoint, args.data_dir, backend.name)
+        log.info("serving on %s, raw ECG in %s, backend %s", ", ".join(publisher.endpoints), args.data_dir, backend.name)
         try:
             await engine.run(duration=args.duration)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+            if metrics is not None:
+                await metrics.close()
         return engine.counters()
     finally:
         publisher.close()
@@ -184,6 +222,9 @@ async def serve(args: argparse.Namespace, sources: list[Any], backend: Any) -> d
 def handle(args: argparse.Namespace) -> int:
     from .. import backends
 
+    config = apply_config(args) if args.config else None
+    if not args.source or not args.data_dir:
+        raise CliError("give --source and --data-dir, or --config FILE.toml")
     sources = [make_source(url) for url in args.source]
     data_dir = Path(args.data_dir)
     try:
@@ -191,10 +232,12 @@ def handle(args: argparse.Namespace) -> int:
     except OSError as err:
         raise CliError(f"--data-dir {data_dir}: {err}") from None
     try:
-        backend = backends.make_backend(args.backend, checkpoint=args.checkpoint)
+        options = dict(config.backend_options) if config is not None else {}
+        options.setdefault("checkpoint", args.checkpoint)
+        backend = backends.make_backend(args.backend, **options)
     except (ValueError, RuntimeError, OSError) as err:
         raise CliError(str(err)) from None
-    counters = asyncio.run(serve(args, sources, backend))
+    counters = asyncio.run(serve(args, sources, backend, config))
     for device, values in sorted(counters.items()):
         if values:
             log.info("%s: %s", device, ", ".join(f"{k}={v}" for k, v in sorted(values.items())))

@@ -1,0 +1,209 @@
+"""Multi-stream batching: beats of many devices that are ready close together share one generator call.
+
+Policy (one dispatcher per generator):
+- A beat waits at most `window_s` (default 4 ms) for company: the dispatcher runs a batch
+  as soon as the oldest waiting beat has waited that long, or at once when a full batch
+  (`max_batch`) is waiting. At 75 bpm a device sends a beat every 0.8 s, so a few
+  milliseconds of waiting cost little latency and, with many devices, gather most of
+  the beats that are ready into one call.
+- A batch takes waiting beats oldest first, at most one per device (a device's next beat
+  starts from the frame its previous beat ends on) and only those with the oldest
+  beat's lead count (one static shape per call).
+- The batch is padded up to the next fixed size in {1, 2, 4, 8, 16, 32, 64}
+  (`core.resident.BATCH_SIZES`): each size is one captured CUDA graph. Padded rows repeat
+  a real row and are dropped; rows are independent (per-row attention, per-row seeds), so
+  padding and batch company change no device's frames.
+- Batches run one at a time, in the dispatcher's thread (the GPU serialises them anyway);
+  beats that arrive meanwhile form the next batch. The engine's per-device queues bound
+  what waits here (at most one beat per device is in flight).
+
+`take_batch` is the policy as a pure function (tested on its own); `BeatBatcher` runs it
+on a thread; `BatchingBackend` is the engine backend built on it: `render` (blocking, for
+the engine's executor threads) and `render_async` (awaitable, no thread held while
+waiting).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..core.resident import BATCH_SIZES, BeatRequest, BeatResult, ResidentGenerator
+from .backends import Backend, BeatLike, device_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    window_s: float = 0.004            # longest a beat waits for company
+    sizes: tuple[int, ...] = BATCH_SIZES
+
+    def __post_init__(self) -> None:
+        if self.window_s < 0 or not self.sizes or min(self.sizes) < 1:
+            raise ValueError("window_s must be >= 0 and sizes positive")
+
+    @property
+    def max_batch(self) -> int:
+        return max(self.sizes)
+
+
+@dataclass
+class Pending:
+    device: str
+    leads: int
+    arrival: float                     # monotonic seconds
+    request: Any = None
+    future: Future = field(default_factory=Future)
+
+
+def due(pending: Sequence[Pending], now: float, policy: BatchPolicy) -> float | None:
+    """Seconds until a batch is due (0: now), None when nothing waits."""
+    if not pending:
+        return None
+    if len({p.device for p in pending}) >= policy.max_batch:
+        return 0.0
+    oldest = min(p.arrival for p in pending)
+    return max(0.0, oldest + policy.window_s - now)
+
+
+def take_batch(pending: list[Pending], now: float, policy: BatchPolicy) -> list[Pending]:
+    """Remove and return the batch to run now ([] when none is due yet).
+
+    Oldest first, one beat per device, the oldest beat's lead count, at most max_batch."""
+    wait = due(pending, now, policy)
+    if wait is None or wait > 0:
+        return []
+    ordered = sorted(pending, key=lambda p: p.arrival)
+    leads = ordered[0].leads
+    batch: list[Pending] = []
+    seen: set[str] = set()
+    for p in ordered:
+        if len(batch) == policy.max_batch:
+            break
+        if p.leads == leads and p.device not in seen:
+            batch.append(p)
+            seen.add(p.device)
+    for p in batch:
+        pending.remove(p)
+    return batch
+
+
+class BeatBatcher:
+    """Collects requests from any thread and runs them in batches on one dispatcher thread."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[Any]], list[Any]],
+        policy: BatchPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.run_batch = run_batch
+        self.policy = policy or BatchPolicy()
+        self.clock = clock
+        self.batch_sizes: list[int] = []   # sizes of the batches run (for benchmarks and tests)
+        self._pending: list[Pending] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="echopulse-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, device: str, leads: int, request: Any) -> Future:
+        """Queue one request; the future gets its result (or the batch's exception)."""
+        item = Pending(device=device, leads=leads, arrival=self.clock(), request=request)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("batcher is closed")
+            self._pending.append(item)
+            self._cond.notify()
+        return item.future
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        for p in self._pending:
+                            p.future.set_exception(RuntimeError("batcher closed"))
+                        self._pending.clear()
+                        return
+                    batch = take_batch(self._pending, self.clock(), self.policy)
+                    if batch:
+                        break
+                    self._cond.wait(timeout=due(self._pending, self.clock(), self.policy))
+            self.batch_sizes.append(len(batch))
+            try:
+                results = self.run_batch([p.request for p in batch])
+            except Exception as err:  # the batch fails as a whole; each caller sees why
+                log.exception("batch of %d failed", len(batch))
+                for p in batch:
+                    p.future.set_exception(err)
+                continue
+            for p, result in zip(batch, results):
+                p.future.set_result(result)
+
+
+def beat_seed(state_seed: int, beat_index: int) -> int:
+    """Reproducible per (device, beat); the same formula as the `model` backend."""
+    return (state_seed + 1_000_003 * int(beat_index)) % (2**31)
+
+
+class BatchingBackend(Backend):
+    """The learned generator with beats of all devices batched (`ResidentGenerator.generate`).
+
+    A device without a recorded echo is primed from its simulated heart, as in the
+    `model` backend."""
+
+    def __init__(self, resident: ResidentGenerator, policy: BatchPolicy | None = None) -> None:
+        from ..core.simulate.beat_driven import BeatDrivenEcho
+
+        self._sim = BeatDrivenEcho
+        self.resident = resident
+        self.name = f"model:{resident.name}"
+        self.ecg_config = resident.preset.ecg
+        self.batcher = BeatBatcher(resident.generate, policy)
+
+    def new_state(self, device: str) -> Any:
+        return {"seed": device_seed(device), "device": device, "state": None}
+
+    def _request(self, state: Any, beat: BeatLike) -> BeatRequest:
+        if state["state"] is None:
+            size = self.resident.preset.tokenizer.image_size
+            sim = self._sim(seed=state["seed"], size=size, frames_per_beat=self.resident.frames_per_beat)
+            frames, _ = sim.render_beat(float(beat.r_time), float(beat.rr))
+            state["state"] = self.resident.prime_loop(np.concatenate([frames[-1:], frames]), seed=state["seed"])
+        window = np.asarray(beat.window, np.float32)
+        window = window if window.ndim == 2 else window[None]
+        return BeatRequest(state["state"], window, np.asarray(beat.valid, bool), float(beat.rr), float(beat.r_time),
+                           beat_seed(state["seed"], beat.index))
+
+    def submit(self, state: Any, beat: BeatLike) -> Future:
+        request = self._request(state, beat)
+        return self.batcher.submit(state["device"], request.window.shape[0], request)
+
+    def render(self, state: Any, beat: BeatLike) -> tuple[np.ndarray, np.ndarray]:
+        result: BeatResult = self.submit(state, beat).result()
+        return result.frames, result.times
+
+    async def render_async(self, state: Any, beat: BeatLike) -> tuple[np.ndarray, np.ndarray]:
+        """For the event loop: waits for the batch without holding an executor thread."""
+        result: BeatResult = await asyncio.wrap_future(self.submit(state, beat))
+        return result.frames, result.times
+
+    def warm_up(self) -> None:
+        self.resident.warm_up(batch_sizes=(1,))
+
+    def close(self) -> None:
+        self.batcher.close()

@@ -1,0 +1,64 @@
+"""`echopulse evaluate tokenizer`: reconstruction metrics of a trained tokenizer on
+held-out simulator clips (or a folder of .npz clips), written as JSON.
+
+Clip seeds are S … S+N−1; choose S beyond the seeds the run trained on (training uses
+seeds from its --seed upward, batch × steps of them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .args import CliError, positive_int
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("tokenizer", help="reconstruction metrics of a tokenizer", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="directory holding tokenizer.safetensors + tokenizer.json")
+    p.add_argument("--lora", help="directory holding lora.safetensors + lora.json to apply on top")
+    p.add_argument("--n", type=positive_int("n"), default=200, help="number of clips")
+    p.add_argument("--seed", type=int, default=1_000_000, help="first clip seed (held out from training)")
+    p.add_argument("--data", help="folder of .npz clips, or 'synthetic' (default: the simulator)")
+    p.add_argument("--batch", type=positive_int("batch"), default=8)
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    p.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads")
+    p.add_argument("--out", help="write the JSON here (default: stdout)")
+    p.add_argument("--png", help="also save originals / reconstructions / |error|x4 of the first 3 clips as a PNG")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from echopulse.core.evaluate_tokenizer import comparison_png, evaluate_tokenizer
+    from echopulse.core.lora import load_lora
+    from echopulse.core.tokenizer import load_tokenizer
+    from echopulse.core.training import select_device
+    from echopulse.core.video_clips import clip_source
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (Path(args.checkpoint) / "tokenizer.json").is_file():
+        raise CliError(f"--checkpoint {args.checkpoint}: no tokenizer.json there")
+    try:
+        device = select_device(args.device)
+        model, preset = load_tokenizer(args.checkpoint, device=device)
+        if args.lora:
+            load_lora(model, args.lora)
+            model.to(device)
+        source = clip_source(args.data, preset.tokenizer.frames, preset.tokenizer.image_size)
+    except (RuntimeError, FileNotFoundError, ValueError) as err:
+        raise CliError(str(err)) from None
+    result = evaluate_tokenizer(model, source, range(args.seed, args.seed + args.n), batch_size=args.batch)
+    result = {"checkpoint": args.checkpoint, "preset": preset.name, "seed": args.seed, "data": args.data or "simulator", **result}
+    if args.png:
+        comparison_png(model, source, range(args.seed, args.seed + min(3, args.n)), args.png)
+    text = json.dumps(result, indent=2) + "\n"
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0

@@ -1,0 +1,49 @@
+"""`echopulse train critic`: train the token critic on a trained transformer's own samples
+(a token is real when the sample equals the ground truth). Writes critic.* into `--out`;
+pass the generator directory itself as `--out` to make the critic part of it.
+`--resume` continues the run saved in `--out`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .args import CliError, positive_int, ranged
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("critic", help="train the token critic", description=__doc__)
+    p.add_argument("--generator", required=True, help="generator directory (transformer.json, ecg.json, tokenizer.json)")
+    p.add_argument("--out", required=True, help="run directory (critic.safetensors/json, log.jsonl)")
+    p.add_argument("--steps", type=positive_int("steps"), default=1000, help="total optimizer steps")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--batch", type=positive_int("batch"), default=16)
+    p.add_argument("--lr", type=ranged(float, 1e-7, 1.0, "lr"), default=1e-3)
+    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    p.add_argument("--subjects", type=positive_int("subjects"), default=2000, help="simulated training pairs")
+    p.add_argument("--seed", type=int, default=0, help="first training subject seed")
+    p.add_argument("--checkpoint-every", type=positive_int("checkpoint interval"), default=250)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from echopulse.core.train_generator import Recipe, train_critic
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen_dir = Path(args.generator)
+    for name in ("transformer", "ecg", "tokenizer"):
+        if not (gen_dir / f"{name}.json").is_file():
+            raise CliError(f"--generator {gen_dir}: no {name}.json there")
+    recipe = Recipe(
+        steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        train_subjects=args.subjects,
+    )
+    try:
+        train_critic(recipe, Path(args.out), gen_dir, resume=args.resume, device=args.device)
+    except (FileExistsError, RuntimeError) as err:
+        raise CliError(str(err)) from None
+    return 0

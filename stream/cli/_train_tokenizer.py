@@ -1,0 +1,70 @@
+"""`echopulse train tokenizer`: train the C-ViViT video tokenizer, or a LoRA adapter on one.
+
+Data: the paired simulator on the fly (default), a folder of .npz clips (`--data DIR`),
+or `--data synthetic` (moving rings; a smoke test that needs no simulator).
+Interrupt at any time; `--resume` continues from the last checkpoint in `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .args import CliError, positive_int, ranged
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("tokenizer", help="train the video tokenizer", description=__doc__)
+    p.add_argument("--preset", default="tiny", help="model preset (tiny, paper)")
+    p.add_argument("--steps", type=positive_int("steps"), default=4000, help="total optimizer steps")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--lora", type=positive_int("lora rank"), default=0, metavar="RANK", help="train LoRA adapters of this rank on --init")
+    p.add_argument("--init", help="trained tokenizer directory to start from (required with --lora)")
+    p.add_argument("--batch", type=positive_int("batch"), default=8)
+    p.add_argument("--lr", type=ranged(float, 1e-7, 1.0, "lr"), default=1e-3)
+    p.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
+    p.add_argument("--data", help="folder of .npz clips, or 'synthetic' (default: simulator on the fly)")
+    p.add_argument("--cache", type=int, default=0, metavar="N", help="cycle through N clips kept in memory (0: a new clip every time)")
+    p.add_argument("--seed", type=int, default=0, help="first training clip index (evaluate on seeds beyond the run)")
+    p.add_argument("--vgg", help="local VGG16 weights (safetensors) for the perceptual loss; default: gradient+SSIM fallback")
+    p.add_argument("--perceptual-weight", type=ranged(float, 0.0, 100.0, "perceptual weight"), default=1.0)
+    p.add_argument("--gan-weight", type=ranged(float, 0.0, 100.0, "gan weight"), default=0.1)
+    p.add_argument("--gan-start", type=int, default=2000, help="step at which the GAN loss switches on")
+    p.add_argument("--checkpoint-every", type=positive_int("checkpoint interval"), default=250)
+    p.add_argument("--half", action="store_true", help="store tokenizer.safetensors in fp16 (for shipping)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from echopulse.core.config import preset
+    from echopulse.core.train_tokenizer import RunPaths, TokenizerRecipe, train_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.lora and not args.init:
+        raise CliError("--lora needs --init (a trained tokenizer directory)")
+    if args.init and not (Path(args.init) / "tokenizer.json").is_file():
+        raise CliError(f"--init {args.init}: no tokenizer.json there")
+    if args.data not in (None, "synthetic") and not Path(args.data).is_dir():
+        raise CliError(f"--data {args.data}: not a directory")
+    if args.vgg and not Path(args.vgg).is_file():
+        raise CliError(f"--vgg {args.vgg}: no such file")
+    try:
+        chosen = preset(args.preset)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    recipe = TokenizerRecipe(
+        steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
+        perceptual_weight=args.perceptual_weight, gan_weight=args.gan_weight, gan_start=args.gan_start,
+        checkpoint_every=args.checkpoint_every, cache=args.cache, lora_rank=args.lora, half_weights=args.half, vgg_weights=args.vgg,
+    )
+    paths = RunPaths(out=Path(args.out), init=Path(args.init) if args.init else None, data=args.data)
+    try:
+        train_tokenizer(chosen, recipe, paths, resume=args.resume, device=args.device)
+    except (FileExistsError, RuntimeError) as err:
+        raise CliError(str(err)) from None
+    return 0

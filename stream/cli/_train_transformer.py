@@ -1,0 +1,60 @@
+"""`echopulse train transformer`: train the ECG-conditioned masked video-token transformer
+on simulated pairs (cached once in OUT/pairs.npz), fine-tuning the ECG encoder slowly.
+OUT becomes a complete generator checkpoint (tokenizer, ecg, transformer), loadable
+with `Generator.load(OUT)`. `--resume` continues the run saved in `--out`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .args import CliError, positive_int, ranged
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("transformer", help="train the masked transformer", description=__doc__)
+    p.add_argument("--preset", default="tiny", help="model preset (tiny, paper)")
+    p.add_argument("--steps", type=positive_int("steps"), default=3000, help="total optimizer steps")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--tokenizer", required=True, help="trained tokenizer directory (tokenizer.json)")
+    p.add_argument("--ecg", help="pretrained ECG encoder directory (ecg.json); default: from scratch")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--batch", type=positive_int("batch"), default=16)
+    p.add_argument("--lr", type=ranged(float, 1e-7, 1.0, "lr"), default=1e-3)
+    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    p.add_argument("--ecg-lr-scale", type=ranged(float, 0.0, 1.0, "ecg lr scale"), default=0.1,
+                   help="ECG encoder learning rate as a fraction of --lr (0: frozen)")
+    p.add_argument("--subjects", type=positive_int("subjects"), default=2000, help="simulated training pairs")
+    p.add_argument("--seed", type=int, default=0, help="first training subject seed")
+    p.add_argument("--pairs-raw", help="simulated pairs .npz to reuse/create (default: OUT/pairs_raw.npz)")
+    p.add_argument("--checkpoint-every", type=positive_int("checkpoint interval"), default=250)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from echopulse.core.config import preset
+    from echopulse.core.train_generator import Recipe, train_transformer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (Path(args.tokenizer) / "tokenizer.json").is_file():
+        raise CliError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
+    if args.ecg and not (Path(args.ecg) / "ecg.json").is_file():
+        raise CliError(f"--ecg {args.ecg}: no ecg.json there")
+    try:
+        chosen = preset(args.preset)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    recipe = Recipe(
+        steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        train_subjects=args.subjects, ecg_lr_scale=args.ecg_lr_scale,
+    )
+    try:
+        train_transformer(chosen, recipe, Path(args.out), Path(args.tokenizer), Path(args.ecg) if args.ecg else None,
+                          resume=args.resume, device=args.device, raw_pairs=Path(args.pairs_raw) if args.pairs_raw else None)
+    except (FileExistsError, RuntimeError) as err:
+        raise CliError(str(err)) from None
+    return 0
