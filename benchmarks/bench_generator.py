@@ -1,0 +1,344 @@
+"""Generator latency per stage and per beat, eager vs bf16 vs CUDA graph (+ CuPy), and streams held.
+
+CPU (always): the `tiny` preset, resident eager pipeline (inference mode, static
+buffers), fp32 and bf16 (oneDNN uses AMX/AVX-512 bf16 where the CPU has them), 1 and 2
+torch threads, next to the plain `Generator.generate_beat` loop; stage p50/p99 (ECG
+encode, each decode step, tokenizer decode, re-prime); `torch.compile` of the
+transformer (full runs only: its compile takes about a minute here); the largest number
+of 75-bpm streams a real-time load test holds with batching.
+
+GPU (when CUDA is available): the `paper` preset at batch 1, side by side in one run:
+eager fp32, eager bf16, CUDA graph bf16, CUDA graph bf16 + CuPy kernels; bf16 accuracy
+against fp32; then batched graph replays (1..64) and the streams load test.
+
+Latency "beat" = `ResidentGenerator.generate`: inputs copied in, the whole pipeline,
+frames copied out to host memory (publishing excluded; see bench_publish).
+Weights are random (timing does not depend on them).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import threading
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from echopulse.core.config import Preset
+from echopulse.core.generator import Generator
+from echopulse.core.resident import (
+    BATCH_SIZES, BeatRequest, ResidentGenerator, StageTimer, configure_backends, precision_report, threads,
+)
+from echopulse.stream.batching import BatchPolicy, BeatBatcher
+
+log = logging.getLogger(__name__)
+
+BEAT_S = 60.0 / 75.0  # 75 bpm
+
+
+# helpers
+
+
+def _pct(xs: list[float]) -> tuple[float, float]:
+    a = np.asarray(xs, dtype=np.float64)
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+def _row(metric: str, value: float, unit: str, target: str | None = None) -> dict:
+    return {"metric": metric, "value": float(value), "unit": unit, "target": target}
+
+
+def _pct_rows(label: str, xs_ms: list[float], target_p50: str | None = None, target_p99: str | None = None) -> list[dict]:
+    p50, p99 = _pct(xs_ms)
+    return [_row(f"{label} p50", p50, "ms", target_p50), _row(f"{label} p99", p99, "ms", target_p99)]
+
+
+def _sync_for(device: torch.device) -> Callable[[], None] | None:
+    return torch.cuda.synchronize if device.type == "cuda" else None
+
+
+def _requests(res: ResidentGenerator, count: int, seed: int = 0) -> list[BeatRequest]:
+    rng = np.random.default_rng(seed)
+    size, n = res.preset.tokenizer.image_size, res.preset.ecg.window_samples
+    out = []
+    for i in range(count):
+        state = res.prime_image(rng.integers(0, 256, (size, size), dtype=np.uint8), seed=i)
+        window = rng.standard_normal((1, n)).astype(np.float32)
+        out.append(BeatRequest(state, window, np.ones(n, bool), BEAT_S, 0.0, seed=1000 + i))
+    return out
+
+
+def beat_latencies(res: ResidentGenerator, batch: int, repeats: int, warmup: int = 1) -> list[float]:
+    """Milliseconds per `generate` call of `batch` devices (a device's stream continues)."""
+    requests = _requests(res, batch)
+    for _ in range(warmup):
+        res.generate(requests)
+    out = []
+    for k in range(repeats):
+        for r in requests:
+            r.seed += 1
+        t0 = time.perf_counter()
+        res.generate(requests)  # ends with the frames on the host: synchronised
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def stage_latencies(res: ResidentGenerator, repeats: int) -> dict[str, list[float]]:
+    """Milliseconds per pipeline stage at batch 1 (eager, synchronised between stages)."""
+    buf = res.buffers(1, 1)
+    res.fill(buf, _requests(res, 1))
+    timer = StageTimer(_sync_for(res.device))
+    res.run(buf, timer=timer)  # warm-up
+    out: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        timer.start()
+        res.run(buf, timer=timer)
+        for name, s in timer.times.items():
+            out.setdefault(name, []).append(s * 1000)
+    return out
+
+
+def stage_rows(label: str, stages: dict[str, list[float]]) -> list[dict]:
+    rows = []
+    for name, xs in stages.items():
+        rows += _pct_rows(f"{label} {name}", xs)
+    steps = [np.median(xs) for name, xs in stages.items() if name.startswith("decode_step_")]
+    rows.append(_row(f"{label} decode steps", len(steps), "steps"))
+    rows.append(_row(f"{label} mean decode step p50", float(np.mean(steps)), "ms"))
+    return rows
+
+
+def load_test(res: ResidentGenerator, streams: int, duration_s: float, policy: BatchPolicy) -> dict:
+    """`streams` devices at 75 bpm, phases spread over one beat, for `duration_s`, through the
+    batcher. Latency = frames on the host − the moment the beat was due. Held: every beat
+    done and p99 latency within one beat period (the backlog cannot grow)."""
+    requests = _requests(res, streams, seed=streams)
+    if res.graphs is not None:  # captures stay out of the measured run; eager needs no warm-up per size
+        res.warm_up(batch_sizes=sorted({s for s in policy.sizes if s <= max(streams, 1)}))
+    latencies: list[float] = []
+    lock = threading.Lock()
+    batcher = BeatBatcher(res.generate, policy)
+    try:
+        start = time.monotonic() + 0.05
+        schedule = sorted((start + (i / streams) * BEAT_S + k * BEAT_S, i)
+                          for k in range(max(1, int(duration_s / BEAT_S))) for i in range(streams))
+        futures = []
+        for due_at, i in schedule:
+            delay = due_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            fut = batcher.submit(f"dev{i}", 1, requests[i])
+
+            def done(_f: object, due_at: float = due_at) -> None:
+                with lock:
+                    latencies.append((time.monotonic() - due_at) * 1000)
+
+            fut.add_done_callback(done)
+            futures.append(fut)
+        for f in futures:
+            f.result(timeout=120)
+    finally:
+        batcher.close()
+    p50, p99 = _pct(latencies)
+    sizes = batcher.batch_sizes
+    return {"streams": streams, "beats": len(latencies), "p50_ms": p50, "p99_ms": p99,
+            "mean_batch": float(np.mean(sizes)) if sizes else 0.0, "held": p99 <= BEAT_S * 1000}
+
+
+def streams_held(res: ResidentGenerator, counts: list[int], duration_s: float, policy: BatchPolicy) -> tuple[int, list[dict]]:
+    """The largest count in `counts` (ascending) held in real time; stops at the first failure."""
+    held, trials = 0, []
+    for count in counts:
+        trial = load_test(res, count, duration_s, policy)
+        trials.append(trial)
+        log.info("load test: %s", trial)
+        if not trial["held"]:
+            break
+        held = count
+    return held, trials
+
+
+# CPU
+
+
+def _compile_probe(base: Generator, repeats: int) -> dict:
+    """The bf16 beat with the transformer body under torch.compile (compile time apart)."""
+    res = ResidentGenerator(base, precision="bf16", compile=True)
+    t0 = time.perf_counter()
+    res.warm_up(batch_sizes=(1,))
+    compile_s = time.perf_counter() - t0
+    return {"compile_s": compile_s, "beat_ms": beat_latencies(res, 1, repeats)}
+
+
+def _section(raw: dict, name: str, t0: float) -> float:
+    now = time.perf_counter()
+    raw.setdefault("section_s", {})[name] = now - t0
+    return now
+
+
+def cpu_part(quick: bool) -> tuple[list[dict], dict]:
+    rows: list[dict] = []
+    raw: dict = {}
+    base = Generator.untrained("tiny", device="cpu")
+    repeats = 3 if quick else 15
+    fp32 = ResidentGenerator(base)
+    bf16 = ResidentGenerator(base, precision="bf16")
+    # 2 threads pay only on an idle machine; CI-sized runs measure 1
+    thread_counts = (1,) if quick else (1, 2)
+    t0 = time.perf_counter()
+    for count in thread_counts:
+        with threads(count):
+            for label, res in (("fp32", fp32), ("bf16", bf16)):
+                xs = beat_latencies(res, 1, repeats)
+                raw[f"tiny_cpu_{label}_{count}thr_ms"] = xs
+                rows += _pct_rows(f"tiny beat, CPU {count} thr, resident eager {label}", xs,
+                                  target_p99=f"<= {BEAT_S * 1000:.0f} (real time)")
+    t0 = _section(raw, "beats", t0)
+    best_threads = min(thread_counts, key=lambda c: np.median(raw[f"tiny_cpu_bf16_{c}thr_ms"]))
+    raw["best_threads"] = best_threads
+    with threads(best_threads):
+        # the peer: the plain facade loop (torch.Generator noise, no static buffers)
+        window = np.random.default_rng(0).standard_normal((1, base.preset.ecg.window_samples)).astype(np.float32)
+        base.prime_image(np.zeros((64, 64), np.uint8))
+        valid = np.ones(window.shape[1], bool)
+        base.generate_beat(window, valid, 0.0, BEAT_S)
+        xs = []
+        for k in range(repeats):
+            t0 = time.perf_counter()
+            base.generate_beat(window, valid, 0.0, BEAT_S, seed=k)
+            xs.append((time.perf_counter() - t0) * 1000)
+        raw["tiny_cpu_facade_ms"] = xs
+        rows += _pct_rows(f"tiny beat, CPU {best_threads} thr, Generator.generate_beat (peer)", xs)
+        t0 = _section(raw, "peer", t0)
+        for label, res in (("fp32", fp32), ("bf16", bf16)):
+            stages = stage_latencies(res, 2 if quick else 10)
+            raw[f"tiny_cpu_{label}_stages_ms"] = stages
+            rows += stage_rows(f"tiny CPU {best_threads} thr {label}", stages)
+        t0 = _section(raw, "stages", t0)
+        for batch in (2, 4) if not quick else (2,):
+            xs = beat_latencies(bf16, batch, 2 if quick else 10)
+            raw[f"tiny_cpu_bf16_batch{batch}_ms"] = xs
+            rows.append(_row(f"tiny batch {batch}, CPU {best_threads} thr bf16, per call p50", _pct(xs)[0], "ms"))
+        t0 = _section(raw, "batches", t0)
+        report = precision_report(fp32, bf16, _requests(fp32, 1 if quick else 4))
+        t0 = _section(raw, "precision", t0)
+        raw["tiny_cpu_bf16_vs_fp32"] = report
+        rows.append(_row("tiny CPU bf16 vs fp32 token agreement", report["token_agreement"], "fraction"))
+        rows.append(_row("tiny CPU bf16 vs fp32 pixel MAE (end to end)", report["pixel_mae"], "grey levels"))
+        rows.append(_row("tiny CPU bf16 vs fp32 pixel MAE (decoder alone)", report["decode_pixel_mae"], "grey levels"))
+        counts = [1, 2] if quick else [1, 2, 3, 4, 6, 8]
+        held, trials = streams_held(bf16, counts, duration_s=2 * BEAT_S if quick else 6 * BEAT_S, policy=BatchPolicy(window_s=0.004))
+        raw["tiny_cpu_load_tests"] = trials
+        t0 = _section(raw, "load_test", t0)
+        rows.append(_row(f"tiny CPU {best_threads} thr bf16: 75-bpm streams held in real time", held, "streams",
+                         f"tested {counts[: len(trials)]}"))
+        if not quick:  # a compile takes about half a minute here: full runs only
+            probe = _compile_probe(base, repeats)
+            raw["tiny_cpu_compile_probe"] = probe
+            rows += _pct_rows(f"tiny beat, CPU {best_threads} thr, eager bf16 + torch.compile", probe["beat_ms"],
+                              target_p99=f"compile {probe['compile_s']:.0f} s")
+    return rows, raw
+
+
+# GPU
+
+
+@contextlib.contextmanager
+def _guarded(rows: list[dict], raw: dict, name: str) -> Iterator[None]:
+    """A GPU section that fails is recorded (row + raw["errors"]) and the run goes on:
+    device time is scarce, so one failure must not lose the other figures."""
+    try:
+        yield
+    except Exception as err:  # recorded, logged with its traceback, not swallowed silently
+        log.exception("GPU benchmark section %r failed", name)
+        raw.setdefault("errors", {})[name] = repr(err)
+        rows.append(_row(f"{name}: FAILED", 0.0, "error", repr(err)[:100]))
+        torch.cuda.empty_cache()
+
+
+def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") -> tuple[list[dict], dict]:
+    """The GPU comparison. `device`/`preset` exist for a CPU smoke run of this code
+    (no graph variants there; the fastest eager variant stands in for the batches)."""
+    rows: list[dict] = []
+    cuda = device == "cuda"
+    raw: dict = {"gpu": torch.cuda.get_device_name(0) if cuda else None,
+                 "cupy": cuda and importlib.util.find_spec("cupy") is not None}
+    configure_backends(device)
+    base = Generator.untrained(preset, device=device)
+    repeats = 10 if quick else 50
+    variants: list[tuple[str, dict]] = [("eager fp32", {}), ("eager bf16", {"precision": "bf16"})]
+    if cuda:
+        variants.append(("graph bf16", {"precision": "bf16", "graphs": True}))
+    if raw["cupy"]:
+        variants.append(("graph bf16 + CuPy", {"precision": "bf16", "graphs": True, "kernels": "cupy"}))
+    built: dict[str, ResidentGenerator] = {}
+    for label, options in variants:
+        with _guarded(rows, raw, f"paper {label}"):
+            res = ResidentGenerator(base, **options)  # type: ignore[arg-type]
+            t0 = time.perf_counter()
+            res.warm_up(batch_sizes=(1,))
+            raw[f"paper_{label}_warmup_s"] = time.perf_counter() - t0
+            xs = beat_latencies(res, 1, repeats if "graph" in label else max(3, repeats // 3))
+            raw[f"paper_{label}_ms"] = xs
+            built[label] = res
+            target = "<= 15 (issue 7)" if "graph" in label else None
+            rows += _pct_rows(f"paper beat, GPU batch 1, {label}", xs, target_p50=target)
+    for label in ("eager fp32", "eager bf16"):
+        if label in built:
+            with _guarded(rows, raw, f"paper {label} stages"):
+                stages = stage_latencies(built[label], 3 if quick else 10)
+                raw[f"paper_{label}_stages_ms"] = stages
+                rows += stage_rows(f"paper GPU {label}", stages)
+    candidates = [lab for lab in built if "graph" in lab] or list(built)
+    if not candidates:
+        return rows, raw
+    fastest = min(candidates, key=lambda lab: np.median(raw[f"paper_{lab}_ms"]))
+    best_ms = float(np.median(raw[f"paper_{fastest}_ms"]))
+    if "eager fp32" in built:
+        speedup = np.median(raw["paper_eager fp32_ms"]) / best_ms
+        rows.append(_row(f"paper speed-up, {fastest} vs eager fp32", speedup, "x", ">= 10 (issue 7)"))
+    rows.append(_row(f"paper speed-up, {fastest} vs the paper's 6.4 s", 6400 / best_ms, "x", ">= 400"))
+    if "eager fp32" in built and "eager bf16" in built:
+        with _guarded(rows, raw, "paper bf16 vs fp32"):
+            report = precision_report(built["eager fp32"], built["eager bf16"], _requests(built["eager fp32"], 4))
+            raw["paper_bf16_vs_fp32"] = report
+            rows.append(_row("paper bf16 vs fp32 token agreement", report["token_agreement"], "fraction"))
+            rows.append(_row("paper bf16 vs fp32 pixel MAE (end to end)", report["pixel_mae"], "grey levels"))
+            rows.append(_row("paper bf16 vs fp32 pixel MAE (decoder alone)", report["decode_pixel_mae"], "grey levels"))
+    best = built[fastest]
+    for label in [lab for lab in built if lab != fastest]:  # free their buffers and graphs before the big batches
+        del built[label]
+    torch.cuda.empty_cache()
+    for batch in BATCH_SIZES[1:] if cuda else (2,):
+        with _guarded(rows, raw, f"paper batch {batch}"):
+            xs = beat_latencies(best, batch, 5 if quick else 20)
+            raw[f"paper_{fastest}_batch{batch}_ms"] = xs
+            rows.append(_row(f"paper batch {batch}, {fastest}, per call p50", _pct(xs)[0], "ms"))
+    with _guarded(rows, raw, "paper load test"):
+        counts = ([16, 64, 128] if quick else [16, 64, 128, 256, 512]) if cuda else [1, 2]
+        held, trials = streams_held(best, counts, duration_s=3 * BEAT_S if quick else 8 * BEAT_S,
+                                    policy=BatchPolicy(window_s=0.004))
+        raw["paper_load_tests"] = trials
+        rows.append(_row(f"paper {fastest}: 75-bpm streams held in real time", held, "streams", ">= 64 (issue 7)"))
+        at64 = next((t for t in trials if t["streams"] == 64), None)
+        if at64 is not None:
+            rows.append(_row("paper p99 beat -> frames on host, 64 streams", at64["p99_ms"], "ms", "<= 30 (issue 7)"))
+    return rows, raw
+
+
+def run(quick: bool) -> dict:
+    configure_backends("cpu")
+    rows, raw = cpu_part(quick)
+    if torch.cuda.is_available():
+        gpu_rows, gpu_raw = gpu_part(quick)
+        rows += gpu_rows
+        raw.update(gpu_raw)
+    else:
+        rows.append(_row("paper GPU rows", 0, "skipped", "no CUDA device here: run benchmarks/gpu.sh on a GPU box"))
+    return {"rows": rows, "raw": raw, "torch_threads": torch.get_num_threads()}
+
+
+__all__ = ["run", "beat_latencies", "stage_latencies", "load_test", "streams_held"]

@@ -1,0 +1,155 @@
+"""The resident generator on CPU: same beats as the Generator facade, static buffers, precision report."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from echopulse.core.config import tiny
+from echopulse.core.generator import Generator
+from echopulse.core.resident import BeatRequest, ResidentGenerator, StageTimer, clone_states, precision_report
+
+from _generator_fixtures import small_preset
+
+
+def _greedy(preset_name: str = "tiny"):
+    p = tiny() if preset_name == "tiny" else small_preset()
+    p.transformer = dataclasses.replace(p.transformer, temperature=0.0, confidence_noise=0.0)
+    return p
+
+
+def test_greedy_beats_equal_the_generator_facade() -> None:
+    """Without noise the sampling is deterministic, so the two implementations must agree exactly,
+    frames and the prime carried to the next beat included."""
+    torch.set_num_threads(1)
+    gen = Generator.untrained(_greedy(), device="cpu", seed=2)
+    res = ResidentGenerator(gen)
+    rng = np.random.default_rng(1)
+    loop = rng.integers(0, 256, (11, 64, 64), dtype=np.uint8)
+    n = gen.preset.ecg.window_samples
+    gen.prime_loop(loop)
+    state = res.prime_loop(loop, seed=0)
+    for beat in range(2):
+        window = rng.standard_normal((1, n)).astype(np.float32)
+        valid = np.arange(n) < n - 100
+        want, want_times = gen.generate_beat(window, valid, r_time=beat * 0.8, rr=0.8)
+        [got] = res.generate([BeatRequest(state, window, valid, rr=0.8, r_time=beat * 0.8, seed=beat)])
+        assert np.array_equal(got.frames, want)
+        assert np.allclose(got.times, want_times)
+        assert torch.equal(state.prime, gen._prime[0])
+
+
+def test_contexts_equal_the_transformer_guidance_context() -> None:
+    gen = Generator.untrained(small_preset(), device="cpu")
+    res = ResidentGenerator(gen)
+    buf = res.buffers(2, 1)
+    buf.window.normal_()
+    buf.ref_valid[0] = True
+    buf.ref_ids.random_(0, 64)
+    with torch.inference_mode():
+        got, _ = res.contexts(buf)
+        from echopulse.core.transformer import EcgFeatures
+
+        ecg = EcgFeatures(*gen.ecg_encoder.encode(buf.window, buf.valid, buf.lead_ids))
+        want = gen.transformer.guidance_context(ecg, buf.rr, buf.ref_ids, buf.ref_valid)
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.mask, want.mask)
+
+
+def test_stage_timer_sees_every_stage_and_the_schedule_fills_every_token() -> None:
+    res = ResidentGenerator(Generator.untrained(small_preset(), device="cpu"))
+    buf = res.buffers(1, 1)
+    timer = StageTimer()
+    timer.start()
+    res.run(buf, timer)
+    assert list(timer.times) == ["ecg_encode", *[f"decode_step_{s}" for s in range(res.steps)], "tokenizer_decode", "reprime"]
+    assert not (buf.ids == res.transformer.mask_id).any()
+    assert not buf.unknown.any()
+
+
+def _requests(res: ResidentGenerator, count: int) -> list[BeatRequest]:
+    rng = np.random.default_rng(3)
+    size, n = res.preset.tokenizer.image_size, res.preset.ecg.window_samples
+    return [
+        BeatRequest(res.prime_image(rng.integers(0, 256, (size, size), dtype=np.uint8), seed=i),
+                    rng.standard_normal((1, n)).astype(np.float32), np.ones(n, bool), 0.8, 0.0, seed=i)
+        for i in range(count)
+    ]
+
+
+def test_precision_report_is_exact_against_itself_and_measures_bf16() -> None:
+    gen = Generator.untrained(small_preset(), device="cpu")
+    fp32 = ResidentGenerator(gen)
+    requests = _requests(fp32, 2)
+    same = precision_report(fp32, ResidentGenerator(gen), requests)
+    assert same["token_agreement"] == 1.0 and same["pixel_max"] == 0 and same["decode_pixel_max"] == 0
+    bf16 = precision_report(fp32, ResidentGenerator(gen, precision="bf16"), requests)
+    assert 0.0 <= bf16["token_agreement"] <= 1.0
+    assert 0 < bf16["decode_pixel_max"] <= 255  # bf16 really ran: the decoder's pixels moved
+    assert torch.equal(requests[0].state.prime, clone_states(requests)[0].state.prime)  # states untouched
+
+
+def test_gpu_options_are_refused_on_cpu() -> None:
+    gen = Generator.untrained(small_preset(), device="cpu")
+    with pytest.raises(ValueError, match="CUDA"):
+        ResidentGenerator(gen, kernels="cupy")
+    with pytest.raises(ValueError, match="CUDA"):
+        ResidentGenerator(gen, graphs=True)
+    with pytest.raises(ValueError, match="precision"):
+        ResidentGenerator(gen, precision="fp16")
+
+
+def test_the_cpu_path_never_imports_cupy() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "import echopulse.kernels.cupy_kernels, echopulse.kernels.cuda_graph, echopulse.stream.batching\n"
+        "from echopulse.core.config import Preset, TokenizerConfig, EcgEncoderConfig, TransformerConfig\n"
+        "from echopulse.core.generator import Generator\n"
+        "from echopulse.core.resident import ResidentGenerator\n"
+        "p = Preset('t', TokenizerConfig(frames=3, image_size=16, dim=16, spatial_depth=1, temporal_depth=1, heads=1,"
+        " dim_head=16, lfq_bits=4), EcgEncoderConfig(dim=16, depth=1, heads=1, dim_head=16),"
+        " TransformerConfig(dim=16, depth=1, heads=1, dim_head=16, steps=2))\n"
+        "r = ResidentGenerator(Generator.untrained(p, device='cpu'), precision='bf16')\n"
+        "r.run(r.buffers(1, 1))\n"
+        "print('cupy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
+def test_sampling_settings_change_in_place() -> None:
+    p = small_preset()
+    gen = Generator.untrained(p, device="cpu", seed=5)
+    res = ResidentGenerator(gen)
+    temperature = res.schedule.temperature
+    requests = _requests(res, 2)
+    before = res.generate(clone_states(requests))
+    res.set_sampling(temperature=0.0, confidence_noise=0.0, cfg_scale=0.0)
+    assert res.schedule.temperature is temperature  # same tensor: a captured graph sees the change
+    after = res.generate(clone_states(requests))
+    p.transformer = dataclasses.replace(p.transformer, temperature=0.0, confidence_noise=0.0, cfg_scale=0.0)
+    fresh = ResidentGenerator(Generator.untrained(p, device="cpu", seed=5)).generate(clone_states(requests))
+    assert any(not np.array_equal(a.tokens, b.tokens) for a, b in zip(before, after))
+    for a, b in zip(after, fresh):
+        assert np.array_equal(a.tokens, b.tokens)
+
+
+def test_the_pipeline_has_no_host_sync_so_it_can_be_captured() -> None:
+    """The meta device refuses every data-dependent host operation (.item(), nonzero,
+    boolean indexing, a branch on a value): the whole beat runs there, so the same code
+    can be recorded into a CUDA graph."""
+    gen = Generator.untrained(small_preset(), device="cpu")
+    for module in (gen.tokenizer, gen.ecg_encoder, gen.transformer):
+        module.to("meta")
+    gen.device = torch.device("meta")
+    res = ResidentGenerator(gen)
+    buf = res.buffers(3, 2)
+    with torch.inference_mode():
+        res.pipeline(buf)
+    assert buf.frames.device.type == "meta" and buf.frames.shape == (3, 4, 32, 32)
+    assert res.unknown_counts[0] == res.transformer.num_tokens - res.transformer.prime_tokens
