@@ -191,7 +191,7 @@ class Engine:
             try:
                 if session.state is None:
                     session.state = await loop.run_in_executor(self._executor, self.backend.new_state, session.device)
-                frames, times = await loop.run_in_executor(self._executor, self.backend.render, session.state, beat)
+                frames, times = await self._render(session.state, beat)
                 config = session.config
                 self.publisher.publish_frames(
                     session.device, frames, times=times, beat=pending.index, r_time=float(beat.r_time),
@@ -209,6 +209,15 @@ class Engine:
                 session.counters["frames"] += len(frames)
             finally:
                 session.mark_done()
+
+    async def _render(self, state: Any, beat: Any) -> tuple[Any, Any]:
+        """A backend that batches devices together awaits its own dispatcher; any other
+        renders in the executor, so the loop keeps serving sources meanwhile."""
+        render_async = getattr(self.backend, "render_async", None)
+        if render_async is not None:
+            return await render_async(state, beat)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.backend.render, state, beat)
 
     async def _drain(self) -> None:
         """Finite sources ended: let the queued beats out, within drain_timeout_s."""
