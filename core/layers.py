@@ -75,8 +75,10 @@ class Block(nn.Module):
         self.cross = Attention(dim, heads, dim_head, context_dim=context_dim) if context_dim else None
         self.ff = FeedForward(dim, ff_mult)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(x)
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None, key_mask: Tensor | None = None
+    ) -> Tensor:
+        x = x + self.attn(x, key_mask=key_mask)
         if self.cross is not None:
             x = x + self.cross(x, context=context, key_mask=context_mask)
         return x + self.ff(x)
@@ -101,9 +103,12 @@ class Transformer(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None, key_mask: Tensor | None = None
+    ) -> Tensor:
+        """`key_mask` (batch, tokens) hides tokens of x from self-attention (padding, invalid patches)."""
         for block in self.blocks:
-            x = block(x, context=context, context_mask=context_mask)
+            x = block(x, context=context, context_mask=context_mask, key_mask=key_mask)
         return self.norm(x)
 
 

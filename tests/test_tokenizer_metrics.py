@@ -1,0 +1,76 @@
+"""Reconstruction metrics and clip sources used by tokenizer training and evaluation."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from echopulse.core.metrics import codebook_stats, gaussian_blur, reconstruction_metrics, ssim
+from echopulse.core.video_clips import CachedClips, NpzClips, SyntheticClips, batch, contrast_augment
+
+
+def test_ssim_oracles() -> None:
+    x = torch.rand(3, 1, 32, 32)
+    assert ssim(x, x).item() == pytest.approx(1.0, abs=1e-5)
+    a, b = 0.3, 0.6  # constant images: only the luminance term is left
+    expected = (2 * a * b + 0.01**2) / (a * a + b * b + 0.01**2)
+    assert ssim(torch.full((1, 1, 16, 16), a), torch.full((1, 1, 16, 16), b)).item() == pytest.approx(expected, rel=1e-4)
+    noisy = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    assert ssim(x, noisy).item() < 0.9
+
+
+def test_reconstruction_metrics() -> None:
+    target = torch.full((2, 1, 3, 16, 16), 0.5)
+    recon = target + 0.1
+    m = reconstruction_metrics(recon, target)
+    assert m["mse"].tolist() == pytest.approx([0.01, 0.01], rel=1e-4)
+    assert m["mae"].tolist() == pytest.approx([0.1, 0.1], rel=1e-4)
+    assert m["psnr"].tolist() == pytest.approx([20.0, 20.0], rel=1e-4)
+    assert reconstruction_metrics(target + 2, target)["mse"][0].item() == pytest.approx(0.25)  # recon clamped to [0, 1]
+
+
+def test_codebook_stats() -> None:
+    stats = codebook_stats(torch.arange(8).repeat(5), 16)
+    assert stats["usage"] == 0.5 and stats["perplexity"] == pytest.approx(8.0)
+
+
+def test_gaussian_blur_keeps_constants_and_mass() -> None:
+    flat = torch.full((1, 1, 20, 20), 0.7)
+    assert torch.allclose(gaussian_blur(flat, 2.0), flat, atol=1e-6)
+    spike = torch.zeros(1, 1, 21, 21)
+    spike[..., 10, 10] = 1
+    assert gaussian_blur(spike, 1.0).sum().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_sources_and_batch(tmp_path) -> None:
+    synthetic = SyntheticClips(11, 64)
+    assert np.array_equal(synthetic.clip(3), synthetic.clip(3))
+    video = batch(synthetic, [0, 1])
+    assert video.shape == (2, 1, 11, 64, 64) and video.dtype == torch.float32 and video.max() <= 1
+    cached = CachedClips(synthetic, 4)
+    assert np.array_equal(cached.clip(5), synthetic.clip(1))
+    assert np.array_equal(CachedClips(synthetic, 4, first=10).clip(15), synthetic.clip(11))
+    np.savez(tmp_path / "a.npz", video=np.random.randint(0, 255, (20, 128, 128), dtype=np.uint8))
+    clip = NpzClips(tmp_path, 11, 64).clip(0)
+    assert clip.shape == (11, 64, 64) and clip.dtype == np.uint8
+
+
+def test_simulator_source() -> None:
+    pytest.importorskip("echopulse.core.simulate.paired")
+    from echopulse.core.video_clips import SimulatorClips
+
+    clip = SimulatorClips(11, 64).clip(0)
+    assert clip.shape == (11, 64, 64) and clip.dtype == np.uint8
+
+
+def test_contrast_augment_is_seeded_and_in_range() -> None:
+    video = torch.rand(16, 1, 3, 8, 8)
+    a = contrast_augment(video, torch.Generator().manual_seed(1), prob=0.5)
+    b = contrast_augment(video, torch.Generator().manual_seed(1), prob=0.5)
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    changed = (a != video).flatten(1).any(1)
+    assert 0 < int(changed.sum()) < 16
+    assert torch.equal(contrast_augment(video, torch.Generator(), prob=0.0), video)
+    assert math.isfinite(float(a.sum()))
