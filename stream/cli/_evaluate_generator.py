@@ -3,7 +3,8 @@
 SSIM against the true clip; EF from the generated clip (LV segmenter + method of discs)
 against the true clip's and the simulator's (MAE, RMSE, R²), for one-frame and
 reference-loop priming; ED/ES frame within one frame; heart-rate tracking across a jump
-from 60 to 120 bpm. Needs a segmenter (`echopulse train segmenter`). Subject seeds are
+from 60 to 120 bpm. Scored with the shipped LV segmenter (or `--segmenter`, from
+`echopulse train segmenter`). Subject seeds are
 S … S+N−1: keep them apart from the training seeds.
 """
 from __future__ import annotations
@@ -19,31 +20,34 @@ from .args import CliError, positive_int
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generator", help="EF, SSIM, ED/ES timing and HR tracking of a generator", description=__doc__)
     p.add_argument("--checkpoint", help="generator directory (default: the shipped tiny model)")
-    p.add_argument("--segmenter", required=True, help="directory holding segmenter.safetensors + segmenter.json")
+    p.add_argument("--segmenter", help="directory holding segmenter.safetensors + segmenter.json (default: the shipped one)")
     p.add_argument("--n", type=positive_int("n"), default=100, help="number of held-out subjects")
     p.add_argument("--seed", type=int, default=1_000_000, help="first subject seed (held out from training)")
     p.add_argument("--leads", type=positive_int("leads"), default=1, help="ECG leads given to the generator")
-    p.add_argument("--no-critic", action="store_true", help="remask by confidence even if a critic is present")
+    p.add_argument("--critic", action="store_true", help="remask by the token critic (if the checkpoint has one)")
     p.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads")
     p.add_argument("--out", help="write the JSON here (default: stdout)")
+    p.add_argument("--png", help="also draw the first subject: ECG, true and generated frames, LV areas")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from echopulse.core.evaluate_generator import evaluate_generator
-    from echopulse.core.generator import Generator
+    from echopulse.core.evaluate_generator import evaluate_generator, subject_figure
+    from echopulse.core.generator import DEFAULT_WEIGHTS, Generator
     from echopulse.core.lv_segmenter import load_segmenter
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        gen = Generator.load(args.checkpoint, device="cpu", use_critic=not args.no_critic)
-        segmenter = load_segmenter(args.segmenter)
+        gen = Generator.load(args.checkpoint, device="cpu", use_critic=args.critic)
+        segmenter = load_segmenter(args.segmenter or DEFAULT_WEIGHTS)
     except FileNotFoundError as err:
         raise CliError(str(err)) from None
     result = evaluate_generator(gen, segmenter, range(args.seed, args.seed + args.n), leads=args.leads)
+    if args.png:
+        subject_figure(gen, segmenter, args.seed, args.png, leads=args.leads)
     result = {"checkpoint": args.checkpoint or "shipped", "model": gen.name, "critic": gen.critic is not None, **result}
     text = json.dumps(result, indent=2) + "\n"
     if args.out:

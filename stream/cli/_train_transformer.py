@@ -18,6 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", required=True, help="trained tokenizer directory (tokenizer.json)")
     p.add_argument("--ecg", help="pretrained ECG encoder directory (ecg.json); default: from scratch")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--init", help="generator directory to start from (its transformer and ECG encoder weights)")
     p.add_argument("--batch", type=positive_int("batch"), default=16)
     p.add_argument("--lr", type=ranged(float, 1e-7, 1.0, "lr"), default=1e-3)
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not (Path(args.tokenizer) / "tokenizer.json").is_file():
         raise CliError(f"--tokenizer {args.tokenizer}: no tokenizer.json there")
+    if args.init and not (Path(args.init) / "transformer.json").is_file():
+        raise CliError(f"--init {args.init}: no transformer.json there")
     if args.ecg and not (Path(args.ecg) / "ecg.json").is_file():
         raise CliError(f"--ecg {args.ecg}: no ecg.json there")
     try:
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         train_transformer(chosen, recipe, Path(args.out), Path(args.tokenizer), Path(args.ecg) if args.ecg else None,
-                          resume=args.resume, device=args.device, raw_pairs=Path(args.pairs_raw) if args.pairs_raw else None)
+                          resume=args.resume, device=args.device, raw_pairs=Path(args.pairs_raw) if args.pairs_raw else None,
+                          init=Path(args.init) if args.init else None)
     except (FileExistsError, RuntimeError) as err:
         raise CliError(str(err)) from None
     return 0

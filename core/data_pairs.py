@@ -1,0 +1,199 @@
+"""Paired ECG + echo training data from the simulator, as model-ready tensors.
+
+One pair per subject seed (`core/simulate/paired.py: simulate_pair`): the beat-locked
+clip (frame 0 = the previous beat's last frame, frames 1..F over [R_k, R_k+1)), that
+beat's ECG window cut exactly as the streaming engine cuts it (`beat_window`, ending
+where a live stream would have delivered up to: the next R plus a small detection
+delay), the RR, the EF, and a reference loop: another beat of the same subject, which
+is what `Generator.prime_loop` gives at run time.
+
+Simulating and tokenizing costs far more than a training step on a 2-core CPU, so
+`PairCache.build` does it once per run (cached in an .npz beside the checkpoints) and
+training draws batches from the cache by step number (resumable).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .beat_window import beat_window
+from .config import Preset
+from .tokenizer import CViViT, from_uint8
+
+log = logging.getLogger(__name__)
+
+STREAM_DELAY_S = 0.1  # the window holds samples up to the next R plus this (QRS detection latency)
+
+
+@dataclass
+class PairSample:
+    """One subject's training pair, before tokenization."""
+
+    clip: np.ndarray              # (frames, H, W) uint8, beat-locked
+    window: np.ndarray            # (leads, window_samples) float32
+    valid: np.ndarray             # (window_samples,) bool
+    rr: float
+    ef: float
+    reference: np.ndarray | None  # (frames, H, W) uint8: another beat of the same subject
+
+
+class PairBatch(NamedTuple):
+    tokens: Tensor       # (B, N) long
+    window: Tensor       # (B, L, S) float
+    valid: Tensor        # (B, 1, S) bool
+    lead_ids: Tensor     # (L,) long
+    rr: Tensor           # (B,)
+    ref_tokens: Tensor   # (B, N) long
+    ref_valid: Tensor    # (B,) bool
+    ef: Tensor           # (B,)
+
+
+REFERENCE_SECONDS = 16.0  # a longer recording of the same subject puts its clip on another beat
+
+
+def simulated_pair(seed: int, preset: Preset, leads: int = 3) -> PairSample:
+    """The simulator's pair for `seed`, plus another beat of the same subject as reference.
+
+    simulate_pair picks the beat nearest 40 % into the recording; the same subject (same
+    seed: EF, anatomy, view, image quality) recorded for longer gives a different beat
+    with its own RR and ECG noise, as a separately acquired loop of the patient would be.
+    """
+    from .simulate.paired import simulate_pair
+
+    tok = preset.tokenizer
+    sample = simulate_pair(seed=seed, size=tok.image_size, frames=tok.frames, leads=leads)
+    r = np.asarray(sample["r_peaks"], dtype=np.float64)
+    k = int(sample["beat"])
+    r_time, rr = float(r[k]), float(r[k + 1] - r[k])
+    window, valid = beat_window(
+        sample["ecg"], sample["ecg_fs"], r_time, preset.ecg, available_until=r_time + rr + STREAM_DELAY_S
+    )
+    other = simulate_pair(seed=seed, size=tok.image_size, frames=tok.frames, leads=leads, ecg_seconds=REFERENCE_SECONDS)
+    reference = np.asarray(other["video"], dtype=np.uint8)
+    return PairSample(np.asarray(sample["video"], dtype=np.uint8), window, valid, rr, float(sample["ef"]), reference)
+
+
+@torch.inference_mode()
+def _tokens(tokenizer: CViViT, clips: list[np.ndarray], device: torch.device | str) -> np.ndarray:
+    video = from_uint8(np.stack(clips)).to(device)
+    return tokenizer.encode(video).flatten(1).cpu().numpy().astype(np.int32)
+
+
+def _load_npz(path: Path, seeds: list[int]) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    if len(arrays["seeds"]) == len(seeds) and (arrays["seeds"] == np.asarray(seeds)).all():
+        log.info("using cached pairs %s (%d)", path, len(seeds))
+        return arrays
+    log.warning("cached pairs in %s are for other seeds: rebuilding", path)
+    return None
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def simulate_pairs(
+    path: Path, preset: Preset, seeds: Iterable[int], make: Callable[[int, Preset], PairSample] = simulated_pair
+) -> dict[str, np.ndarray]:
+    """Raw pairs (clips as uint8, windows, RR, EF) for `seeds`, cached at `path`.
+
+    Independent of the tokenizer, so one simulation serves every run of a preset."""
+    seeds = list(seeds)
+    cached = _load_npz(path, seeds)
+    if cached is not None:
+        return cached
+    log.info("simulating %d pairs into %s", len(seeds), path)
+    samples = []
+    for i, s in enumerate(seeds):
+        samples.append(make(s, preset))
+        if (i + 1) % 100 == 0:
+            log.info("pairs: %d / %d", i + 1, len(seeds))
+    arrays = {
+        "clip": np.stack([s.clip for s in samples]),
+        "ref_clip": np.stack([s.reference if s.reference is not None else s.clip for s in samples]),
+        "ref_valid": np.array([s.reference is not None for s in samples]),
+        "window": np.stack([s.window for s in samples]).astype(np.float32),
+        "valid": np.stack([s.valid for s in samples]),
+        "rr": np.array([s.rr for s in samples], np.float32),
+        "ef": np.array([s.ef for s in samples], np.float32),
+        "seeds": np.asarray(seeds),
+    }
+    _save_npz(path, arrays)
+    return arrays
+
+
+class PairCache:
+    """Tokenized pairs in memory (and in an .npz so a resumed run does not rebuild them)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return int(self.arrays["tokens"].shape[0])
+
+    @classmethod
+    def build(
+        cls,
+        path: Path,
+        preset: Preset,
+        tokenizer: CViViT,
+        seeds: Iterable[int],
+        device: torch.device | str = "cpu",
+        make: Callable[[int, Preset], PairSample] = simulated_pair,
+        chunk: int = 32,
+        raw_path: Path | None = None,
+    ) -> "PairCache":
+        """Tokenized pairs at `path`; the raw simulation is cached at `raw_path`
+        (default: beside `path`) and reused by later runs with other tokenizers."""
+        seeds = list(seeds)
+        cached = _load_npz(path, seeds)
+        if cached is not None:
+            return cls(cached)
+        raw = simulate_pairs(raw_path or path.with_name(f"{path.stem}_raw.npz"), preset, seeds, make)
+        log.info("tokenizing %d pairs into %s", len(seeds), path)
+        tokens, ref_tokens = [], []
+        for start in range(0, len(seeds), chunk):
+            tokens.append(_tokens(tokenizer, list(raw["clip"][start : start + chunk]), device))
+            ref_tokens.append(_tokens(tokenizer, list(raw["ref_clip"][start : start + chunk]), device))
+        arrays = {k: v for k, v in raw.items() if k not in ("clip", "ref_clip")}
+        arrays["tokens"] = np.concatenate(tokens)
+        arrays["ref_tokens"] = np.where(raw["ref_valid"][:, None], np.concatenate(ref_tokens), 0)
+        _save_npz(path, arrays)
+        return cls(arrays)
+
+    def indices(self, step: int, batch: int, seed: int = 0) -> np.ndarray:
+        """The pairs of training step `step` (a function of the step alone: resumable)."""
+        return np.random.default_rng([seed, step]).integers(0, len(self), batch)
+
+    def batch(self, indices: np.ndarray, device: torch.device | str = "cpu", leads: int | None = None) -> PairBatch:
+        """Pairs at `indices`; `leads` keeps the first leads (None: every third step all, else lead 0)."""
+        a = self.arrays
+        window = a["window"][indices]
+        if leads is not None:
+            window = window[:, :leads]
+
+        def t(x: np.ndarray, dtype: torch.dtype) -> Tensor:
+            return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype)
+
+        return PairBatch(
+            tokens=t(a["tokens"][indices], torch.long),
+            window=t(window, torch.float32),
+            valid=t(a["valid"][indices][:, None], torch.bool),
+            lead_ids=torch.arange(window.shape[1], device=device),
+            rr=t(a["rr"][indices], torch.float32),
+            ref_tokens=t(a["ref_tokens"][indices], torch.long),
+            ref_valid=t(a["ref_valid"][indices], torch.bool),
+            ef=t(a["ef"][indices], torch.float32),
+        )

@@ -1,0 +1,185 @@
+"""Score a generator on held-out simulator subjects: image quality, EF, ED/ES timing, HR tracking.
+
+Per subject (seed s): the simulator's beat-locked clip is the truth; the generator gets
+that beat's ECG window (cut as the stream would: up to the next R + 0.1 s) and the true
+frame 0 as prime, and generates frames 1..F. Two priming modes:
+- image: the prime frame alone;
+- loop: the prime frame plus a reference loop of the same subject (another beat,
+  `data_pairs.REFERENCE_SECONDS`), as `Generator.prime_loop` gives at run time.
+
+Measures (`lv_segmenter.LvSegmenter` segments generated and true frames alike):
+- SSIM of the generated frames against the true ones;
+- EF = (max − min) / max of the method-of-discs volumes over frames 1..F, against the
+  same measure on the true clip and against the simulator's ground-truth EF: MAE, RMSE, R²;
+- ED (largest volume) and ES (smallest) frame against the frames nearest R and T end;
+- HR tracking: beats generated in sequence while the ECG rate jumps from 60 to 120 bpm;
+  per beat, the interval between consecutive generated ED frames against the ECG's RR.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .beat_window import beat_window
+from .data_pairs import REFERENCE_SECONDS, STREAM_DELAY_S
+from .generator import Generator
+from .generator_figure import beat_figure
+from .lv_segmenter import LvSegmenter
+from .metrics import ssim
+from .simulate.measure import disc_volumes
+
+log = logging.getLogger(__name__)
+
+
+def _ef(volumes: np.ndarray) -> float:
+    top = float(volumes.max())
+    return 100.0 * (top - float(volumes.min())) / top if top > 0 else float("nan")
+
+
+def _regression(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    ok = np.isfinite(pred) & np.isfinite(truth)
+    pred, truth = pred[ok], truth[ok]
+    if len(pred) < 2:
+        return {"mae": float("nan"), "rmse": float("nan"), "r2": float("nan"), "n": int(len(pred))}
+    err = pred - truth
+    r2 = 1.0 - float((err**2).sum()) / max(float(((truth - truth.mean()) ** 2).sum()), 1e-9)
+    return {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err**2).mean())), "r2": r2, "n": int(len(pred))}
+
+
+def _ssim(generated: np.ndarray, truth: np.ndarray) -> float:
+    x = torch.from_numpy(generated).float().div(255.0)[:, None]
+    y = torch.from_numpy(truth).float().div(255.0)[:, None]
+    return float(ssim(x, y))
+
+
+def _window(sample: dict[str, Any], gen: Generator) -> tuple[np.ndarray, np.ndarray, float, float]:
+    r = np.asarray(sample["r_peaks"], dtype=np.float64)
+    k = int(sample["beat"])
+    r_time, rr = float(r[k]), float(r[k + 1] - r[k])
+    window, valid = beat_window(sample["ecg"], sample["ecg_fs"], r_time, gen.preset.ecg, available_until=r_time + rr + STREAM_DELAY_S)
+    return window, valid, r_time, rr
+
+
+def _subject(gen: Generator, seed: int, leads: int) -> tuple[dict[str, Any], np.ndarray, tuple[np.ndarray, np.ndarray, float, float]]:
+    from .simulate.paired import simulate_pair
+
+    tok = gen.preset.tokenizer
+    sample = simulate_pair(seed=seed, size=tok.image_size, frames=tok.frames, leads=leads)
+    reference = simulate_pair(seed=seed, size=tok.image_size, frames=tok.frames, leads=leads, ecg_seconds=REFERENCE_SECONDS)["video"]
+    return sample, reference, _window(sample, gen)
+
+
+def _generate(gen: Generator, sample: dict[str, Any], reference: np.ndarray, beat: tuple[np.ndarray, np.ndarray, float, float], mode: str, seed: int) -> np.ndarray:
+    """Frames 1..F for the true frame 0 as prime; `mode` "loop" adds the reference loop."""
+    if mode == "loop":
+        gen.prime_loop(reference)
+        gen.prime_image(sample["video"][0], keep_reference=True)
+    else:
+        gen.prime_image(sample["video"][0])
+    window, valid, r_time, rr = beat
+    frames, _ = gen.generate_beat(window, valid, r_time, rr, seed=seed)
+    return frames
+
+
+def evaluate_subject(gen: Generator, segmenter: LvSegmenter, seed: int, leads: int = 1) -> dict[str, Any]:
+    """Both priming modes for one held-out subject."""
+    sample, reference, beat = _subject(gen, seed, leads)
+    truth = sample["video"][1:]
+    pixel_cm = float(sample["pixel_cm"])
+    true_vol = disc_volumes(segmenter.masks(truth), pixel_cm)
+    out: dict[str, Any] = {
+        "seed": seed, "ef_sim": float(sample["ef"]), "ef_true_video": _ef(true_vol), "hr": float(sample["hr"]),
+        "ed_true": int(sample["ed"][0]) if len(sample["ed"]) else -1,
+        "es_true": int(sample["es"][0]) if len(sample["es"]) else -1,
+    }
+    for mode in ("image", "loop"):
+        frames = _generate(gen, sample, reference, beat, mode, seed)
+        vol = disc_volumes(segmenter.masks(frames), pixel_cm)
+        out[mode] = {
+            "ssim": _ssim(frames, truth),
+            "ef": _ef(vol),
+            "ed": int(np.argmax(vol)) + 1,
+            "es": int(np.argmin(vol)) + 1,
+        }
+    return out
+
+
+def subject_figure(gen: Generator, segmenter: LvSegmenter, seed: int, path: str | Path, leads: int = 1) -> None:
+    """PNG: the beat's ECG, true frames, frames generated with each priming, LV areas."""
+    sample, reference, beat = _subject(gen, seed, leads)
+    window, valid, r_time, rr = beat
+    rows = [("truth", sample["video"][1:])]
+    rows += [(f"generated, {mode} prime", _generate(gen, sample, reference, beat, mode, seed)) for mode in ("image", "loop")]
+    areas = [segmenter.masks(frames).sum(axis=(1, 2)).astype(np.float64) for _, frames in rows]
+    cfg = gen.preset.ecg
+    f = len(rows[0][1])
+    phase = (cfg.pre_r_s + np.arange(f) * rr / f) / cfg.window_s
+    beat_figure(path, window[0], valid, phase, rows, areas)
+
+
+def hr_tracking(gen: Generator, segmenter: LvSegmenter, seed: int, beats_each: int = 4, leads: int = 1) -> dict[str, Any]:
+    """Generate beats in sequence while the ECG goes from 60 to 120 bpm; compare the
+    intervals between generated ED frames with the ECG's RR, beat by beat."""
+    from .simulate.paired import simulate_pair
+
+    tok = gen.preset.tokenizer
+    f = tok.frames - 1
+    eds: list[float] = []
+    rrs: list[float] = []
+    t_offset = 0.0
+    first = True
+    for hr in (60.0, 120.0):
+        sample = simulate_pair(seed=seed, size=tok.image_size, frames=tok.frames, leads=leads, hr=hr, ecg_seconds=20.0)
+        if first:
+            gen.prime_image(sample["video"][0])
+            first = False
+        r = np.asarray(sample["r_peaks"], dtype=np.float64)
+        k0 = int(sample["beat"])
+        for k in range(k0, min(k0 + beats_each, len(r) - 1)):
+            rr = float(r[k + 1] - r[k])
+            window, valid = beat_window(sample["ecg"], sample["ecg_fs"], float(r[k]), gen.preset.ecg, available_until=float(r[k + 1]) + STREAM_DELAY_S)
+            frames, times = gen.generate_beat(window, valid, t_offset, rr, seed=seed + k)
+            vol = disc_volumes(segmenter.masks(frames), float(sample["pixel_cm"]))
+            eds.append(float(times[int(np.argmax(vol))]))
+            rrs.append(rr)
+            t_offset += rr
+    periods = np.diff(eds)
+    frame_dt = np.asarray(rrs[1:]) / f
+    ok = np.abs(periods - np.asarray(rrs[:-1])) <= frame_dt + 1e-9
+    switch = beats_each - 1  # period index spanning the first 120 bpm beat
+    following = ok[switch:]
+    beats_to_follow = int(np.argmax(following)) if following.any() else -1
+    return {
+        "rr": rrs, "ed_times": eds, "periods": periods.tolist(), "period_within_1_frame": ok.tolist(),
+        "beats_to_follow_after_switch": beats_to_follow,
+        "follows_within_one_beat": bool(following.any() and beats_to_follow <= 1 and following[beats_to_follow:].all()),
+    }
+
+
+def evaluate_generator(gen: Generator, segmenter: LvSegmenter, seeds: Sequence[int], leads: int = 1) -> dict[str, Any]:
+    subjects = []
+    for i, seed in enumerate(seeds):
+        subjects.append(evaluate_subject(gen, segmenter, seed, leads))
+        if (i + 1) % 10 == 0:
+            log.info("evaluated %d / %d subjects", i + 1, len(seeds))
+    summary: dict[str, Any] = {"n": len(subjects)}
+    ef_true_video = np.array([s["ef_true_video"] for s in subjects])
+    ef_sim = np.array([s["ef_sim"] for s in subjects])
+    for mode in ("image", "loop"):
+        ef = np.array([s[mode]["ef"] for s in subjects])
+        ed_ok = [abs(s[mode]["ed"] - s["ed_true"]) <= 1 for s in subjects if s["ed_true"] >= 0]
+        es_ok = [abs(s[mode]["es"] - s["es_true"]) <= 1 for s in subjects if s["es_true"] >= 0]
+        summary[mode] = {
+            "ssim": float(np.mean([s[mode]["ssim"] for s in subjects])),
+            "ef_vs_true_video": _regression(ef, ef_true_video),
+            "ef_vs_simulator": _regression(ef, ef_sim),
+            "ed_within_1_frame": float(np.mean(ed_ok)) if ed_ok else float("nan"),
+            "es_within_1_frame": float(np.mean(es_ok)) if es_ok else float("nan"),
+        }
+    summary["segmenter_ef_vs_simulator"] = _regression(ef_true_video, ef_sim)
+    summary["hr_tracking"] = hr_tracking(gen, segmenter, int(seeds[0]) if len(seeds) else 0, leads=leads)
+    return {"summary": summary, "subjects": subjects}

@@ -1,0 +1,310 @@
+"""The `Generator` facade: ECG beats in, echo frames out, one beat at a time.
+
+    gen = Generator.load()                       # the shipped tiny model (core/weights/tiny/)
+    gen.prime_loop(reference_clip)               # or gen.prime_image(frame)
+    frames, times = gen.generate_beat(window, valid, r_time, rr)
+
+Each beat's clip is beat-locked like the training clips: token step 0 is the prime frame
+(the previous beat's last frame, at phase -1/F), frames 1..F sit at r_time + i·rr/F for
+i = 0..F-1 (F = frames - 1 = 10 for the presets). Only frames 1..F are returned; the last
+of them is re-encoded through the causal tokenizer (a clip of one frame encodes to the
+same tokens as frame 0 of a full clip) and primes the next beat, so a seam never
+repeats a frame.
+
+Patient context. A single end-diastolic frame hardly shows how strongly the ventricle
+contracts; a loop does. `prime_loop` encodes one beat of the patient's echo into the
+tokenizer's full token grid and keeps those tokens as a second segment of the
+cross-attention context (after the ECG patches, with a segment embedding; see
+`core/transformer.py`). The transformer was trained with the reference loop present
+(another beat of the same subject) or withheld, so both priming modes work; the
+reference stays in both halves of the classifier-free guidance batch, so guidance
+amplifies the ECG, not the reference.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import load_json
+from .config import Preset, preset as named_preset
+from .critic import TokenCritic, load_critic
+from .ecg_encoder import EcgEncoder, load_ecg_encoder
+from .sampler import Schedule, decode, make_schedule
+from .tokenizer import CViViT, from_uint8, load_tokenizer, to_uint8
+from .transformer import EcgFeatures, MaskedTransformer, build_transformer, load_transformer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "tiny"
+
+
+def beat_locked_clip(cycle: np.ndarray, frames: int) -> np.ndarray:
+    """Resample one cardiac cycle (T, H, W), frame j at phase j/T from R, to a beat-locked
+    clip of `frames` frames: frame 0 at phase -1/(frames-1) (periodic), frame i at (i-1)/(frames-1)."""
+    count = cycle.shape[0]
+    span = frames - 1
+    phases = (np.arange(frames) - 1) / span % 1.0
+    pos = phases * count
+    lo = np.floor(pos).astype(np.int64) % count
+    hi = (lo + 1) % count
+    w = (pos - np.floor(pos))[:, None, None]
+    clip = cycle[lo].astype(np.float32) * (1 - w) + cycle[hi].astype(np.float32) * w
+    return np.clip(np.round(clip), 0, 255).astype(np.uint8)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file: ties a transformer to the exact tokenizer weights it learned."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class StreamState:
+    """What one ECG stream carries from beat to beat: the prime frame's tokens and the
+    patient's reference loop. The model is shared; one state per device (`new_state`)."""
+
+    prime: Tensor | None      # (1, h·w) tokens of the frame before the next R; None until primed
+    ref_ids: Tensor           # (1, N) reference-loop tokens (zeros when none)
+    ref_valid: Tensor         # (1,) bool
+
+
+class Generator:
+    """Resident model for beat-by-beat echo generation (batch 1 facade over batched parts).
+
+    Prime and reference live in a `StreamState`: `self.state` by default, or one passed
+    per call, so one resident model can serve many devices.
+    """
+
+    def __init__(
+        self,
+        preset: Preset,
+        tokenizer: CViViT,
+        ecg_encoder: EcgEncoder,
+        transformer: MaskedTransformer,
+        critic: TokenCritic | None = None,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        name: str | None = None,
+    ) -> None:
+        self.preset = preset
+        self.name = name or preset.name
+        self.device = _device(device)
+        self.tokenizer = tokenizer.to(self.device).eval()
+        self.ecg_encoder = ecg_encoder.to(self.device).eval()
+        self.transformer = transformer.to(self.device).eval()
+        self.critic = critic.to(self.device).eval() if critic is not None else None
+        tcfg = preset.transformer
+        self.schedule: Schedule = make_schedule(
+            tcfg.steps,
+            transformer.num_tokens - transformer.prime_tokens,
+            tcfg.temperature,
+            tcfg.confidence_noise,
+            tcfg.cfg_scale,
+            self.device,
+        )
+        self._rng = torch.Generator(device=self.device).manual_seed(seed)
+        self.state = self.new_state()
+
+    # construction
+
+    @classmethod
+    def load(
+        cls,
+        path_or_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
+        use_critic: bool = False,
+        seed: int = 0,
+    ) -> "Generator":
+        """Load tokenizer.*, ecg.*, transformer.* and (with `use_critic`, if present) critic.*
+        from a directory (or the directory of a file in it); None loads the shipped tiny model.
+        device None: CUDA when available. The critic is off by default: it adds a forward
+        pass per step (tiny on 2 CPU cores: ~200 -> ~280 ms per beat) for no measured gain yet."""
+        directory = Path(path_or_dir) if path_or_dir is not None else DEFAULT_WEIGHTS
+        if directory.is_file():
+            directory = directory.parent
+        if not (directory / "transformer.json").is_file():
+            raise FileNotFoundError(f"no generator checkpoint in {directory} (expected transformer.json and .safetensors)")
+        device = _device(device)
+        expected = load_json(directory / "transformer.json").get("tokenizer_sha256")
+        if expected and expected != file_sha256(directory / "tokenizer.safetensors"):
+            raise ValueError(
+                f"{directory}: the tokenizer is not the one the transformer was trained with; "
+                "retrain the transformer (echopulse train transformer --init ...) or restore the tokenizer"
+            )
+        tokenizer, _ = load_tokenizer(directory, device=device)
+        ecg, _ = load_ecg_encoder(directory, device=device)
+        transformer, preset = load_transformer(directory, device=device)
+        critic = None
+        if use_critic and (directory / "critic.json").is_file():
+            critic, _ = load_critic(directory, device=device)
+        log.info("loaded generator from %s (critic: %s)", directory, critic is not None)
+        return cls(preset, tokenizer, ecg, transformer, critic, device=device, seed=seed, name=f"{preset.name}:{directory.name}")
+
+    @classmethod
+    def untrained(cls, preset: Preset | str = "tiny", device: str | torch.device | None = None, seed: int = 0) -> "Generator":
+        """Randomly initialised parts (tests, speed benchmarks): the output is noise."""
+        p = named_preset(preset) if isinstance(preset, str) else preset
+        with torch.random.fork_rng():  # reproducible weights without touching the caller's RNG
+            torch.manual_seed(seed)
+            parts = (CViViT(p.tokenizer), EcgEncoder(p.ecg), build_transformer(p))
+        return cls(p, *parts, None, device=device, seed=seed, name=f"{p.name}:untrained")
+
+    @classmethod
+    def default(cls, device: str | torch.device | None = None, seed: int = 0) -> "Generator":
+        """The shipped tiny model; before one is shipped, an untrained tiny model (with a warning)."""
+        if (DEFAULT_WEIGHTS / "transformer.json").is_file():
+            return cls.load(None, device=device, seed=seed)
+        log.warning("no shipped model in %s: using an UNTRAINED tiny generator (its output is noise)", DEFAULT_WEIGHTS)
+        return cls.untrained("tiny", device=device, seed=seed)
+
+    # priming
+
+    @property
+    def frames_per_beat(self) -> int:
+        return self.preset.tokenizer.frames - 1
+
+    def _frames_tensor(self, frames: np.ndarray | Tensor) -> Tensor:
+        size = self.preset.tokenizer.image_size
+        arr = torch.as_tensor(np.asarray(frames))
+        if arr.dtype != torch.uint8 or tuple(arr.shape[-2:]) != (size, size):
+            raise ValueError(f"expected uint8 frames of {size}x{size}, got {arr.dtype} {tuple(arr.shape)}")
+        return from_uint8(arr).to(self.device)
+
+    @property
+    def _prime(self) -> Tensor | None:
+        # alias kept for tests/test_resident.py, written before StreamState; use `state.prime`
+        return self.state.prime
+
+    def new_state(self) -> StreamState:
+        """An unprimed stream state (no prime, no reference)."""
+        n = self.transformer.num_tokens
+        return StreamState(
+            prime=None,
+            ref_ids=torch.zeros(1, n, dtype=torch.long, device=self.device),
+            ref_valid=torch.zeros(1, dtype=torch.bool, device=self.device),
+        )
+
+    @torch.inference_mode()
+    def prime_image(self, frame: np.ndarray | Tensor, keep_reference: bool = False, state: StreamState | None = None) -> None:
+        """Start from one frame (uint8 H×W), taken as the frame just before the next R peak.
+
+        The reference loop is forgotten unless `keep_reference` (same patient, new prime)."""
+        st = state or self.state
+        video = self._frames_tensor(np.asarray(frame)[None])
+        st.prime = self.tokenizer.encode(video).flatten(1)
+        if not keep_reference:
+            st.ref_ids = torch.zeros_like(st.ref_ids)
+            st.ref_valid = torch.zeros_like(st.ref_valid)
+
+    @torch.inference_mode()
+    def prime_loop(self, frames: np.ndarray | Tensor, beat_locked: bool = True, state: StreamState | None = None) -> None:
+        """Start from a reference loop of the patient (uint8 T×H×W) and keep it as context.
+
+        beat_locked=True: the clip layout (T = preset frames; frame 0 the previous beat's
+        last frame, frames 1.. from this beat's R at steps of RR/(T-1)).
+        beat_locked=False: any T frames of one cycle from R to the next R, evenly spaced;
+        resampled to the clip layout. The loop's last frame becomes the prime.
+        """
+        st = state or self.state
+        frames = np.asarray(frames)
+        count = self.preset.tokenizer.frames
+        if not beat_locked:
+            frames = beat_locked_clip(frames, count)
+        if frames.ndim != 3 or frames.shape[0] != count:
+            raise ValueError(f"a beat-locked reference loop has {count} frames, got shape {frames.shape}")
+        video = self._frames_tensor(frames)
+        st.ref_ids = self.tokenizer.encode(video).flatten(1)
+        st.ref_valid = torch.ones(1, dtype=torch.bool, device=self.device)
+        st.prime = self.tokenizer.encode(video[:, :, -1:]).flatten(1)
+
+    def prime_default(self, state: StreamState | None = None) -> None:
+        """Prime with the simulator's standard subject (seed 0, normal EF): for streams that
+        start without an echo of the patient. Logged, since the EF then is not the patient's."""
+        from .simulate.paired import simulate_pair
+
+        tok = self.preset.tokenizer
+        log.warning("no prime given: starting from the simulator's standard subject")
+        self.prime_image(simulate_pair(seed=0, size=tok.image_size, frames=tok.frames)["video"][-1], state=state)
+
+    def reset(self, state: StreamState | None = None) -> None:
+        """Forget the prime and the reference loop."""
+        st = state or self.state
+        fresh = self.new_state()
+        st.prime, st.ref_ids, st.ref_valid = fresh.prime, fresh.ref_ids, fresh.ref_valid
+
+    # generation
+
+    @torch.inference_mode()
+    def sample_tokens(
+        self,
+        prime: Tensor,
+        window: Tensor,
+        valid: Tensor,
+        lead_ids: Tensor,
+        rr: Tensor,
+        ref_ids: Tensor,
+        ref_valid: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Batched: prime tokens (B, h·w), ECG windows (B, L, S) -> clip tokens (B, N)."""
+        model = self.transformer
+        ecg = EcgFeatures(*self.ecg_encoder.encode(window, valid, lead_ids))
+        context2 = model.guidance_context(ecg, rr, ref_ids, ref_valid)
+        ids = torch.full((prime.shape[0], model.num_tokens), model.mask_id, dtype=torch.long, device=self.device)
+        ids[:, : model.prime_tokens] = prime
+        critic_context = None
+        if self.critic is not None:
+            critic_context = self.critic.condition(ecg, rr, ref_ids, ref_valid)
+        return decode(model, ids, context2, self.schedule, generator, self.critic, critic_context)
+
+    @torch.inference_mode()
+    def generate_beat(
+        self,
+        window: np.ndarray | Tensor,
+        valid: np.ndarray | Tensor,
+        r_time: float,
+        rr: float,
+        seed: int | None = None,
+        lead_ids: np.ndarray | Tensor | None = None,
+        state: StreamState | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Frames of one beat: (F, H, W) uint8 and their times (F,) s = r_time + i·rr/F.
+
+        window (L, S) / valid (S,) or (L, S) from `core.beat_window.beat_window`;
+        lead_ids (L,) default 0..L-1. seed fixes this beat's sampling; None continues the
+        generator's own random stream. An unprimed state is primed with `prime_default`.
+        """
+        st = state or self.state
+        if st.prime is None:
+            self.prime_default(st)
+        if not rr > 0:
+            raise ValueError(f"rr must be positive, got {rr}")
+        w = torch.as_tensor(np.asarray(window, dtype=np.float32), device=self.device)
+        if w.ndim == 1:
+            w = w[None]
+        if w.ndim != 2 or not 1 <= w.shape[0] <= self.preset.ecg.max_leads:
+            raise ValueError(f"window must be (leads <= {self.preset.ecg.max_leads}, samples), got {tuple(w.shape)}")
+        v = torch.as_tensor(np.asarray(valid, dtype=bool), device=self.device).expand_as(w)
+        leads = torch.arange(w.shape[0], device=self.device) if lead_ids is None else torch.as_tensor(lead_ids, device=self.device)
+        rng = self._rng if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+        rr_t = torch.tensor([float(rr)], device=self.device)
+        ids = self.sample_tokens(st.prime, w[None], v[None], leads, rr_t, st.ref_ids, st.ref_valid, rng)
+        video = self.tokenizer.decode_indices(ids.view(1, *self.transformer.grid))  # (1, 1, T, H, W)
+        frames_u8 = to_uint8(video[0, 0, 1:])  # frame 0 is the prime: never emitted again
+        # the next beat starts from exactly the pixels emitted last, re-encoded causally
+        st.prime = self.tokenizer.encode(from_uint8(frames_u8[-1:]).to(self.device)).flatten(1)
+        frames = frames_u8.cpu().numpy()
+        count = self.frames_per_beat
+        times = r_time + np.arange(count, dtype=np.float64) * rr / count
+        return frames, times

@@ -1,0 +1,35 @@
+"""Tiny model dimensions shared by the ECG encoder / transformer / sampler / generator tests."""
+from __future__ import annotations
+
+import torch
+
+from echopulse.core.config import EcgEncoderConfig, Preset, TokenizerConfig, TransformerConfig
+from echopulse.core.ecg_encoder import EcgEncoder
+from echopulse.core.transformer import EcgFeatures, MaskedTransformer, build_transformer
+
+
+def small_preset() -> Preset:
+    """5 frames of 32x32 -> 3x4x4 = 48 tokens, 64 codes; dims of 32: milliseconds per forward."""
+    return Preset(
+        name="test",
+        tokenizer=TokenizerConfig(frames=5, image_size=32, dim=32, spatial_depth=1, temporal_depth=1, heads=2, dim_head=16, lfq_bits=6),
+        ecg=EcgEncoderConfig(dim=32, depth=1, heads=2, dim_head=16),
+        transformer=TransformerConfig(dim=32, depth=1, heads=2, dim_head=16, steps=4),
+    )
+
+
+def small_parts(seed: int = 0) -> tuple[Preset, EcgEncoder, MaskedTransformer]:
+    torch.manual_seed(seed)
+    p = small_preset()
+    return p, EcgEncoder(p.ecg).eval(), build_transformer(p).eval()
+
+
+def ecg_batch(p: Preset, b: int = 2, leads: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    window = torch.randn(b, leads, p.ecg.window_samples, generator=g)
+    valid = torch.ones(b, leads, p.ecg.window_samples, dtype=torch.bool)
+    return window, valid, torch.arange(leads)
+
+
+def features(encoder: EcgEncoder, window: torch.Tensor, valid: torch.Tensor, leads: torch.Tensor) -> EcgFeatures:
+    return EcgFeatures(*encoder.encode(window, valid, leads))

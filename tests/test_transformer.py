@@ -1,0 +1,122 @@
+"""Masked transformer: CFG is live, ECG masking and condition dropout really happen in
+training, the prime frame is never masked, the loss counts masked tokens only."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from echopulse.core.critic import TokenCritic, critic_batch, critic_loss
+from echopulse.core.transformer import EcgFeatures, cosine_mask_ratio
+
+from _generator_fixtures import ecg_batch, features, small_parts
+
+
+def _inputs(b: int = 4, seed: int = 0):
+    p, enc, model = small_parts(seed)
+    window, valid, leads = ecg_batch(p, b=b, seed=seed)
+    ecg = features(enc, window, valid, leads)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.codebook_size, (b, model.num_tokens), generator=g)
+    rr = torch.full((b,), 0.8)
+    ref = torch.randint(0, model.codebook_size, (b, model.num_tokens), generator=g)
+    return p, enc, model, ecg, ids, rr, ref, torch.ones(b, dtype=torch.bool)
+
+
+def test_null_condition_changes_the_logits() -> None:
+    _, _, model, ecg, ids, rr, ref, ref_valid = _inputs()
+    with torch.no_grad():
+        cond = model(ids, model.condition(ecg, rr, ref, ref_valid))
+        null = model(ids, model.condition(ecg, rr, ref, ref_valid, drop=torch.ones(4, dtype=torch.bool)))
+        ctx2 = model.guidance_context(ecg, rr, ref, ref_valid)
+        guided0 = model.forward_with_cond_scale(ids, ctx2, 0.0)
+        guided1 = model.forward_with_cond_scale(ids, ctx2, 1.0)
+        guided3 = model.forward_with_cond_scale(ids, ctx2, 3.0)
+    assert (cond - null).abs().mean() > 1e-3
+    # the batched 2B pass gives exactly the two single passes
+    assert torch.allclose(guided0, null, atol=1e-5) and torch.allclose(guided1, cond, atol=1e-5)
+    assert torch.allclose(guided3, null + 3 * (cond - null), atol=1e-4)
+
+
+def test_null_condition_ignores_the_ecg() -> None:
+    p, enc, model, ecg, ids, rr, ref, ref_valid = _inputs()
+    other = features(enc, *ecg_batch(p, b=4, seed=9))
+    drop = torch.ones(4, dtype=torch.bool)
+    with torch.no_grad():
+        a = model(ids, model.condition(ecg, rr, ref, ref_valid, drop=drop))
+        b = model(ids, model.condition(other, rr, ref, ref_valid, drop=drop))
+        c = model(ids, model.condition(other, rr, ref, ref_valid))
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(a, c, atol=1e-3)
+
+
+def test_training_drops_the_condition_and_hides_ecg_spans() -> None:
+    _, _, model, ecg, ids, rr, ref, ref_valid = _inputs(b=8)
+    g = torch.Generator().manual_seed(1)
+    dropped = hidden_rows = hidden_patches = batches = 0
+    p_count = ecg.emb.shape[1]
+    for _ in range(50):
+        batch = model.training_batch(ids, ecg, rr, ref, ref_valid, g)
+        ecg_keys = batch.context.mask[:, :p_count]
+        # hidden patches are really out of the cross-attention keys (unless the whole condition is null)
+        live = ~batch.cond_dropped
+        assert not (ecg_keys[live] & batch.ecg_hidden[live]).any()
+        assert ecg_keys[~live].all()  # the null condition: every key is the learned null vector
+        dropped += int(batch.cond_dropped.sum())
+        hidden_rows += int(batch.ecg_hidden.any(-1).sum())
+        hidden_patches += int(batch.ecg_hidden.sum())
+        batches += 1
+    rows = 8 * batches
+    cfg = model.cfg
+    assert abs(dropped / rows - cfg.cond_drop_prob) < 0.06
+    assert abs(hidden_rows / rows - cfg.ecg_mask_prob) < 0.1
+    # spans, not single patches: on average several patches per masked row
+    assert hidden_patches / max(hidden_rows, 1) > 2
+
+
+def test_prime_frame_is_never_masked_and_ratio_follows_cosine() -> None:
+    _, _, model, ecg, ids, rr, ref, ref_valid = _inputs(b=8)
+    g = torch.Generator().manual_seed(2)
+    ratios = []
+    for _ in range(40):
+        batch = model.training_batch(ids, ecg, rr, ref, ref_valid, g)
+        assert not batch.target_mask[:, : model.prime_tokens].any()
+        assert (batch.input_ids == model.mask_id).equal(batch.target_mask)
+        ratios.append(batch.target_mask[:, model.prime_tokens :].float().mean(-1))
+    ratios = torch.cat(ratios)
+    # E[cos(pi/2 U)] = 2/pi
+    assert abs(ratios.mean().item() - 2 / math.pi) < 0.05
+    assert ratios.min() > 0 and ratios.max() > 0.9
+    assert cosine_mask_ratio(torch.tensor([0.0, 1.0])).allclose(torch.tensor([1.0, 0.0]), atol=1e-6)
+
+
+def test_loss_trains_and_reaches_the_null_embedding() -> None:
+    _, _, model, ecg, ids, rr, ref, ref_valid = _inputs(b=8)
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    ecg = EcgFeatures(*(x.detach() for x in ecg))
+    first = None
+    got_null_grad = False
+    for _ in range(30):
+        loss = model.loss(ids[:1].repeat(8, 1), ecg, rr, ref, ref_valid, g)
+        opt.zero_grad()
+        loss.backward()
+        got_null_grad |= bool(model.null_ecg.grad is not None and model.null_ecg.grad.abs().sum() > 0)
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < first - 0.5
+    assert got_null_grad  # the null condition is trained, not dead
+
+
+def test_critic_labels_real_when_the_sample_equals_the_truth() -> None:
+    p, _, model, ecg, ids, rr, ref, ref_valid = _inputs()
+    g = torch.Generator().manual_seed(4)
+    filled, target, real = critic_batch(model, ids, ecg, rr, ref, ref_valid, g)
+    assert real.equal((filled == ids).float())
+    assert filled[~target].equal(ids[~target])
+    critic = TokenCritic(p.transformer, p.tokenizer, p.ecg.dim)
+    assert critic(filled, critic.condition(ecg, rr, ref, ref_valid)).shape == ids.shape
+    loss = critic_loss(critic, model, ids, ecg, rr, ref, ref_valid, g)
+    loss.backward()
+    assert torch.isfinite(loss) and critic.to_out.weight.grad is not None

@@ -1,0 +1,76 @@
+"""Training plumbing: pair cache, `train_transformer` / `train_critic` runs that resume and
+leave a directory `Generator.load` can use (tiny dims, fake pairs: no simulator needed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from echopulse.core.checkpoint import load_tensors
+
+from echopulse.core.config import Preset
+from echopulse.core.data_pairs import PairCache, PairSample
+from echopulse.core.generator import Generator
+from echopulse.core.tokenizer import CViViT, save_tokenizer
+from echopulse.core.train_generator import Recipe, export_generator, train_critic, train_transformer
+
+from _generator_fixtures import small_preset
+
+
+def fake_pair(seed: int, preset: Preset) -> PairSample:
+    rng = np.random.default_rng(seed)
+    tok = preset.tokenizer
+    clip = rng.integers(0, 255, (tok.frames, tok.image_size, tok.image_size), dtype=np.uint8)
+    window = rng.normal(size=(2, preset.ecg.window_samples)).astype(np.float32)
+    valid = np.arange(preset.ecg.window_samples) < preset.ecg.window_samples * 0.7
+    reference = None if seed % 2 else clip[::-1].copy()
+    return PairSample(clip, window, valid, 0.7 + 0.01 * seed, 55.0, reference)
+
+
+def test_pair_cache_roundtrip_and_batches(tmp_path: Path) -> None:
+    p = small_preset()
+    tokenizer = CViViT(p.tokenizer).eval()
+    cache = PairCache.build(tmp_path / "pairs.npz", p, tokenizer, range(6), make=fake_pair, chunk=4)
+    again = PairCache.build(tmp_path / "pairs.npz", p, tokenizer, range(6), make=fake_pair)
+    assert len(cache) == len(again) == 6
+    assert np.array_equal(cache.arrays["tokens"], again.arrays["tokens"])
+    assert cache.indices(3, 4).tolist() == cache.indices(3, 4).tolist()  # a function of the step
+    b = cache.batch(np.array([0, 1]), leads=1)
+    assert b.tokens.shape == (2, p.tokenizer.num_tokens) and b.window.shape == (2, 1, p.ecg.window_samples)
+    assert b.ref_valid.tolist() == [True, False]
+
+
+def test_train_resume_and_load_a_generator(tmp_path: Path) -> None:
+    p = small_preset()
+    save_tokenizer(CViViT(p.tokenizer), p, tmp_path / "tok")
+    out = tmp_path / "gen"
+    recipe = Recipe(steps=2, batch=2, warmup=1, checkpoint_every=2, log_every=1, train_subjects=4)
+    train_transformer(p, recipe, out, tmp_path / "tok", pairs=fake_pair)
+    recipe.steps = 3
+    train_transformer(p, recipe, out, tmp_path / "tok", resume=True, pairs=fake_pair)
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    # a run started from another generator (e.g. after the tokenizer changed) takes its weights
+    warm = tmp_path / "warm"
+    train_transformer(p, Recipe(steps=1, batch=2, warmup=1, checkpoint_every=1, train_subjects=4, lr=1e-9), warm,
+                      tmp_path / "tok", pairs=fake_pair, init=out)
+    before = load_tensors(out / "transformer.safetensors")["pos_t"]
+    assert torch.allclose(load_tensors(warm / "transformer.safetensors")["pos_t"], before, atol=1e-5)
+    train_critic(Recipe(steps=1, batch=2, warmup=1, checkpoint_every=1, train_subjects=4), out, out, pairs=fake_pair)
+    shipped = tmp_path / "shipped"
+    assert export_generator(out, shipped) == ["tokenizer", "ecg", "transformer", "critic"]
+    gen = Generator.load(shipped, use_critic=True)  # fp16 files, loaded back into float32 modules
+    assert gen.critic is not None and gen.preset.name == "test"
+    assert Generator.load(shipped).critic is None  # opt-in
+    # a different tokenizer beside the transformer is refused, not silently mis-decoded
+    save_tokenizer(CViViT(p.tokenizer), p, tmp_path / "other")
+    (shipped / "tokenizer.safetensors").write_bytes((tmp_path / "other" / "tokenizer.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="not the one the transformer was trained with"):
+        Generator.load(shipped)
+    gen = Generator.load(out)
+    gen.prime_image(np.zeros((p.tokenizer.image_size,) * 2, np.uint8))
+    frames, times = gen.generate_beat(np.zeros((1, p.ecg.window_samples), np.float32), np.ones(p.ecg.window_samples, bool), 1.0, 0.8)
+    assert frames.shape == (p.tokenizer.frames - 1, p.tokenizer.image_size, p.tokenizer.image_size)
