@@ -149,7 +149,9 @@ class Generator:
         if use_critic and (directory / "critic.json").is_file():
             critic, _ = load_critic(directory, device=device)
         log.info("loaded generator from %s (critic: %s)", directory, critic is not None)
-        return cls(preset, tokenizer, ecg, transformer, critic, device=device, seed=seed, name=f"{preset.name}:{directory.name}")
+        shipped = directory.resolve() == DEFAULT_WEIGHTS.resolve()
+        name = preset.name if shipped else f"{preset.name}:{directory.name}"
+        return cls(preset, tokenizer, ecg, transformer, critic, device=device, seed=seed, name=name)
 
     @classmethod
     def untrained(cls, preset: Preset | str = "tiny", device: str | torch.device | None = None, seed: int = 0) -> "Generator":
@@ -180,11 +182,6 @@ class Generator:
         if arr.dtype != torch.uint8 or tuple(arr.shape[-2:]) != (size, size):
             raise ValueError(f"expected uint8 frames of {size}x{size}, got {arr.dtype} {tuple(arr.shape)}")
         return from_uint8(arr).to(self.device)
-
-    @property
-    def _prime(self) -> Tensor | None:
-        # alias kept for tests/test_resident.py, written before StreamState; use `state.prime`
-        return self.state.prime
 
     def new_state(self) -> StreamState:
         """An unprimed stream state (no prime, no reference)."""

@@ -38,7 +38,7 @@ def test_greedy_beats_equal_the_generator_facade() -> None:
         [got] = res.generate([BeatRequest(state, window, valid, rr=0.8, r_time=beat * 0.8, seed=beat)])
         assert np.array_equal(got.frames, want)
         assert np.allclose(got.times, want_times)
-        assert torch.equal(state.prime, gen._prime[0])
+        assert torch.equal(state.prime, gen.state.prime[0])
 
 
 def test_contexts_equal_the_transformer_guidance_context() -> None:
