@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterable, Iterable, Sequence
 
-from ..bridges.chunk import EcgChunk
+from ..bridges.chunk import EcgChunk, RrIntervals
 from ..bridges.status import SourceStatus
 from . import protocol
 from .backends import Backend
@@ -123,6 +123,8 @@ class Engine:
                     self._on_chunk(item)
                 elif isinstance(item, SourceStatus):
                     self._on_source_status(item)
+                elif isinstance(item, RrIntervals):
+                    self._on_rhythm(item)
                 else:
                     self.engine_counters["unknown_items"] += 1
             except Exception:  # a bug on one chunk must not stop a fleet
@@ -162,6 +164,13 @@ class Engine:
         if self.data is not None:
             self.data.append(chunk)  # before any check: the record of what came in
         for code, message in session.ingest(chunk):
+            self._report(session, code, message)
+
+    def _on_rhythm(self, item: RrIntervals) -> None:
+        session = self._session(item.device)
+        if session is None:
+            return
+        for code, message in session.ingest_rhythm(item):
             self._report(session, code, message)
 
     def _on_source_status(self, item: SourceStatus) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..bridges import status as source_codes
 from ..bridges import validate
-from ..bridges.chunk import UNIT_TO_MV, EcgChunk
+from ..bridges.chunk import UNIT_TO_MV, EcgChunk, RrIntervals
 from ..core.config import EcgEncoderConfig
 from . import protocol
 
@@ -82,6 +82,23 @@ class PendingBeat:
     capture: float     # wall clock when the chunk completing the beat arrived
 
 
+@dataclass(frozen=True)
+class RhythmBeat:
+    """A beat known from its RR interval only: the same fields as `beats.Beat`, no ECG."""
+
+    index: int
+    r_time: float
+    rr: float
+    next_r_time: float
+    window: np.ndarray  # zeros, leads × window samples
+    valid: np.ndarray   # all False: the backend sees no ECG
+    detected_at: float
+
+    @property
+    def hr(self) -> float:
+        return 60.0 / self.rr
+
+
 @dataclass
 class Session:
     device: str
@@ -102,6 +119,7 @@ class Session:
         self._ready = asyncio.Event()
         self._in_flight = False
         self._last_report: dict[tuple[str, str], float] = {}
+        self._rhythm_clock: float | None = None  # R time the next rhythm-only beat starts at
 
     # -- input --------------------------------------------------------------------------
 
@@ -160,6 +178,37 @@ class Session:
         events = []
         for beat in self.segmenter.push(samples, chunk.t0):
             events.extend(self._enqueue(beat, capture))
+        return events
+
+    def ingest_rhythm(self, item: RrIntervals) -> list[Event]:
+        """Beats from RR intervals alone (a Heart Rate service strap): the fallback source.
+
+        Each interval becomes a beat whose ECG window is all invalid, so the backend
+        works from the rhythm only (the model was trained with hidden ECG spans). While
+        the device also sends ECG, the ECG's own beats win and RR is only counted.
+        """
+        self.last_data = time.monotonic()
+        self.counters["rr_items"] += 1
+        if self.segmenter is not None and self.lost is None:
+            self.counters["rr_ignored"] += 1
+            return []
+        events: list[Event] = [self._restore()] if self.lost is not None else []
+        rr = [r for r in item.rr if 0.25 <= r <= 3.0]  # 20..240 bpm; the rest is sensor noise
+        if len(rr) != len(item.rr):
+            self.counters["bad_input"] += 1
+            events.append(("bad_input", f"rr_out_of_range: {len(item.rr) - len(rr)} interval(s) outside 0.25..3 s"))
+        if not rr:
+            return events
+        # The notification arrives at the last interval's closing R; place earlier Rs before it.
+        end = item.t
+        if self._rhythm_clock is None or abs(self._rhythm_clock + sum(rr) - end) > 2.0:
+            self._rhythm_clock = end - sum(rr)
+        n = self.config.window_samples
+        for interval in rr:
+            beat = RhythmBeat(self._beat_index, self._rhythm_clock, interval, self._rhythm_clock + interval,
+                              np.zeros((1, n), np.float32), np.zeros(n, bool), item.t)
+            self._rhythm_clock += interval
+            events.extend(self._enqueue(beat, time.time()))
         return events
 
     def _enqueue(self, beat: Any, capture: float) -> list[Event]:

@@ -77,6 +77,7 @@ def test_replay_mp4(tmp_path, recording):
         (["serve", "--source", "synthetic://?devices=x", "--data-dir", "{tmp}/d"], "devices"),
         (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--metrics", "9108"], "HOST:PORT"),
         (["serve", "--data-dir", "{tmp}/d"], "--source"),
+        (["serve", "--source", "ble://AA:BB?mode=ppg", "--data-dir", "{tmp}/d"], "mode must be"),
         (["subscribe", "tcp://127.0.0.1:1", "--out", "{tmp}/o.txt"], ".npz"),
         (["subscribe", "nonsense", "--count", "1"], "cannot connect"),
     ],
@@ -185,3 +186,11 @@ def test_subscribe_summary_and_timeout(capsys):
     assert not thread.is_alive() and result["rc"] == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("frames=") and "statuses=0 devices=1 lost=0" in lines[0]
+
+
+def test_ble_source_modes():
+    from echopulse.bridges.ble import HeartRateSource, PolarH10Source
+    from echopulse.stream.cli.serve import make_source
+
+    assert isinstance(make_source("ble://AA:BB:CC:DD:EE:FF"), PolarH10Source)
+    assert isinstance(make_source("ble://AA:BB:CC:DD:EE:FF?mode=hr"), HeartRateSource)

@@ -282,3 +282,27 @@ async def test_frames_carry_the_beats_ecg(tmp_path):
         known = trace[np.isfinite(trace)]
         i0 = round(m.header["r_time"] * FS)
         np.testing.assert_allclose(known[:20], sent[i0:i0 + 20], atol=0.05)
+
+
+async def test_rr_intervals_alone_drive_beats_and_ecg_wins_when_both_come(tmp_path):
+    from echopulse.bridges.chunk import RrIntervals
+
+    # A Heart Rate service strap: two intervals per notification at 75 then 100 bpm.
+    rhythm = [RrIntervals("strap", 100.0 + 1.6 * i, 75, (0.8, 0.8), i) for i in range(4)]
+    rhythm += [RrIntervals("strap", 106.4 + 1.2 * i, 100, (0.6, 0.6), 4 + i) for i in range(3)]
+    rhythm.append(RrIntervals("strap", 110.0, 0, (9.0,), 7))  # a glitch: out of range, reported
+    # A device sending ECG too: its RR is only counted.
+    both = chunks("chest", 6, 2) + [RrIntervals("chest", 3.0, 75, (0.8,), 0)]
+    with Publisher("tcp://127.0.0.1:0") as pub:
+        engine = Engine([ListSource(rhythm + both)], StubBackend(), pub, tmp_path, limits=EngineLimits(beat_queue=64))
+        got = await serve_and_collect(engine, pub)
+    strap = frames_of(got, "strap")
+    beats = sorted({m.header["beat"] for m in strap})
+    assert beats == list(range(14))
+    hrs = [m.header["hr"] for m in strap if m.header["frame"] == 0]
+    assert hrs[:8] == pytest.approx([75.0] * 8) and hrs[8:] == pytest.approx([100.0] * 6)
+    starts = [m.header["r_time"] for m in strap if m.header["frame"] == 0]
+    assert np.allclose(np.diff(starts), [0.8] * 8 + [0.6] * 5)  # contiguous beats, no overlap
+    assert all(np.isnan(protocol.decode_ecg(m.header)).all() for m in strap)  # no ECG to show
+    assert engine.counters()["strap"]["bad_input"] == 1
+    assert engine.counters()["chest"]["rr_ignored"] == 1

@@ -1,6 +1,6 @@
 """`echopulse serve`: run the streaming engine as a daemon.
 
-    echopulse serve --source mqtt://HOST:PORT/FILTER | mqtts://... | ble://ADDRESS |
+    echopulse serve --source mqtt://HOST:PORT/FILTER | mqtts://... | ble://ADDRESS[?mode=hr] |
                              file://PATH[?speed=1&device=NAME] | synthetic://?devices=N
                     --publish tcp://127.0.0.1:5556 --data-dir DIR [--backend sim|model]
                     [--duration S]
@@ -87,7 +87,12 @@ def make_source(url: str) -> Any:
         if not head:
             raise CliError(f"--source {url!r}: ble:// needs a device address")
         ble = _bridge("ble", url)
-        return ble.PolarH10Source(unquote(head))
+        mode = options.get("mode", "ecg")
+        if mode not in ("ecg", "hr"):
+            raise CliError(f"--source {url!r}: mode must be ecg (Polar H10 PMD) or hr (Heart Rate service, RR only)")
+        # hr: any strap or watch with the standard Heart Rate service; the engine then makes
+        # beats from the RR intervals alone.
+        return (ble.HeartRateSource if mode == "hr" else ble.PolarH10Source)(unquote(head))
     synthetic = _bridge("synthetic", url)
     kwargs = {
         "devices": _number(options, "devices", int, 1, url),
