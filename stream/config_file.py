@@ -29,6 +29,7 @@ typo never passes silently; deploy/echopulse.toml is a commented example)::
 
     [log]
     level = "info"                # debug, info, warning, error
+    format = "json"               # text (default) or json: one JSON object per line
 
 Errors are :class:`ConfigError` with one line: ``FILE: [table] key: what is wrong``.
 """
@@ -68,6 +69,7 @@ class ServeConfig:
     limits: dict[str, Any] = field(default_factory=dict)
     metrics: tuple[str, int] | None = None  # (host, port), None: no metrics server
     log_level: str = "info"
+    log_format: str = "text"
 
 
 class _Table:
@@ -182,18 +184,21 @@ def parse_config(data: Mapping[str, Any], path: Path) -> ServeConfig:
         publish_table.check_keys({"endpoints"})
         publish = publish_table.strings("endpoints", publish) or publish
     log = top.table("log")
-    level = "info"
+    level, log_format = "info", "text"
     if log is not None:
-        log.check_keys({"level"})
+        log.check_keys({"level", "format"})
         level = log.get("level", str, "info").lower()
         if level not in LOG_LEVELS:
             log.fail("level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+        log_format = log.get("format", str, "text").lower()
+        if log_format not in ("text", "json"):
+            log.fail("format", f"must be text or json, got {log_format!r}")
     name, options = _backend(top.table("backend"))
     return ServeConfig(
         path=path, sources=_sources(top), data_dir=path.parent / Path(data_dir), duration_s=duration,
         backend=name, backend_options=options,
         publish=publish,
-        limits=_limits(top.table("limits")), metrics=_metrics(top.table("metrics")), log_level=level,
+        limits=_limits(top.table("limits")), metrics=_metrics(top.table("metrics")), log_level=level, log_format=log_format,
     )
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ..logs import configure as configure_logging
 from .args import CliError, positive_int, ranged
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def apply_config(args: argparse.Namespace) -> Any:
         raise CliError(str(err)) from None
     args.source, args.data_dir, args.publish = list(config.sources), str(config.data_dir), list(config.publish)
     args.backend, args.duration = config.backend, config.duration_s
-    logging.getLogger().setLevel(config.log_level.upper())
+    configure_logging(config.log_level, config.log_format)
     return config
 
 
