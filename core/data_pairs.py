@@ -104,6 +104,49 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp.replace(path)
 
 
+def clip_files(directory: str | Path) -> list[Path]:
+    """The .npz clips of a dataset folder, in a stable order; FileNotFoundError if none."""
+    files = sorted(Path(directory).glob("*.npz"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no .npz clips there")
+    return files
+
+
+def npz_pair(path: Path, preset: Preset) -> PairSample:
+    """A paired clip of your own, in the layout `echopulse simulate` writes.
+
+    Keys: `video` (uint8 frames × H × W, beat-locked: frame 0 the previous beat's last
+    frame, frames 1.. from the beat's R peak), `ecg` (leads × samples, mV), `ecg_fs`,
+    `r_peaks` (s, on the ECG's time axis), and optionally `beat` (index in r_peaks of
+    the clip's beat; default: the R nearest `video_t[1]`) and `ef` (metadata only).
+    Raises ValueError naming the file when something does not fit the preset.
+    """
+    tok = preset.tokenizer
+    with np.load(path) as data:
+        d = {k: data[k] for k in data.files}
+    missing = {"video", "ecg", "ecg_fs", "r_peaks"} - set(d)
+    if missing:
+        raise ValueError(f"{path}: missing keys {', '.join(sorted(missing))}")
+    video = np.asarray(d["video"])
+    if video.dtype != np.uint8 or video.shape != (tok.frames, tok.image_size, tok.image_size):
+        raise ValueError(f"{path}: video must be uint8 {tok.frames}×{tok.image_size}×{tok.image_size}, "
+                         f"got {video.dtype} {video.shape}")
+    r = np.asarray(d["r_peaks"], dtype=np.float64).ravel()
+    if "beat" in d:
+        k = int(d["beat"])
+    elif "video_t" in d:
+        k = int(np.argmin(np.abs(r - float(np.asarray(d["video_t"])[1]))))
+    else:
+        raise ValueError(f"{path}: give `beat` or `video_t` so the clip's beat can be found")
+    if not 0 <= k < len(r) - 1:
+        raise ValueError(f"{path}: the clip's beat needs the next R peak in r_peaks")
+    ecg = np.atleast_2d(np.asarray(d["ecg"], dtype=np.float32))
+    r_time, rr = float(r[k]), float(r[k + 1] - r[k])
+    window, valid = beat_window(ecg, float(d["ecg_fs"]), r_time, preset.ecg, available_until=r_time + rr + STREAM_DELAY_S)
+    ef = float(d["ef"]) if "ef" in d else float("nan")
+    return PairSample(video, window, valid, rr, ef, None)
+
+
 def simulate_pairs(
     path: Path, preset: Preset, seeds: Iterable[int], make: Callable[[int, Preset], PairSample] = simulated_pair
 ) -> dict[str, np.ndarray]:

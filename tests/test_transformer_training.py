@@ -74,3 +74,41 @@ def test_train_resume_and_load_a_generator(tmp_path: Path) -> None:
     gen.prime_image(np.zeros((p.tokenizer.image_size,) * 2, np.uint8))
     frames, times = gen.generate_beat(np.zeros((1, p.ecg.window_samples), np.float32), np.ones(p.ecg.window_samples, bool), 1.0, 0.8)
     assert frames.shape == (p.tokenizer.frames - 1, p.tokenizer.image_size, p.tokenizer.image_size)
+
+
+def test_train_transformer_on_your_own_paired_clips(tmp_path) -> None:
+    """`train transformer --data DIR` reads clips in the `echopulse simulate` layout."""
+    import subprocess
+    import sys
+
+    from echopulse.core.generator import DEFAULT_WEIGHTS
+
+    data = tmp_path / "mine"
+    cli = [sys.executable, "-m", "echopulse.stream.cli"]
+    made = subprocess.run([*cli, "simulate", "--n", "3", "--seed", "5", "--out", str(data)], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    (data / "index.json").unlink()  # the folder needs only the clips
+    run = subprocess.run([*cli, "train", "transformer", "--data", str(data), "--tokenizer", str(DEFAULT_WEIGHTS),
+                          "--steps", "2", "--batch", "2", "--warmup", "1", "--checkpoint-every", "2", "--threads", "1",
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "run" / "transformer.json").is_file()
+    with np.load(tmp_path / "run" / "pairs.npz") as pairs:
+        assert len(pairs["seeds"]) == 3 and not pairs["ref_valid"].any()  # three clips, no reference loops
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = subprocess.run([*cli, "train", "transformer", "--data", str(empty), "--tokenizer", str(DEFAULT_WEIGHTS),
+                          "--out", str(tmp_path / "r2")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no .npz clips" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_npz_pair_rejects_a_clip_that_does_not_fit(tmp_path) -> None:
+    from echopulse.core.config import tiny
+    from echopulse.core.data_pairs import npz_pair
+
+    path = tmp_path / "clip.npz"
+    np.savez(path, video=np.zeros((5, 64, 64), np.uint8), ecg=np.zeros((1, 2500), np.float32), ecg_fs=250.0,
+             r_peaks=np.array([1.0, 2.0]), beat=0)
+    with pytest.raises(ValueError, match="video must be uint8 11"):
+        npz_pair(path, tiny())

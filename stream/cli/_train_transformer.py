@@ -1,5 +1,6 @@
 """`echopulse train transformer`: train the ECG-conditioned masked video-token transformer
-on simulated pairs (cached once in OUT/pairs.npz), fine-tuning the ECG encoder slowly.
+on simulated pairs, or with `--data DIR` on your own paired clips (cached once in
+OUT/pairs.npz), fine-tuning the ECG encoder slowly.
 OUT becomes a complete generator checkpoint (tokenizer, ecg, transformer), loadable
 with `Generator.load(OUT)`. `--resume` continues the run saved in `--out`."""
 from __future__ import annotations
@@ -26,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="ECG encoder learning rate as a fraction of --lr (0: frozen)")
     p.add_argument("--subjects", type=positive_int("subjects"), default=2000, help="simulated training pairs")
     p.add_argument("--seed", type=int, default=0, help="first training subject seed")
+    p.add_argument("--data", help="folder of your own paired .npz clips (the `echopulse simulate` layout) "
+                                  "instead of simulated subjects")
     p.add_argument("--pairs-raw", help="simulated pairs .npz to reuse/create (default: OUT/pairs_raw.npz)")
     p.add_argument("--checkpoint-every", type=positive_int("checkpoint interval"), default=250)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -51,14 +54,25 @@ def run(args: argparse.Namespace) -> int:
         chosen = preset(args.preset)
     except ValueError as err:
         raise CliError(str(err)) from None
+    pairs = {}
+    subjects, first = args.subjects, args.seed
+    if args.data:
+        from echopulse.core.data_pairs import clip_files, npz_pair
+
+        try:
+            files = clip_files(args.data)
+        except FileNotFoundError as err:
+            raise CliError(str(err)) from None
+        subjects, first = len(files), 0
+        pairs["pairs"] = lambda index, p: npz_pair(files[index], p)
     recipe = Recipe(
-        steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        train_subjects=args.subjects, ecg_lr_scale=args.ecg_lr_scale,
+        steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=first, checkpoint_every=args.checkpoint_every,
+        train_subjects=subjects, ecg_lr_scale=args.ecg_lr_scale,
     )
     try:
         train_transformer(chosen, recipe, Path(args.out), Path(args.tokenizer), Path(args.ecg) if args.ecg else None,
                           resume=args.resume, device=args.device, raw_pairs=Path(args.pairs_raw) if args.pairs_raw else None,
-                          init=Path(args.init) if args.init else None)
-    except (FileExistsError, RuntimeError) as err:
+                          init=Path(args.init) if args.init else None, **pairs)
+    except (FileExistsError, RuntimeError, ValueError) as err:
         raise CliError(str(err)) from None
     return 0
