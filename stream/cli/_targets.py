@@ -12,7 +12,7 @@ import argparse
 import importlib
 import pkgutil
 
-from .args import CliParser
+from .args import CliParser, positive_int, ranged
 
 
 def add_targets(parser: argparse.ArgumentParser, command: str) -> None:
@@ -24,3 +24,16 @@ def add_targets(parser: argparse.ArgumentParser, command: str) -> None:
     for info in sorted(pkgutil.iter_modules(importlib.import_module(package).__path__), key=lambda m: m.name):
         if info.name.startswith(prefix):
             importlib.import_module(f"{package}.{info.name}").register(subparsers)
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, steps: int, batch: int, warmup: int = 100) -> None:
+    """The options every training run shares (length, optimiser, checkpoints, resume, device),
+    with the per-model defaults that differ."""
+    parser.add_argument("--steps", type=positive_int("steps"), default=steps, help="total optimizer steps")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--batch", type=positive_int("batch"), default=batch)
+    parser.add_argument("--lr", type=ranged(float, 1e-7, 1.0, "lr"), default=1e-3)
+    parser.add_argument("--warmup", type=int, default=warmup, help="linear warmup steps")
+    parser.add_argument("--checkpoint-every", type=positive_int("checkpoint interval"), default=250)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads (default: torch's choice)")

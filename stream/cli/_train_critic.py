@@ -7,23 +7,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import CliError, positive_int, ranged
+from ._targets import add_run_options
+from .args import CliError, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("critic", help="train the token critic", description=__doc__)
     p.add_argument("--generator", required=True, help="generator directory (transformer.json, ecg.json, tokenizer.json)")
     p.add_argument("--out", required=True, help="run directory (critic.safetensors/json, log.jsonl)")
-    p.add_argument("--steps", type=positive_int("steps"), default=1000, help="total optimizer steps")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    p.add_argument("--batch", type=positive_int("batch"), default=16)
-    p.add_argument("--lr", type=ranged(float, 1e-7, 1.0, "lr"), default=1e-3)
-    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    add_run_options(p, steps=1000, batch=16, warmup=100)
     p.add_argument("--subjects", type=positive_int("subjects"), default=2000, help="simulated training pairs")
     p.add_argument("--seed", type=int, default=0, help="first training subject seed")
-    p.add_argument("--checkpoint-every", type=positive_int("checkpoint interval"), default=250)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads")
     p.set_defaults(handler=run)
 
 

@@ -6,23 +6,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import CliError, positive_int, ranged
+from ._targets import add_run_options
+from .args import CliError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ecg", help="pretrain the ECG encoder (MAE)", description=__doc__)
     p.add_argument("--preset", default="tiny", help="model preset (tiny, paper)")
-    p.add_argument("--steps", type=positive_int("steps"), default=2000, help="total optimizer steps")
+    add_run_options(p, steps=2000, batch=32, warmup=100)
     p.add_argument("--out", required=True, help="run directory (ecg.safetensors/json, log.jsonl)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    p.add_argument("--batch", type=positive_int("batch"), default=32)
-    p.add_argument("--lr", type=ranged(float, 1e-7, 1.0, "lr"), default=1e-3)
-    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
     p.add_argument("--leads", type=int, default=0, help="leads per window (0: 1, 2, 3 or 12 in turn)")
     p.add_argument("--seed", type=int, default=0, help="first training window index")
-    p.add_argument("--checkpoint-every", type=positive_int("checkpoint interval"), default=250)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads")
     p.set_defaults(handler=run)
 
 

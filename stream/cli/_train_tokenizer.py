@@ -9,20 +9,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._targets import add_run_options
 from .args import CliError, positive_int, ranged
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("tokenizer", help="train the video tokenizer", description=__doc__)
     p.add_argument("--preset", default="tiny", help="model preset (tiny, paper)")
-    p.add_argument("--steps", type=positive_int("steps"), default=4000, help="total optimizer steps")
+    add_run_options(p, steps=4000, batch=8, warmup=200)
     p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--lora", type=positive_int("lora rank"), default=0, metavar="RANK", help="train LoRA adapters of this rank on --init")
     p.add_argument("--init", help="trained tokenizer directory to start from (required with --lora)")
-    p.add_argument("--batch", type=positive_int("batch"), default=8)
-    p.add_argument("--lr", type=ranged(float, 1e-7, 1.0, "lr"), default=1e-3)
-    p.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
     p.add_argument("--data", help="folder of .npz clips, or 'synthetic' (default: simulator on the fly)")
     p.add_argument("--cache", type=int, default=0, metavar="N", help="cycle through N clips kept in memory (0: a new clip every time)")
     p.add_argument("--seed", type=int, default=0, help="first training clip index (evaluate on seeds beyond the run)")
@@ -30,10 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--perceptual-weight", type=ranged(float, 0.0, 100.0, "perceptual weight"), default=1.0)
     p.add_argument("--gan-weight", type=ranged(float, 0.0, 100.0, "gan weight"), default=0.1)
     p.add_argument("--gan-start", type=int, default=2000, help="step at which the GAN loss switches on")
-    p.add_argument("--checkpoint-every", type=positive_int("checkpoint interval"), default=250)
     p.add_argument("--half", action="store_true", help="store tokenizer.safetensors in fp16 (for shipping)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads (default: torch's choice)")
     p.set_defaults(handler=run)
 
 

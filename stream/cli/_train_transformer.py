@@ -8,21 +8,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._targets import add_run_options
 from .args import CliError, positive_int, ranged
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("transformer", help="train the masked transformer", description=__doc__)
     p.add_argument("--preset", default="tiny", help="model preset (tiny, paper)")
-    p.add_argument("--steps", type=positive_int("steps"), default=3000, help="total optimizer steps")
+    add_run_options(p, steps=3000, batch=16, warmup=100)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--tokenizer", required=True, help="trained tokenizer directory (tokenizer.json)")
     p.add_argument("--ecg", help="pretrained ECG encoder directory (ecg.json); default: from scratch")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--init", help="generator directory to start from (its transformer and ECG encoder weights)")
-    p.add_argument("--batch", type=positive_int("batch"), default=16)
-    p.add_argument("--lr", type=ranged(float, 1e-7, 1.0, "lr"), default=1e-3)
-    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
     p.add_argument("--ecg-lr-scale", type=ranged(float, 0.0, 1.0, "ecg lr scale"), default=0.1,
                    help="ECG encoder learning rate as a fraction of --lr (0: frozen)")
     p.add_argument("--subjects", type=positive_int("subjects"), default=2000, help="simulated training pairs")
@@ -30,9 +27,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="folder of your own paired .npz clips (the `echopulse simulate` layout) "
                                   "instead of simulated subjects")
     p.add_argument("--pairs-raw", help="simulated pairs .npz to reuse/create (default: OUT/pairs_raw.npz)")
-    p.add_argument("--checkpoint-every", type=positive_int("checkpoint interval"), default=250)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads")
     p.set_defaults(handler=run)
 
 
