@@ -28,14 +28,38 @@ log = logging.getLogger(__name__)
 DEFAULT_TOPICS = (protocol.FRAME_PREFIX, protocol.STATUS_PREFIX)
 
 
-class _GapTracker:
-    """Per-device seq bookkeeping shared by the sync and async subscribers."""
+class _SubscriberCore:
+    """What the sync and async subscribers share: the SUB socket's set-up and closing, and
+    per-device seq bookkeeping. Subclasses name their ZeroMQ context class."""
 
-    def __init__(self) -> None:
+    _context_class: type[zmq.Context] = zmq.Context
+
+    def __init__(
+        self,
+        endpoint: str,
+        topics: Iterable[str] = DEFAULT_TOPICS,
+        *,
+        rcvhwm: int = 10_000,
+        context: zmq.Context | None = None,
+    ) -> None:
         self.last_seq: dict[str, int] = {}
         self.lost: dict[str, int] = {}        # frames missed (seq jumped forward)
         self.restarts: dict[str, int] = {}    # seq went back: the publisher restarted
         self.errors = 0                       # messages that failed to decode
+        self._own_context = context is None
+        self._context = context or self._context_class()
+        self._socket = self._context.socket(zmq.SUB)
+        try:
+            _subscribe(self._socket, endpoint, topics, rcvhwm)
+        except zmq.ZMQError as err:
+            self.close()
+            raise OSError(f"cannot connect to {endpoint}: {err}") from None
+
+    def close(self) -> None:
+        if not self._socket.closed:
+            self._socket.close(linger=0)
+        if self._own_context and not self._context.closed:
+            self._context.term()
 
     def decode(self, parts: list) -> Message | None:
         try:
@@ -67,26 +91,10 @@ def _subscribe(socket: zmq.Socket, endpoint: str, topics: Iterable[str], rcvhwm:
     socket.connect(endpoint)
 
 
-class Subscriber(_GapTracker):
+class Subscriber(_SubscriberCore):
     """Blocking subscriber. `topics` are prefixes (``"echo/"``, ``"status/dev1"``)."""
 
-    def __init__(
-        self,
-        endpoint: str,
-        topics: Iterable[str] = DEFAULT_TOPICS,
-        *,
-        rcvhwm: int = 10_000,
-        context: zmq.Context | None = None,
-    ) -> None:
-        super().__init__()
-        self._own_context = context is None
-        self._context = context or zmq.Context()
-        self._socket = self._context.socket(zmq.SUB)
-        try:
-            _subscribe(self._socket, endpoint, topics, rcvhwm)
-        except zmq.ZMQError as err:
-            self.close()
-            raise OSError(f"cannot connect to {endpoint}: {err}") from None
+    _context_class = zmq.Context
 
     def recv(self, timeout: float | None = None) -> Message | None:
         """The next valid message, or None after `timeout` seconds (None: wait forever).
@@ -106,12 +114,6 @@ class Subscriber(_GapTracker):
         while (msg := self.recv(timeout)) is not None:
             yield msg
 
-    def close(self) -> None:
-        if not self._socket.closed:
-            self._socket.close(linger=0)
-        if self._own_context and not self._context.closed:
-            self._context.term()
-
     def __enter__(self) -> "Subscriber":
         return self
 
@@ -119,26 +121,10 @@ class Subscriber(_GapTracker):
         self.close()
 
 
-class AsyncSubscriber(_GapTracker):
+class AsyncSubscriber(_SubscriberCore):
     """asyncio subscriber (zmq.asyncio); same bookkeeping as :class:`Subscriber`."""
 
-    def __init__(
-        self,
-        endpoint: str,
-        topics: Iterable[str] = DEFAULT_TOPICS,
-        *,
-        rcvhwm: int = 10_000,
-        context: zmq.asyncio.Context | None = None,
-    ) -> None:
-        super().__init__()
-        self._own_context = context is None
-        self._context = context or zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.SUB)
-        try:
-            _subscribe(self._socket, endpoint, topics, rcvhwm)
-        except zmq.ZMQError as err:
-            self.close()
-            raise OSError(f"cannot connect to {endpoint}: {err}") from None
+    _context_class = zmq.asyncio.Context
 
     async def recv(self, timeout: float | None = None) -> Message | None:
         """The next valid message, or None after `timeout` seconds (None: wait forever)."""
@@ -154,12 +140,6 @@ class AsyncSubscriber(_GapTracker):
         """Yield messages until none arrives for `timeout` seconds."""
         while (msg := await self.recv(timeout)) is not None:
             yield msg
-
-    def close(self) -> None:
-        if not self._socket.closed:
-            self._socket.close(linger=0)
-        if self._own_context and not self._context.closed:
-            self._context.term()
 
     async def __aenter__(self) -> "AsyncSubscriber":
         return self
