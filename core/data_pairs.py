@@ -14,6 +14,8 @@ training draws batches from the cache by step number (resumable).
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
@@ -25,6 +27,7 @@ from torch import Tensor
 from .beat_window import beat_window
 from .config import Preset
 from .tokenizer import CViViT, from_uint8
+from .training import progress
 
 log = logging.getLogger(__name__)
 
@@ -147,22 +150,35 @@ def npz_pair(path: Path, preset: Preset) -> PairSample:
     return PairSample(video, window, valid, rr, ef, None)
 
 
+def _make_pairs(
+    make: Callable[[int, Preset], PairSample], preset: Preset, seeds: list[int], workers: int
+) -> list[PairSample]:
+    """`make(seed, preset)` for every seed, in seed order, on `workers` processes."""
+    if workers <= 1:
+        return [make(s, preset) for s in progress(seeds, total=len(seeds), desc="pairs")]
+    # every pair is a pure function of its seed, so a pool gives the same arrays
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        made = pool.map(make, seeds, [preset] * len(seeds), chunksize=8)
+        return list(progress(made, total=len(seeds), desc="pairs"))
+
+
 def simulate_pairs(
-    path: Path, preset: Preset, seeds: Iterable[int], make: Callable[[int, Preset], PairSample] = simulated_pair
+    path: Path,
+    preset: Preset,
+    seeds: Iterable[int],
+    make: Callable[[int, Preset], PairSample] = simulated_pair,
+    workers: int = 1,
 ) -> dict[str, np.ndarray]:
     """Raw pairs (clips as uint8, windows, RR, EF) for `seeds`, cached at `path`.
 
-    Independent of the tokenizer, so one simulation serves every run of a preset."""
+    Independent of the tokenizer, so one simulation serves every run of a preset.
+    `workers` > 1 simulates in that many processes (`make` must then be picklable)."""
     seeds = list(seeds)
     cached = _load_npz(path, seeds)
     if cached is not None:
         return cached
-    log.info("simulating %d pairs into %s", len(seeds), path)
-    samples = []
-    for i, s in enumerate(seeds):
-        samples.append(make(s, preset))
-        if (i + 1) % 100 == 0:
-            log.info("pairs: %d / %d", i + 1, len(seeds))
+    log.info("simulating %d pairs into %s on %d process(es)", len(seeds), path, max(1, workers))
+    samples = _make_pairs(make, preset, seeds, workers)
     arrays = {
         "clip": np.stack([s.clip for s in samples]),
         "ref_clip": np.stack([s.reference if s.reference is not None else s.clip for s in samples]),
@@ -197,6 +213,7 @@ class PairCache:
         make: Callable[[int, Preset], PairSample] = simulated_pair,
         chunk: int = 32,
         raw_path: Path | None = None,
+        workers: int = 1,
     ) -> "PairCache":
         """Tokenized pairs at `path`; the raw simulation is cached at `raw_path`
         (default: beside `path`) and reused by later runs with other tokenizers."""
@@ -204,7 +221,7 @@ class PairCache:
         cached = _load_npz(path, seeds)
         if cached is not None:
             return cls(cached)
-        raw = simulate_pairs(raw_path or path.with_name(f"{path.stem}_raw.npz"), preset, seeds, make)
+        raw = simulate_pairs(raw_path or path.with_name(f"{path.stem}_raw.npz"), preset, seeds, make, workers)
         log.info("tokenizing %d pairs into %s", len(seeds), path)
         tokens, ref_tokens = [], []
         for start in range(0, len(seeds), chunk):

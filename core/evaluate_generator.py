@@ -13,11 +13,15 @@ Measures (`lv_segmenter.LvSegmenter` segments generated and true frames alike):
   same measure on the true clip and against the simulator's ground-truth EF: MAE, RMSE, R²;
 - ED (largest volume) and ES (smallest) frame against the frames nearest R and T end;
 - HR tracking: beats generated in sequence while the ECG rate jumps from 60 to 120 bpm;
-  per beat, the interval between consecutive generated ED frames against the ECG's RR.
+  per beat, the interval between consecutive generated ED frames against the ECG's RR;
+- FVD: the Fréchet distance between generated and true clips in the feature space of
+  the LV segmenter's encoder (`LvSegmenter.clip_features`: trained here on simulator
+  masks, never on generated video), with two anchors measured the same way: another
+  beat of the same subjects (what a perfect generator would score at this n) and the
+  prime frame held still for the whole beat (a generator that never moves).
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,12 +31,13 @@ import torch
 from .beat_window import beat_window
 from .data_pairs import REFERENCE_SECONDS, STREAM_DELAY_S
 from .generator import Generator
+from .frechet import frechet_distance
 from .generator_figure import beat_figure
 from .lv_segmenter import LvSegmenter
 from .metrics import ssim
 from .simulate.measure import disc_volumes
+from .training import progress
 
-log = logging.getLogger(__name__)
 
 
 def _ef(volumes: np.ndarray) -> float:
@@ -85,8 +90,8 @@ def _generate(gen: Generator, sample: dict[str, Any], reference: np.ndarray, bea
     return frames
 
 
-def evaluate_subject(gen: Generator, segmenter: LvSegmenter, seed: int, leads: int = 1) -> dict[str, Any]:
-    """Both priming modes for one held-out subject."""
+def _score_subject(gen: Generator, segmenter: LvSegmenter, seed: int, leads: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One subject's record and its clips' FVD features (truth, each mode, anchors)."""
     sample, reference, beat = _subject(gen, seed, leads)
     truth = sample["video"][1:]
     pixel_cm = float(sample["pixel_cm"])
@@ -95,6 +100,11 @@ def evaluate_subject(gen: Generator, segmenter: LvSegmenter, seed: int, leads: i
         "seed": seed, "ef_sim": float(sample["ef"]), "ef_true_video": _ef(true_vol), "hr": float(sample["hr"]),
         "ed_true": int(sample["ed"][0]) if len(sample["ed"]) else -1,
         "es_true": int(sample["es"][0]) if len(sample["es"]) else -1,
+    }
+    features = {
+        "truth": segmenter.clip_features(truth),
+        "other_beat": segmenter.clip_features(reference[1:]),
+        "static_prime": segmenter.clip_features(np.repeat(sample["video"][:1], len(truth), axis=0)),
     }
     for mode in ("image", "loop"):
         frames = _generate(gen, sample, reference, beat, mode, seed)
@@ -105,7 +115,25 @@ def evaluate_subject(gen: Generator, segmenter: LvSegmenter, seed: int, leads: i
             "ed": int(np.argmax(vol)) + 1,
             "es": int(np.argmin(vol)) + 1,
         }
-    return out
+        features[mode] = segmenter.clip_features(frames)
+    return out, features
+
+
+def evaluate_subject(gen: Generator, segmenter: LvSegmenter, seed: int, leads: int = 1) -> dict[str, Any]:
+    """Both priming modes for one held-out subject."""
+    return _score_subject(gen, segmenter, seed, leads)[0]
+
+
+def fvd_summary(features: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Fréchet distances to the true clips' features, per priming mode and for the anchors."""
+    result: dict[str, Any] = {"features": "LV segmenter encoder (lv_segmenter.clip_features), 64 dims per clip"}
+    for name in ("image", "loop", "other_beat", "static_prime"):
+        if len(features) < 2:
+            result[name] = float("nan")
+            continue
+        truth = np.stack([f["truth"] for f in features])
+        result[name] = frechet_distance(np.stack([f[name] for f in features]), truth)
+    return result
 
 
 def subject_figure(gen: Generator, segmenter: LvSegmenter, seed: int, path: str | Path, leads: int = 1) -> None:
@@ -161,11 +189,11 @@ def hr_tracking(gen: Generator, segmenter: LvSegmenter, seed: int, beats_each: i
 
 
 def evaluate_generator(gen: Generator, segmenter: LvSegmenter, seeds: Sequence[int], leads: int = 1) -> dict[str, Any]:
-    subjects = []
-    for i, seed in enumerate(seeds):
-        subjects.append(evaluate_subject(gen, segmenter, seed, leads))
-        if (i + 1) % 10 == 0:
-            log.info("evaluated %d / %d subjects", i + 1, len(seeds))
+    subjects, features = [], []
+    for seed in progress(seeds, total=len(seeds), desc="subjects"):
+        record, clip_features = _score_subject(gen, segmenter, seed, leads)
+        subjects.append(record)
+        features.append(clip_features)
     summary: dict[str, Any] = {"n": len(subjects)}
     ef_true_video = np.array([s["ef_true_video"] for s in subjects])
     ef_sim = np.array([s["ef_sim"] for s in subjects])
@@ -180,6 +208,7 @@ def evaluate_generator(gen: Generator, segmenter: LvSegmenter, seeds: Sequence[i
             "ed_within_1_frame": float(np.mean(ed_ok)) if ed_ok else float("nan"),
             "es_within_1_frame": float(np.mean(es_ok)) if es_ok else float("nan"),
         }
+    summary["fvd"] = fvd_summary(features)
     summary["segmenter_ef_vs_simulator"] = _regression(ef_true_video, ef_sim)
     summary["hr_tracking"] = hr_tracking(gen, segmenter, int(seeds[0]) if len(seeds) else 0, leads=leads)
     return {"summary": summary, "subjects": subjects}

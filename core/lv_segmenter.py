@@ -55,6 +55,17 @@ class LvSegmenter(nn.Module):
         return self.head(d1)
 
     @torch.inference_mode()
+    def clip_features(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 frames (T, H, W) -> one clip's feature vector (2·4·width,): the mean and
+        the standard deviation over time of the bottleneck's per-frame channel means, so
+        it sees both what the heart looks like and how much it moves (FVD's space here)."""
+        x = torch.from_numpy(np.ascontiguousarray(frames)).float().div(255.0)[:, None]
+        e1 = self.enc1(x)
+        e3 = self.enc3(F.max_pool2d(self.enc2(F.max_pool2d(e1, 2)), 2))
+        per_frame = e3.mean(dim=(2, 3))
+        return torch.cat([per_frame.mean(0), per_frame.std(0)]).numpy().astype(np.float64)
+
+    @torch.inference_mode()
     def masks(self, frames: np.ndarray) -> np.ndarray:
         """uint8 frames (T, H, W) -> bool masks (T, H, W)."""
         x = torch.from_numpy(np.ascontiguousarray(frames)).float().div(255.0)[:, None]

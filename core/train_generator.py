@@ -54,6 +54,7 @@ class Recipe:
     seed: int = 0               # first subject / window index used for training
     train_subjects: int = 2000  # paired clips cached for transformer / critic training
     ecg_lr_scale: float = 0.1   # the pretrained ECG encoder is fine-tuned at this fraction of lr (0: frozen)
+    workers: int = 1            # processes simulating the pairs (once per run; they are cached)
 
 
 def _copy_part(src: Path, dst: Path, name: str) -> None:
@@ -183,7 +184,7 @@ def train_transformer(
         log.info("starting from the weights in %s", init)
     _copy_part(tokenizer_dir, out, "tokenizer")
     seeds = range(recipe.seed, recipe.seed + recipe.train_subjects)
-    data = PairCache.build(out / "pairs.npz", preset, tokenizer, seeds, dev, pairs, raw_path=raw_pairs)
+    data = PairCache.build(out / "pairs.npz", preset, tokenizer, seeds, dev, pairs, raw_path=raw_pairs, workers=recipe.workers)
     del tokenizer
     opt = adamw(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
     if recipe.ecg_lr_scale > 0:
@@ -235,7 +236,8 @@ def train_critic(
     ecg.requires_grad_(False)
     tokenizer, _ = load_tokenizer(generator_dir, device=dev)
     cache = generator_dir / "pairs.npz" if (generator_dir / "pairs.npz").is_file() else out / "pairs.npz"
-    data = PairCache.build(cache, gen_preset, tokenizer, range(recipe.seed, recipe.seed + recipe.train_subjects), dev, pairs)
+    data = PairCache.build(cache, gen_preset, tokenizer, range(recipe.seed, recipe.seed + recipe.train_subjects), dev, pairs,
+                           workers=recipe.workers)
     del tokenizer
     torch.manual_seed(recipe.seed)
     critic = TokenCritic(gen_preset.transformer, gen_preset.tokenizer, gen_preset.ecg.dim).to(dev)

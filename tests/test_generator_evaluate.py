@@ -28,6 +28,8 @@ def test_evaluation_runs_on_simulated_subjects(tmp_path) -> None:
     for mode in ("image", "loop"):
         assert -1.0 <= summary[mode]["ssim"] <= 1.0
         assert set(summary[mode]["ef_vs_true_video"]) == {"mae", "rmse", "r2", "n"}
+    fvd = summary["fvd"]
+    assert all(np.isfinite(fvd[k]) and fvd[k] >= -1e-6 for k in ("image", "loop", "other_beat", "static_prime"))
     hr = summary["hr_tracking"]
     assert len(hr["rr"]) == 8 and np.mean(hr["rr"][:4]) > 1.5 * np.mean(hr["rr"][4:])  # 60 -> 120 bpm
     assert len(hr["periods"]) == 7

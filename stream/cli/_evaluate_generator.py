@@ -3,7 +3,8 @@
 SSIM against the true clip; EF from the generated clip (LV segmenter + method of discs)
 against the true clip's and the simulator's (MAE, RMSE, R²), for one-frame and
 reference-loop priming; ED/ES frame within one frame; heart-rate tracking across a jump
-from 60 to 120 bpm. Scored with the shipped LV segmenter (or `--segmenter`, from
+from 60 to 120 bpm; FVD in the LV segmenter's feature space, with anchors (another beat
+of the same subjects; the prime frame held still). Scored with the shipped LV segmenter (or `--segmenter`, from
 `echopulse train segmenter`). Subject seeds are
 S … S+N−1: keep them apart from the training seeds.
 """

@@ -18,6 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_run_options(p, steps=1000, batch=16, warmup=100)
     p.add_argument("--subjects", type=positive_int("subjects"), default=2000, help="simulated training pairs")
     p.add_argument("--seed", type=int, default=0, help="first training subject seed")
+    p.add_argument("--workers", type=positive_int("workers"), default=1,
+                   help="processes simulating the training pairs (done once, then cached)")
     p.set_defaults(handler=run)
 
 
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"--generator {gen_dir}: no {name}.json there")
     recipe = Recipe(
         steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        train_subjects=args.subjects,
+        train_subjects=args.subjects, workers=args.workers,
     )
     try:
         train_critic(recipe, Path(args.out), gen_dir, resume=args.resume, device=args.device)

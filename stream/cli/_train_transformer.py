@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="ECG encoder learning rate as a fraction of --lr (0: frozen)")
     p.add_argument("--subjects", type=positive_int("subjects"), default=2000, help="simulated training pairs")
     p.add_argument("--seed", type=int, default=0, help="first training subject seed")
+    p.add_argument("--workers", type=positive_int("workers"), default=1,
+                   help="processes simulating the training pairs (done once, then cached)")
     p.add_argument("--data", help="folder of your own paired .npz clips (the `echopulse simulate` layout) "
                                   "instead of simulated subjects")
     p.add_argument("--pairs-raw", help="simulated pairs .npz to reuse/create (default: OUT/pairs_raw.npz)")
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         pairs["pairs"] = lambda index, p: npz_pair(files[index], p)
     recipe = Recipe(
         steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=first, checkpoint_every=args.checkpoint_every,
-        train_subjects=subjects, ecg_lr_scale=args.ecg_lr_scale,
+        train_subjects=subjects, ecg_lr_scale=args.ecg_lr_scale, workers=1 if args.data else args.workers,
     )
     try:
         train_transformer(chosen, recipe, Path(args.out), Path(args.tokenizer), Path(args.ecg) if args.ecg else None,
