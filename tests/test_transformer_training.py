@@ -112,3 +112,15 @@ def test_npz_pair_rejects_a_clip_that_does_not_fit(tmp_path) -> None:
              r_peaks=np.array([1.0, 2.0]), beat=0)
     with pytest.raises(ValueError, match="video must be uint8 11"):
         npz_pair(path, tiny())
+
+
+def test_pairs_simulated_in_processes_equal_the_serial_ones(tmp_path: Path) -> None:
+    from echopulse.core.config import preset
+    from echopulse.core.data_pairs import simulate_pairs
+
+    p = preset("tiny")
+    serial = simulate_pairs(tmp_path / "one.npz", p, range(3), workers=1)
+    pooled = simulate_pairs(tmp_path / "two.npz", p, range(3), workers=2)
+    assert set(serial) == set(pooled)
+    for key in serial:
+        assert np.array_equal(serial[key], pooled[key]), key
