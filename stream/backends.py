@@ -4,6 +4,9 @@
   detected R times, one heart per device, seeded from the device id so a device always
   gets the same heart. A baseline, and a way to run the whole stream without a model.
 - ``model``: the learned generator (`core.generator.Generator`), the default once it exists.
+  With ``batching`` (the default on CUDA) beats of all devices that are ready within a few
+  milliseconds share one call of the resident generator (`stream/batching.py`: policy,
+  CUDA graphs, CuPy kernels); without it each device renders on its own executor thread.
 
 `render` runs in an executor thread (the engine keeps the event loop free for sources),
 at most one call per device at a time, so per-device state needs no lock.
@@ -152,16 +155,28 @@ def default_backend() -> str:
     return "model" if shipped_model() else "sim"
 
 
+BATCHING_OPTIONS = ("precision", "batch_window_ms", "cuda_graphs", "kernels")
+
+
+def _torch_device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def make_backend(name: str | None = None, **options: Any) -> Backend:
-    """Build a backend by name (None: the default). Raises ValueError for an unknown name,
-    RuntimeError when the model backend is asked for before the generator exists,
-    OSError for a checkpoint that cannot be read."""
+    """Build a backend by name (None: the default). Raises ValueError for an unknown name or
+    settings that do not fit, RuntimeError when the model backend is asked for before the
+    generator exists, OSError for a checkpoint that cannot be read.
+
+    Model options: `checkpoint`, `device`, `batching` (None: on for CUDA, off for CPU), and
+    with batching `precision` ("fp32", "bf16"), `batch_window_ms`, `cuda_graphs`, `kernels`."""
     name = name or default_backend()
-    checkpoint = options.pop("checkpoint", None)
-    if checkpoint is not None:
-        if name != "model":
-            raise ValueError("a checkpoint is for the model backend (--backend model)")
-        options["checkpoint"] = checkpoint
+    for key in ("checkpoint", "batching", *BATCHING_OPTIONS):
+        if options.get(key) is None:
+            options.pop(key, None)
+        elif name != "model":
+            raise ValueError(f"{key} is for the model backend (--backend model)")
     if name == "sim":
         try:
             return SimBackend(**options)
@@ -170,5 +185,17 @@ def make_backend(name: str | None = None, **options: Any) -> Backend:
     if name == "model":
         if not model_available():
             raise RuntimeError("the model backend needs core/generator.py, which this installation lacks; use --backend sim")
+        batching = options.pop("batching", None)
+        tuned = {k: options.pop(k) for k in BATCHING_OPTIONS if options.get(k) is not None}
+        for k in BATCHING_OPTIONS:
+            options.pop(k, None)
+        if batching is None:
+            batching = _torch_device(options.get("device")).startswith("cuda")
+        if batching:
+            from .batching import batched_model_backend
+
+            return batched_model_backend(**options, **tuned)
+        if tuned:
+            raise ValueError(f"{', '.join(sorted(tuned))} only apply with batching (the resident generator)")
         return ModelBackend(**options)
     raise ValueError(f"unknown backend {name!r}; known: sim, model")

@@ -136,10 +136,14 @@ class BeatBatcher:
                 while True:
                     if self._closed:
                         for p in self._pending:
-                            p.future.set_exception(RuntimeError("batcher closed"))
+                            if p.future.set_running_or_notify_cancel():
+                                p.future.set_exception(RuntimeError("batcher closed"))
                         self._pending.clear()
                         return
-                    batch = take_batch(self._pending, self.clock(), self.policy)
+                    # a caller that gave up (its task cancelled at shutdown) cancels its
+                    # future; such beats are dropped here, the rest can no longer be cancelled
+                    batch = [p for p in take_batch(self._pending, self.clock(), self.policy)
+                             if p.future.set_running_or_notify_cancel()]
                     if batch:
                         break
                     self._cond.wait(timeout=due(self._pending, self.clock(), self.policy))
@@ -207,3 +211,39 @@ class BatchingBackend(Backend):
 
     def close(self) -> None:
         self.batcher.close()
+
+
+def batched_model_backend(
+    checkpoint: str | None = None,
+    device: str | None = None,
+    precision: str = "fp32",
+    batch_window_ms: float = 4.0,
+    cuda_graphs: bool | None = None,
+    kernels: str | None = None,
+) -> BatchingBackend:
+    """The `model` backend with multi-stream batching over one `ResidentGenerator`.
+
+    On CUDA the pipeline is captured in graphs and runs the CuPy kernels by default (when
+    CuPy imports); on CPU it runs eagerly. Raises ValueError for settings the device
+    cannot honour (graphs or CuPy kernels on CPU, an unknown precision)."""
+    from ..core.generator import Generator
+
+    generator = Generator.load(checkpoint, device=device) if checkpoint else Generator.default(device=device)
+    on_cuda = generator.device.type == "cuda"
+    if kernels is None:
+        kernels = "cupy" if on_cuda and _cupy_imports() else "torch"
+    resident = ResidentGenerator(generator, precision=precision, kernels=kernels,
+                                 graphs=on_cuda if cuda_graphs is None else cuda_graphs)
+    if batch_window_ms < 0:
+        raise ValueError(f"batch window must be >= 0 ms, got {batch_window_ms}")
+    log.info("model backend: batching within %.1f ms on %s (%s, kernels %s, graphs %s)", batch_window_ms,
+             generator.device, precision, kernels, resident.graphs is not None)
+    return BatchingBackend(resident, BatchPolicy(window_s=batch_window_ms / 1000.0))
+
+
+def _cupy_imports() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except Exception:  # ImportError, or a CuPy built for another CUDA failing at import
+        return False
+    return True

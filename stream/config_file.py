@@ -11,6 +11,10 @@ typo never passes silently; deploy/echopulse.toml is a commented example)::
     name = "sim"                  # "sim" or "model" (default: model when installed, else sim)
     checkpoint = "path"           # model only: checkpoint folder (default: the shipped model)
     torch_device = "cpu"          # model only: "cpu", "cuda", "cuda:1"
+    batching = true               # model only: beats of all devices share generator calls (default: on CUDA)
+    batch_window_ms = 4.0         # model + batching: longest a beat waits for company
+    precision = "bf16"            # model + batching: "fp32" or "bf16"
+    cuda_graphs = true            # model + batching on CUDA: replay captured graphs (default true)
     size = 64                     # sim only: frame side in pixels
     frames_per_beat = 10          # sim only
 
@@ -48,7 +52,11 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as a package, if ins
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SOURCE_SCHEMES = ("mqtt", "mqtts", "ble", "file", "synthetic")
-_BACKEND_KEYS = {"sim": {"size": int, "frames_per_beat": int}, "model": {"checkpoint": str, "torch_device": str}}
+_BACKEND_KEYS = {
+    "sim": {"size": int, "frames_per_beat": int},
+    "model": {"checkpoint": str, "torch_device": str, "batching": bool, "batch_window_ms": float, "precision": str,
+              "cuda_graphs": bool},
+}
 
 
 class ConfigError(ValueError):
@@ -138,6 +146,10 @@ def _backend(table: _Table | None) -> tuple[str | None, dict[str, Any]]:
     for key in ("size", "frames_per_beat"):
         if key in options and options[key] < 1:
             table.fail(key, f"must be >= 1, got {options[key]}")
+    if options.get("precision", "fp32") not in ("fp32", "bf16"):
+        table.fail("precision", f"must be \"fp32\" or \"bf16\", got {options['precision']!r}")
+    if options.get("batch_window_ms", 0.0) < 0:
+        table.fail("batch_window_ms", f"must be >= 0, got {options['batch_window_ms']}")
     if "torch_device" in options:
         options["device"] = options.pop("torch_device")  # ModelBackend's keyword
     return name, options

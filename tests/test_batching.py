@@ -81,6 +81,28 @@ def test_batcher_reports_a_failed_batch_to_every_caller() -> None:
         batcher.close()
 
 
+def test_a_cancelled_beat_is_dropped_and_the_batcher_lives_on() -> None:
+    """At shutdown the engine cancels the tasks awaiting beats; their futures cancel with them."""
+    seen: list[list[int]] = []
+
+    def run(batch: list[int]) -> list[int]:
+        seen.append(list(batch))
+        return [x * 10 for x in batch]
+
+    batcher = BeatBatcher(run, BatchPolicy(window_s=0.3))
+    try:
+        gone = batcher.submit("a", 1, 1)
+        kept = batcher.submit("b", 1, 2)
+        assert gone.cancel()
+        assert kept.result(timeout=5) == 20 and seen == [[2]]
+        assert batcher.submit("a", 1, 3).result(timeout=5) == 30  # the dispatcher thread is still alive
+        waiting = batcher.submit("c", 1, 4)
+        waiting.cancel()
+    finally:
+        batcher.close()  # a cancelled future left pending at close is not an error either
+    assert waiting.cancelled()
+
+
 # a real tiny model on CPU
 
 

@@ -78,6 +78,10 @@ def test_replay_mp4(tmp_path, recording):
         (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--metrics", "9108"], "HOST:PORT"),
         (["serve", "--data-dir", "{tmp}/d"], "--source"),
         (["serve", "--source", "ble://AA:BB?mode=ppg", "--data-dir", "{tmp}/d"], "mode must be"),
+        (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--backend", "sim", "--precision", "bf16"],
+         "for the model backend"),
+        (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--backend", "model", "--no-batching",
+          "--precision", "bf16"], "only apply with batching"),
         (["subscribe", "tcp://127.0.0.1:1", "--out", "{tmp}/o.txt"], ".npz"),
         (["subscribe", "nonsense", "--count", "1"], "cannot connect"),
     ],
@@ -194,3 +198,30 @@ def test_ble_source_modes():
 
     assert isinstance(make_source("ble://AA:BB:CC:DD:EE:FF"), PolarH10Source)
     assert isinstance(make_source("ble://AA:BB:CC:DD:EE:FF?mode=hr"), HeartRateSource)
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_serve_batches_the_model_across_devices(tmp_path):
+    """--batching: two devices' beats go through one resident generator; both get frames."""
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    cmd = [sys.executable, "-m", "echopulse.stream.cli", "-v", "serve", "--source", "synthetic://?devices=2&hr=90",
+           "--publish", endpoint, "--data-dir", str(tmp_path / "data"), "--backend", "model", "--batching",
+           "--batch-window-ms", "20", "--duration", "30"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "error"})
+    frames: list[FrameMessage] = []
+    try:
+        with Subscriber(endpoint) as sub:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and (len({m.device for m in frames}) < 2 or len(frames) < 40):
+                msg = sub.recv(timeout=0.5)
+                if isinstance(msg, FrameMessage):
+                    frames.append(msg)
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert len(frames) >= 40 and len({m.device for m in frames}) == 2
+    assert all(m.header["model"].startswith("model:") for m in frames)
+    assert b"batching within 20.0 ms" in err and b"Traceback" not in err

@@ -65,6 +65,12 @@ def test_model_backend_options_and_numbers(tmp_path):
     assert config.publish == ("tcp://*:5556",)
 
 
+def test_model_batching_options(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + '[backend]\nname = "model"\nbatching = true\nbatch_window_ms = 2\n'
+                                                  'precision = "bf16"\ncuda_graphs = false\n'))
+    assert config.backend_options == {"batching": True, "batch_window_ms": 2.0, "precision": "bf16", "cuda_graphs": False}
+
+
 @pytest.mark.parametrize("text, words", [
     ('data_dir = "d"\n', "sources: missing"),
     ('sources = []\ndata_dir = "d"\n', "sources: must be a non-empty"),
@@ -75,6 +81,10 @@ def test_model_backend_options_and_numbers(tmp_path):
     (MINIMAL + '[backend]\nname = "gpu"\n', "[backend] name: must be one of sim, model"),
     (MINIMAL + '[backend]\nname = "sim"\ncheckpoint = "x"\n', "[backend] checkpoint: unknown key"),
     (MINIMAL + "[backend]\nsize = 0\n", "[backend] size: must be >= 1"),
+    (MINIMAL + '[backend]\nname = "model"\nprecision = "fp16"\n', '[backend] precision: must be "fp32" or "bf16"'),
+    (MINIMAL + '[backend]\nname = "model"\nbatch_window_ms = -1\n', "[backend] batch_window_ms: must be >= 0"),
+    (MINIMAL + '[backend]\nname = "model"\nbatching = 1\n', "[backend] batching: must be bool, got int"),
+    (MINIMAL + '[backend]\nname = "sim"\nprecision = "bf16"\n', "[backend] precision: unknown key"),
     (MINIMAL + '[limits]\nbeat_queue = "4"\n', "[limits] beat_queue: must be int, got str"),
     (MINIMAL + "[limits]\nbeat_queue = true\n", "[limits] beat_queue: must be int, got bool"),
     (MINIMAL + "[limits]\nbeat_queue = 0\n", "[limits] beat_queue, max_devices and workers must be >= 1"),

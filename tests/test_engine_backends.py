@@ -57,3 +57,41 @@ def test_model_backend_renders_a_detected_beat():
     assert frames.dtype == np.uint8 and frames.shape == (model.base.frames_per_beat, size, size)
     assert times[0] == pytest.approx(beats[0].r_time) and np.all(np.diff(times) > 0)
     assert model.name.startswith("model:")
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"precision": "bf16"}, "only apply with batching"),
+    ({"batch_window_ms": 2.0, "batching": False}, "only apply with batching"),
+    ({"batching": True, "cuda_graphs": True}, "need the generator on a CUDA device"),
+    ({"batching": True, "batch_window_ms": -1.0}, "batch window"),
+])
+def test_model_options_that_do_not_fit_are_value_errors(options, words):
+    with pytest.raises(ValueError, match=words):
+        backends.make_backend("model", device="cpu", **options)
+
+
+def test_batching_options_are_for_the_model_backend():
+    with pytest.raises(ValueError, match="precision is for the model backend"):
+        backends.make_backend("sim", precision="bf16")
+    assert backends.make_backend("sim", precision=None, batching=None).name == "sim"  # unset options are ignored
+
+
+@pytest.mark.slow
+def test_batched_model_backend_matches_the_resident_generator_and_serves_the_engine():
+    from echopulse.stream.batching import BatchingBackend
+
+    batched = backends.make_backend("model", device="cpu", batching=True, batch_window_ms=1.0)
+    try:
+        assert isinstance(batched, BatchingBackend) and batched.resident.graphs is None  # eager on CPU
+        beats = detected_beats(config=batched.ecg_config)
+        a = batched.new_state("dev-a")
+        frames, times = batched.render(a, beats[0])
+        size = batched.resident.preset.tokenizer.image_size
+        assert frames.shape == (batched.resident.frames_per_beat, size, size) and frames.dtype == np.uint8
+        assert times[0] == pytest.approx(beats[0].r_time)
+        # the same device id and beat give the same frames (per-device seeds, as the unbatched backend)
+        again, _ = batched.render(batched.new_state("dev-a"), beats[0])
+        np.testing.assert_array_equal(frames, again)
+    finally:
+        batched.close()
+    assert not backends.make_backend("model", device="cpu").__class__ is BatchingBackend  # CPU default: unbatched

@@ -43,6 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="frame backend (default: model if installed, else sim)")
     p.add_argument("--checkpoint", default=None,
                    help="generator checkpoint folder for --backend model (default: the shipped model)")
+    p.add_argument("--batching", action=argparse.BooleanOptionalAction, default=None,
+                   help="model backend: beats of all devices ready within --batch-window-ms share one generator "
+                        "call (default: on with CUDA, off on CPU)")
+    p.add_argument("--batch-window-ms", type=ranged(float, 0.0, 1000.0, "batch-window-ms"), default=None,
+                   help="model + batching: longest a beat waits for company (default 4)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="model + batching: fp32, or bf16 autocast (checked against fp32 in benchmarks)")
     p.add_argument("--metrics", default=None, metavar="HOST:PORT",
                    help="serve /metrics (Prometheus text) and /health on this address (default: off)")
     p.add_argument("--duration", type=ranged(float, 0.001, 1e9, "duration"), default=None,
@@ -240,6 +247,9 @@ def handle(args: argparse.Namespace) -> int:
     try:
         options = dict(config.backend_options) if config is not None else {}
         options.setdefault("checkpoint", args.checkpoint)
+        for key in ("batching", "batch_window_ms", "precision"):
+            if getattr(args, key, None) is not None:
+                options[key] = getattr(args, key)
         backend = backends.make_backend(args.backend, **options)
     except (ValueError, RuntimeError, OSError) as err:
         raise CliError(str(err)) from None
