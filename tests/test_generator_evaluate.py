@@ -30,8 +30,10 @@ def test_evaluation_runs_on_simulated_subjects(tmp_path) -> None:
         assert set(summary[mode]["ef_vs_true_video"]) == {"mae", "rmse", "r2", "n"}
     fvd = summary["fvd"]
     assert all(np.isfinite(fvd[k]) and fvd[k] >= -1e-6 for k in ("image", "loop", "other_beat", "static_prime"))
-    hr = summary["hr_tracking"]
-    assert len(hr["rr"]) == 8 and np.mean(hr["rr"][:4]) > 1.5 * np.mean(hr["rr"][4:])  # 60 -> 120 bpm
+    tracking = summary["hr_tracking"]
+    assert len(tracking["subjects"]) == 2 and 0.0 <= tracking["follows_within_one_beat"] <= 1.0
+    hr = tracking["subjects"][0]
+    assert hr["seed"] == 1_000_000 and len(hr["rr"]) == 8 and np.mean(hr["rr"][:4]) > 1.5 * np.mean(hr["rr"][4:])  # 60 -> 120 bpm
     assert len(hr["periods"]) == 7
     subject_figure(gen, LvSegmenter().eval(), 1_000_000, tmp_path / "beat.png")
     assert (tmp_path / "beat.png").stat().st_size > 1000
