@@ -22,6 +22,8 @@ amplifies the ECG, not the reference.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -104,17 +106,33 @@ class Generator:
         self.ecg_encoder = ecg_encoder.to(self.device).eval()
         self.transformer = transformer.to(self.device).eval()
         self.critic = critic.to(self.device).eval() if critic is not None else None
-        tcfg = preset.transformer
-        self.schedule: Schedule = make_schedule(
-            tcfg.steps,
-            transformer.num_tokens - transformer.prime_tokens,
-            tcfg.temperature,
-            tcfg.confidence_noise,
-            tcfg.cfg_scale,
-            self.device,
-        )
+        self.schedule: Schedule = self._schedule()
         self._rng = torch.Generator(device=self.device).manual_seed(seed)
         self.state = self.new_state()
+
+    def _schedule(self) -> Schedule:
+        tcfg = self.preset.transformer
+        model = self.transformer
+        return make_schedule(tcfg.steps, model.num_tokens - model.prime_tokens, tcfg.temperature,
+                             tcfg.confidence_noise, tcfg.cfg_scale, self.device)
+
+    def set_sampling(
+        self,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        temperature: float | None = None,
+        confidence_noise: float | None = None,
+    ) -> None:
+        """Change the sampling settings (None keeps one). They live in this generator's
+        preset copy, so views made from it (`new_state` users, the engine) share them."""
+        changes = {k: v for k, v in dict(steps=steps, cfg_scale=cfg_scale, temperature=temperature,
+                                          confidence_noise=confidence_noise).items() if v is not None}
+        if "steps" in changes and not 1 <= changes["steps"] <= self.transformer.num_tokens - self.transformer.prime_tokens:
+            raise ValueError(f"steps must be between 1 and the number of generated tokens, got {changes['steps']}")
+        if any(changes.get(k, 0) < 0 for k in ("cfg_scale", "temperature", "confidence_noise")):
+            raise ValueError("cfg_scale, temperature and confidence_noise must be >= 0")
+        self.preset = dataclasses.replace(self.preset, transformer=dataclasses.replace(self.preset.transformer, **changes))
+        self.schedule = self._schedule()
 
     # construction
 

@@ -135,3 +135,20 @@ def test_unprimed_stream_starts_from_the_standard_subject() -> None:
     window, valid = _window(gen, 5.0, 0.8)
     frames, _ = gen.generate_beat(window, valid, 5.0, 0.8, seed=0)
     assert frames.shape[0] == gen.frames_per_beat and gen.state.prime is not None
+
+
+def test_sampling_settings_change_the_schedule_and_are_checked(gen: Generator) -> None:
+    window, valid = _window(gen, 5.0, 0.8)
+    gen.prime_image(_frame(gen))
+    before, _ = gen.generate_beat(window, valid, 5.0, 0.8, seed=11)
+    gen.set_sampling(steps=2, cfg_scale=1.0)
+    assert gen.preset.transformer.steps == 2 and gen.schedule.n_masked.shape == (2,)
+    assert float(gen.schedule.cond_scale) == 1.0
+    assert gen.preset.transformer.temperature == small_preset().transformer.temperature  # None keeps a setting
+    gen.prime_image(_frame(gen))
+    after, _ = gen.generate_beat(window, valid, 5.0, 0.8, seed=11)
+    assert not np.array_equal(before, after)
+    with pytest.raises(ValueError, match="steps"):
+        gen.set_sampling(steps=0)
+    with pytest.raises(ValueError, match=">= 0"):
+        gen.set_sampling(temperature=-1.0)

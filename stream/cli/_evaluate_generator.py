@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from .args import CliError, positive_int
+from .args import CliError, positive_int, ranged
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=1_000_000, help="first subject seed (held out from training)")
     p.add_argument("--leads", type=positive_int("leads"), default=1, help="ECG leads given to the generator")
     p.add_argument("--critic", action="store_true", help="remask by the token critic (if the checkpoint has one)")
+    p.add_argument("--steps", type=positive_int("steps"), help="MaskGIT decoding steps (default: the checkpoint's)")
+    p.add_argument("--cfg-scale", type=ranged(float, 0.0, 100.0, "cfg-scale"), help="guidance scale (default: the checkpoint's)")
+    p.add_argument("--temperature", type=ranged(float, 0.0, 100.0, "temperature"), help="sampling temperature (default: the checkpoint's)")
+    p.add_argument("--confidence-noise", type=ranged(float, 0.0, 100.0, "confidence-noise"),
+                   help="Gumbel noise on remasking confidence (default: the checkpoint's)")
     p.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads")
     p.add_argument("--out", help="write the JSON here (default: stdout)")
     p.add_argument("--png", help="also draw the first subject: ECG, true and generated frames, LV areas")
@@ -44,12 +49,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         gen = Generator.load(args.checkpoint, device="cpu", use_critic=args.critic)
         segmenter = load_segmenter(args.segmenter or DEFAULT_WEIGHTS)
-    except FileNotFoundError as err:
+        gen.set_sampling(args.steps, args.cfg_scale, args.temperature, args.confidence_noise)
+    except (FileNotFoundError, ValueError) as err:
         raise CliError(str(err)) from None
     result = evaluate_generator(gen, segmenter, range(args.seed, args.seed + args.n), leads=args.leads)
     if args.png:
         subject_figure(gen, segmenter, args.seed, args.png, leads=args.leads)
-    result = {"checkpoint": args.checkpoint or "shipped", "model": gen.name, "critic": gen.critic is not None, **result}
+    tcfg = gen.preset.transformer
+    sampling = {"steps": tcfg.steps, "cfg_scale": tcfg.cfg_scale, "temperature": tcfg.temperature,
+                "confidence_noise": tcfg.confidence_noise}
+    result = {"checkpoint": args.checkpoint or "shipped", "model": gen.name, "critic": gen.critic is not None,
+              "sampling": sampling, **result}
     text = json.dumps(result, indent=2) + "\n"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
