@@ -16,9 +16,11 @@ Measures (`lv_segmenter.LvSegmenter` segments generated and true frames alike):
   per beat, the interval between consecutive generated ED frames against the ECG's RR;
 - FVD: the Fréchet distance between generated and true clips in the feature space of
   the LV segmenter's encoder (`LvSegmenter.clip_features`: trained here on simulator
-  masks, never on generated video), with two anchors measured the same way: another
-  beat of the same subjects (what a perfect generator would score at this n) and the
-  prime frame held still for the whole beat (a generator that never moves).
+  masks, never on generated video; each dimension standardised by the true clips' spread,
+  so appearance and motion features weigh alike), with three anchors measured the same
+  way: another beat of the same subjects (what a perfect generator would score at this
+  n), the tokenizer's round trip of the true clip (the best a generator working in its
+  tokens can look) and the prime frame held still for the whole beat (one that never moves).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from .frechet import frechet_distance
 from .generator_figure import beat_figure
 from .lv_segmenter import LvSegmenter
 from .metrics import ssim
+from .tokenizer import from_uint8, to_uint8
 from .simulate.measure import disc_volumes
 from .training import progress
 
@@ -105,6 +108,7 @@ def _score_subject(gen: Generator, segmenter: LvSegmenter, seed: int, leads: int
         "truth": segmenter.clip_features(truth),
         "other_beat": segmenter.clip_features(reference[1:]),
         "static_prime": segmenter.clip_features(np.repeat(sample["video"][:1], len(truth), axis=0)),
+        "tokenizer_roundtrip": segmenter.clip_features(_roundtrip(gen, sample["video"])[1:]),
     }
     for mode in ("image", "loop"):
         frames = _generate(gen, sample, reference, beat, mode, seed)
@@ -119,6 +123,13 @@ def _score_subject(gen: Generator, segmenter: LvSegmenter, seed: int, leads: int
     return out, features
 
 
+@torch.inference_mode()
+def _roundtrip(gen: Generator, clip: np.ndarray) -> np.ndarray:
+    """The clip through the generator's tokenizer: encode, decode, back to uint8."""
+    video = from_uint8(clip).to(gen.device)
+    return to_uint8(gen.tokenizer.decode_indices(gen.tokenizer.encode(video)))[0, 0].cpu().numpy()
+
+
 def evaluate_subject(gen: Generator, segmenter: LvSegmenter, seed: int, leads: int = 1) -> dict[str, Any]:
     """Both priming modes for one held-out subject."""
     return _score_subject(gen, segmenter, seed, leads)[0]
@@ -126,13 +137,16 @@ def evaluate_subject(gen: Generator, segmenter: LvSegmenter, seed: int, leads: i
 
 def fvd_summary(features: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """Fréchet distances to the true clips' features, per priming mode and for the anchors."""
-    result: dict[str, Any] = {"features": "LV segmenter encoder (lv_segmenter.clip_features), 64 dims per clip"}
-    for name in ("image", "loop", "other_beat", "static_prime"):
-        if len(features) < 2:
-            result[name] = float("nan")
-            continue
-        truth = np.stack([f["truth"] for f in features])
-        result[name] = frechet_distance(np.stack([f[name] for f in features]), truth)
+    result: dict[str, Any] = {
+        "features": "LV segmenter encoder (lv_segmenter.clip_features), 64 dims per clip, standardised by the true clips",
+    }
+    names = ("image", "loop", "other_beat", "tokenizer_roundtrip", "static_prime")
+    if len(features) < 2:
+        return result | {name: float("nan") for name in names}
+    truth = np.stack([f["truth"] for f in features])
+    centre, spread = truth.mean(0), truth.std(0) + 1e-6
+    for name in names:
+        result[name] = frechet_distance((np.stack([f[name] for f in features]) - centre) / spread, (truth - centre) / spread)
     return result
 
 
