@@ -10,7 +10,8 @@ frame 0 as prime, and generates frames 1..F. Two priming modes:
 Measures (`lv_segmenter.LvSegmenter` segments generated and true frames alike):
 - SSIM of the generated frames against the true ones;
 - EF = (max − min) / max of the method-of-discs volumes over frames 1..F, against the
-  same measure on the true clip and against the simulator's ground-truth EF: MAE, RMSE, R²;
+  same measure on the true clip and against the simulator's ground-truth EF: MAE, RMSE, R²,
+  beside the MAE of the best constant guess (the true EFs' median: knowing nothing);
 - ED (largest volume) and ES (smallest) frame against the frames nearest R and T end;
 - HR tracking: beats generated in sequence while the ECG rate jumps from 60 to 120 bpm;
   per beat, the interval between consecutive generated ED frames against the ECG's RR;
@@ -238,5 +239,8 @@ def evaluate_generator(gen: Generator, segmenter: LvSegmenter, seeds: Sequence[i
         }
     summary["fvd"] = fvd_summary(features)
     summary["segmenter_ef_vs_simulator"] = _regression(ef_true_video, ef_sim)
+    # what knowing nothing of the subject scores: the best single EF for all of them (their median)
+    known = ef_true_video[np.isfinite(ef_true_video)]
+    summary["ef_best_constant_mae"] = float(np.abs(known - np.median(known)).mean()) if len(known) else float("nan")
     summary["hr_tracking"] = hr_tracking_summary(gen, segmenter, list(seeds)[:HR_SUBJECTS] or [0], leads=leads)
     return {"summary": summary, "subjects": subjects}
