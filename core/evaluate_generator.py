@@ -11,7 +11,8 @@ Measures (`lv_segmenter.LvSegmenter` segments generated and true frames alike):
 - SSIM of the generated frames against the true ones;
 - EF = (max − min) / max of the method-of-discs volumes over frames 1..F, against the
   same measure on the true clip and against the simulator's ground-truth EF: MAE, RMSE, R²,
-  beside the MAE of the best constant guess (the true EFs' median: knowing nothing);
+  beside the MAE of the best constant guess (the true EFs' median: knowing nothing) and
+  the EF of the true clip's tokenizer round trip (the ceiling in this token space);
 - ED (largest volume) and ES (smallest) frame against the frames nearest R and T end;
 - HR tracking: beats generated in sequence while the ECG rate jumps from 60 to 120 bpm;
   per beat, the interval between consecutive generated ED frames against the ECG's RR;
@@ -109,8 +110,10 @@ def _score_subject(gen: Generator, segmenter: LvSegmenter, seed: int, leads: int
         "truth": segmenter.clip_features(truth),
         "other_beat": segmenter.clip_features(reference[1:]),
         "static_prime": segmenter.clip_features(np.repeat(sample["video"][:1], len(truth), axis=0)),
-        "tokenizer_roundtrip": segmenter.clip_features(_roundtrip(gen, sample["video"])[1:]),
     }
+    roundtrip = _roundtrip(gen, sample["video"])[1:]
+    features["tokenizer_roundtrip"] = segmenter.clip_features(roundtrip)
+    out["ef_tokenizer_roundtrip"] = _ef(disc_volumes(segmenter.masks(roundtrip), pixel_cm))
     for mode in ("image", "loop"):
         frames = _generate(gen, sample, reference, beat, mode, seed)
         vol = disc_volumes(segmenter.masks(frames), pixel_cm)
@@ -239,6 +242,8 @@ def evaluate_generator(gen: Generator, segmenter: LvSegmenter, seeds: Sequence[i
         }
     summary["fvd"] = fvd_summary(features)
     summary["segmenter_ef_vs_simulator"] = _regression(ef_true_video, ef_sim)
+    # the ceiling of a generator in this token space: the true clip through the tokenizer
+    summary["tokenizer_roundtrip_ef_vs_true_video"] = _regression(np.array([s["ef_tokenizer_roundtrip"] for s in subjects]), ef_true_video)
     # what knowing nothing of the subject scores: the best single EF for all of them (their median)
     known = ef_true_video[np.isfinite(ef_true_video)]
     summary["ef_best_constant_mae"] = float(np.abs(known - np.median(known)).mean()) if len(known) else float("nan")

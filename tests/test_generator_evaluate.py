@@ -29,6 +29,7 @@ def test_evaluation_runs_on_simulated_subjects(tmp_path) -> None:
         assert -1.0 <= summary[mode]["ssim"] <= 1.0
         assert set(summary[mode]["ef_vs_true_video"]) == {"mae", "rmse", "r2", "n"}
     assert summary["ef_best_constant_mae"] >= 0
+    assert set(summary["tokenizer_roundtrip_ef_vs_true_video"]) == {"mae", "rmse", "r2", "n"}
     fvd = summary["fvd"]
     assert all(np.isfinite(fvd[k]) and fvd[k] >= -1e-6 for k in ("image", "loop", "other_beat", "tokenizer_roundtrip", "static_prime"))
     tracking = summary["hr_tracking"]
