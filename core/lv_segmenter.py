@@ -46,10 +46,14 @@ class LvSegmenter(nn.Module):
         self.dec1 = _conv(3 * width, width)
         self.head = nn.Conv2d(width, 1, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The three encoder levels (full, 1/2 and 1/4 resolution)."""
         e1 = self.enc1(x)
         e2 = self.enc2(F.max_pool2d(e1, 2))
-        e3 = self.enc3(F.max_pool2d(e2, 2))
+        return e1, e2, self.enc3(F.max_pool2d(e2, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        e1, e2, e3 = self.encode(x)
         d2 = self.dec2(torch.cat([F.interpolate(e3, scale_factor=2.0), e2], 1))
         d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], 1))
         return self.head(d1)
@@ -60,9 +64,7 @@ class LvSegmenter(nn.Module):
         the standard deviation over time of the bottleneck's per-frame channel means, so
         it sees both what the heart looks like and how much it moves (FVD's space here)."""
         x = torch.from_numpy(np.ascontiguousarray(frames)).float().div(255.0)[:, None]
-        e1 = self.enc1(x)
-        e3 = self.enc3(F.max_pool2d(self.enc2(F.max_pool2d(e1, 2)), 2))
-        per_frame = e3.mean(dim=(2, 3))
+        per_frame = self.encode(x)[2].mean(dim=(2, 3))
         return torch.cat([per_frame.mean(0), per_frame.std(0)]).numpy().astype(np.float64)
 
     @torch.inference_mode()

@@ -186,9 +186,7 @@ def make_backend(name: str | None = None, **options: Any) -> Backend:
         if not model_available():
             raise RuntimeError("the model backend needs core/generator.py, which this installation lacks; use --backend sim")
         batching = options.pop("batching", None)
-        tuned = {k: options.pop(k) for k in BATCHING_OPTIONS if options.get(k) is not None}
-        for k in BATCHING_OPTIONS:
-            options.pop(k, None)
+        tuned = {k: options.pop(k) for k in BATCHING_OPTIONS if k in options}  # None values were dropped above
         if batching is None:
             batching = _torch_device(options.get("device")).startswith("cuda")
         if batching:
