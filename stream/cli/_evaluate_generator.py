@@ -11,10 +11,8 @@ S … S+N−1: keep them apart from the training seeds.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
+from ._targets import write_report
 from .args import CliError, positive_int, ranged
 
 
@@ -60,10 +58,5 @@ def run(args: argparse.Namespace) -> int:
                 "confidence_noise": tcfg.confidence_noise}
     result = {"checkpoint": args.checkpoint or "shipped", "model": gen.name, "critic": gen.critic is not None,
               "sampling": sampling, **result}
-    text = json.dumps(result, indent=2) + "\n"
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    else:
-        sys.stdout.write(text)
+    write_report(result, args.out)
     return 0

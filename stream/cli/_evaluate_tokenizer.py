@@ -7,10 +7,9 @@ seeds from its --seed upward, batch × steps of them).
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
+from ._targets import write_report
 from .args import CliError, positive_int
 
 
@@ -55,10 +54,5 @@ def run(args: argparse.Namespace) -> int:
     result = {"checkpoint": args.checkpoint, "preset": preset.name, "seed": args.seed, "data": args.data or "simulator", **result}
     if args.png:
         comparison_png(model, source, range(args.seed, args.seed + min(3, args.n)), args.png)
-    text = json.dumps(result, indent=2) + "\n"
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    else:
-        sys.stdout.write(text)
+    write_report(result, args.out)
     return 0

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import pkgutil
+import sys
+from pathlib import Path
+from typing import Any
 
 from .args import CliParser, positive_int, ranged
 
@@ -37,3 +41,13 @@ def add_run_options(parser: argparse.ArgumentParser, *, steps: int, batch: int, 
     parser.add_argument("--checkpoint-every", type=positive_int("checkpoint interval"), default=250)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads (default: torch's choice)")
+
+
+def write_report(result: dict[str, Any], out: str | None) -> None:
+    """An evaluation's JSON to `out` (its folder made) or, without one, to stdout."""
+    text = json.dumps(result, indent=2) + "\n"
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    else:
+        sys.stdout.write(text)
