@@ -28,12 +28,17 @@ class TokenizerConfig:
     dim_head: int = 32
     ff_mult: int = 4
     lfq_bits: int = 10          # codebook size is 2**lfq_bits
+    refine_width: int = 0       # > 0: per-frame conv refiner after the patch projection (0 = the paper's linear head)
+    refine_depth: int = 3       # conv layers in the refiner
+    refine_features: int = 8    # extra feature channels per pixel the patch projection hands the refiner
 
     def __post_init__(self) -> None:
         if (self.frames - 1) % self.temporal_patch:
             raise ValueError("frames - 1 must be a multiple of temporal_patch")
         if self.image_size % self.patch:
             raise ValueError("image_size must be a multiple of patch")
+        if self.refine_width and self.refine_depth < 2:
+            raise ValueError("refine_depth must be at least 2 when the refiner is on")
 
     @property
     def token_grid(self) -> tuple[int, int, int]:

@@ -38,7 +38,7 @@ from .config import Preset, preset as named_preset
 from .critic import TokenCritic, load_critic
 from .ecg_encoder import EcgEncoder, load_ecg_encoder
 from .sampler import Schedule, decode, make_schedule
-from .tokenizer import CViViT, from_uint8, load_tokenizer, to_uint8
+from .tokenizer import CViViT, from_uint8, load_tokenizer, to_uint8, token_space_sha256
 from .transformer import EcgFeatures, MaskedTransformer, build_transformer, load_transformer
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,27 @@ def beat_locked_clip(cycle: np.ndarray, frames: int) -> np.ndarray:
 
 
 def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file: ties a transformer to the exact tokenizer weights it learned."""
+    """Hex SHA-256 of a file."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _check_token_space(directory: Path) -> None:
+    """Refuse a tokenizer whose tokens are not the ones the transformer learned. The pin is
+    the encoder side's digest (a retrained decoder keeps it); checkpoints from before it
+    pinned the whole tokenizer file."""
+    meta = load_json(directory / "transformer.json")
+    weights = directory / "tokenizer.safetensors"
+    if "tokenizer_tokens_sha256" in meta:
+        same = meta["tokenizer_tokens_sha256"] == token_space_sha256(weights)
+    elif "tokenizer_sha256" in meta:
+        same = meta["tokenizer_sha256"] == file_sha256(weights)
+    else:
+        return
+    if not same:
+        raise ValueError(
+            f"{directory}: the tokenizer does not make the tokens the transformer was trained on; "
+            "retrain the transformer (echopulse train transformer --init ...) or restore the tokenizer"
+        )
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -154,12 +173,7 @@ class Generator:
         if not (directory / "transformer.json").is_file():
             raise FileNotFoundError(f"no generator checkpoint in {directory} (expected transformer.json and .safetensors)")
         device = _device(device)
-        expected = load_json(directory / "transformer.json").get("tokenizer_sha256")
-        if expected and expected != file_sha256(directory / "tokenizer.safetensors"):
-            raise ValueError(
-                f"{directory}: the tokenizer is not the one the transformer was trained with; "
-                "retrain the transformer (echopulse train transformer --init ...) or restore the tokenizer"
-            )
+        _check_token_space(directory)
         tokenizer, _ = load_tokenizer(directory, device=device)
         ecg, _ = load_ecg_encoder(directory, device=device)
         transformer, preset = load_transformer(directory, device=device)

@@ -9,7 +9,10 @@ t = 1 + k: token step 0 is frame 0, step j ≥ 1 is frames (j−1)·tp + 1 … j
 Encoder: patch embeddings → spatial transformer (per token step, all positions) →
 temporal transformer (per patch position, causal over steps) → linear to K bits →
 RMS normalisation → LFQ. The decoder mirrors it: bits → linear → causal temporal →
-spatial → linear back to pixels. Spatial positions are learned, temporal positions are
+spatial → linear back to pixels. With `refine_width` > 0 the linear head also hands out a
+few feature channels per pixel and a small per-frame conv stack adds a correction: the
+linear head alone paints each 8×8 patch on its own and leaves seams at patch edges; the
+convs see across them. The refiner works frame by frame, so it keeps causality. Spatial positions are learned, temporal positions are
 the fixed sinusoid of the step index; neither mixes content across steps, so tokens (and
 decoded frames) of step j depend only on steps ≤ j. A clip shorter than the preset's
 (e.g. the first frame alone) encodes to the same tokens as the same frames at the start
@@ -17,6 +20,7 @@ of a full clip.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_json, load_module, model_paths, save_model
+from .checkpoint import load_json, load_module, load_tensors, model_paths, save_model
 from .config import Preset, TokenizerConfig
 from .layers import Transformer, sinusoidal_embedding
 from .quantize import LFQ, LFQOutput
@@ -79,11 +83,12 @@ class PatchEmbed(nn.Module):
 
 
 class PatchUnembed(nn.Module):
-    """Inverse of PatchEmbed: (B, t, h, w, dim) -> (B, C, T, H, W)."""
+    """Inverse of PatchEmbed: (B, t, h, w, dim) -> (B, C', T, H, W), C' = C (+ refiner features)."""
 
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__()
-        c, p, tp = config.channels, config.patch, config.temporal_patch
+        p, tp = config.patch, config.temporal_patch
+        c = config.channels + (config.refine_features if config.refine_width else 0)
         self.c, self.p, self.tp = c, p, tp
         self.first = nn.Linear(config.dim, c * p * p)
         self.rest = nn.Linear(config.dim, c * tp * p * p)
@@ -100,6 +105,30 @@ class PatchUnembed(nn.Module):
 
     def last_layer_weights(self) -> list[Tensor]:
         return [self.first.weight, self.rest.weight]
+
+
+class FrameRefiner(nn.Module):
+    """Per-frame conv stack: (B, C + F, T, H, W) -> correction (B, C, T, H, W).
+
+    Its last conv starts at zero, so a refiner grafted onto a trained linear head starts
+    out returning exactly that head's frames."""
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        super().__init__()
+        c, width = config.channels, config.refine_width
+        layers: list[nn.Module] = [nn.Conv2d(c + config.refine_features, width, 3, padding=1), nn.GELU()]
+        for _ in range(config.refine_depth - 2):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.GELU()]
+        layers.append(nn.Conv2d(width, c, 3, padding=1))
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        out = self.net(frames)
+        return out.reshape(b, t, -1, h, w).transpose(1, 2)
 
 
 # spatio-temporal stack
@@ -156,6 +185,7 @@ class CViViT(nn.Module):
         self.from_bits = nn.Linear(config.lfq_bits, config.dim)
         self.decoder = SpaceTime(config, temporal_first=True)
         self.unembed = PatchUnembed(config)
+        self.refiner = FrameRefiner(config) if config.refine_width else None
 
     def _check(self, video: Tensor) -> None:
         cfg = self.config
@@ -179,23 +209,71 @@ class CViViT(nn.Module):
 
     def decode(self, codes: Tensor) -> Tensor:
         """±1 codes (B, t, h, w, K) -> video (B, C, T, H, W) in [0, 1] (unclamped)."""
-        x = self.decoder(self.from_bits(codes))
-        return (self.unembed(x) + 1) / 2
+        x = self.unembed(self.decoder(self.from_bits(codes)))
+        if self.refiner is not None:
+            x = x[:, : self.config.channels] + self.refiner(x)
+        return (x + 1) / 2
 
     def decode_indices(self, indices: Tensor) -> Tensor:
         """Token indices (B, t, h, w) -> video (B, C, T, H, W) in [0, 1] (unclamped)."""
         return self.decode(self.quantizer.indices_to_codes(indices, dtype=self.from_bits.weight.dtype))
 
-    def loss(self, video: Tensor) -> TokenizerLoss:
-        """Training forward: reconstruct through the straight-through quantizer."""
-        quantized = self.quantizer(self.latents(video))
+    def loss(self, video: Tensor, frozen_encoder: bool = False) -> TokenizerLoss:
+        """Training forward: reconstruct through the straight-through quantizer.
+        `frozen_encoder`: no graph through the encoder side (decoder-only training)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_encoder):
+            quantized = self.quantizer(self.latents(video))
         recon = self.decode(quantized.codes)
         mse = F.mse_loss(recon, video)
         return TokenizerLoss(recon=recon, mse=mse, lfq=quantized, total=mse + quantized.loss)
 
     def last_layer_weights(self) -> list[Tensor]:
-        """The decoder's output projections: where the adaptive GAN weight is measured."""
+        """The decoder's output layer(s): where the adaptive GAN weight is measured."""
+        if self.refiner is not None:
+            return [self.refiner.net[-1].weight]
         return self.unembed.last_layer_weights()
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """Everything after the quantizer: training these alone leaves every token unchanged."""
+        parts = [self.from_bits, self.decoder, self.unembed] + ([self.refiner] if self.refiner is not None else [])
+        return [p for part in parts for p in part.parameters()]
+
+    def inherit(self, base: "CViViT") -> None:
+        """Copy a trained tokenizer's weights into this one, whose config may differ from the
+        base's by the refiner alone: the patch head's leading (pixel) rows are the base's,
+        the extra feature rows keep their fresh init, the refiner its zero output."""
+        own = self.state_dict()
+        for name, tensor in base.state_dict().items():
+            if name not in own:
+                raise ValueError(f"cannot inherit {name!r}: the base tokenizer has a part this one lacks")
+            target = own[name]
+            if target.shape == tensor.shape:
+                target.copy_(tensor)
+            elif name.startswith("unembed.") and target.shape[1:] == tensor.shape[1:] and target.shape[0] > tensor.shape[0]:
+                target[: tensor.shape[0]].copy_(tensor)
+            else:
+                raise ValueError(f"cannot inherit {name!r}: shape {tuple(tensor.shape)} vs {tuple(target.shape)}")
+
+
+# The encoder side decides the tokens; a transformer is tied to it, not to the decoder.
+DECODER_PREFIXES = ("from_bits.", "decoder.", "unembed.", "refiner.")
+
+
+def token_space_sha256(weights: str | Path) -> str:
+    """Hex SHA-256 of a tokenizer file's encoder-side tensors (names, shapes, fp16 values):
+    two files with the same digest turn every clip into the same tokens, whatever their
+    decoders. fp16 because that is how tokenizers ship; an fp32 file hashes the same as its
+    fp16 export."""
+    tensors = load_tensors(weights)
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        if name.startswith(DECODER_PREFIXES):
+            continue
+        t = tensors[name]
+        t = t.to(torch.float16) if t.is_floating_point() else t
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def count_parameters(module: nn.Module) -> int:

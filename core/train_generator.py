@@ -30,7 +30,7 @@ from .config import Preset
 from .critic import TokenCritic, critic_loss
 from .data_pairs import PairCache, PairSample, simulated_pair
 from .ecg_encoder import EcgEncoder, load_ecg_encoder, save_ecg_encoder
-from .generator import file_sha256
+from .tokenizer import token_space_sha256
 from .ecg_windows import ecg_batch
 from .tokenizer import load_tokenizer
 from .training import Ema, TrainingState, adamw, clip_gradients, losses_postfix, progress, select_device, warmup_cosine
@@ -206,10 +206,10 @@ def train_transformer(
         ecg_ema.update(ecg)
         return {"loss": loss}
 
-    tokenizer_sha = file_sha256(out / "tokenizer.safetensors")
+    tokens_sha = token_space_sha256(out / "tokenizer.safetensors")
 
     def save(averaged: nn.Module, at: int) -> None:
-        save_transformer(averaged, preset, out, step=at, train=config, tokenizer_sha256=tokenizer_sha)
+        save_transformer(averaged, preset, out, step=at, train=config, tokenizer_tokens_sha256=tokens_sha)
         ecg_avg = copy.deepcopy(ecg)
         ecg_ema.copy_to(ecg_avg)
         save_ecg_encoder(ecg_avg, preset, out, step=at, finetuned_from=config["ecg"])
@@ -281,10 +281,11 @@ def export_generator(
         save_tensors(tensors, out_weights)
         save_json({**load_json(config_path), "exported_from": src.name}, out_config)
         copied.append(name)
-    # the tokens a transformer learned are those of one tokenizer file: record which
+    # the tokens a transformer learned are those of one tokenizer encoder: record which
     tokenizer = dst / "tokenizer.safetensors" if "tokenizer" in copied else src / "tokenizer.safetensors"
     for name in ("transformer", "critic"):
         if name in copied:
             config_path = model_paths(dst, name)[1]
-            save_json({**load_json(config_path), "tokenizer_sha256": file_sha256(tokenizer)}, config_path)
+            meta = {k: v for k, v in load_json(config_path).items() if k != "tokenizer_sha256"}
+            save_json({**meta, "tokenizer_tokens_sha256": token_space_sha256(tokenizer)}, config_path)
     return copied

@@ -1,7 +1,10 @@
 """Train the C-ViViT tokenizer (or a LoRA adapter on a trained one).
 
 Loss = w_mse·MSE + w_perc·perceptual + LFQ (commitment + entropy) + w_gan·λ·hinge-GAN,
-λ adaptive (paper eq. 6) and the GAN switched on after `gan_start` steps. Data come
+λ adaptive (paper eq. 6) and the GAN switched on after `gan_start` steps. A decoder-only
+run freezes the encoder side of `init` (its tokens, and so any transformer trained on
+them, stay valid) and trains what follows the quantizer, optionally with a conv refiner
+grafted on. Data come
 from a `video_clips` source by index: the clips of step s are indices
 seed + s·batch … seed + (s+1)·batch − 1, so a resumed run sees exactly the data the
 interrupted one would have. Evaluation seeds should lie outside that range.
@@ -57,6 +60,7 @@ class TokenizerRecipe:
     log_every: int = 10
     seed: int = 0                    # first clip index used for training
     lora_rank: int = 0               # > 0: train LoRA adapters on top of `init`
+    decoder_only: bool = False       # train the decoder alone on `init`: every token stays the same
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     half_weights: bool = False       # store tokenizer.safetensors as fp16 (shipping)
@@ -76,7 +80,15 @@ def build_model(preset: Preset, recipe: TokenizerRecipe, init: Path | None) -> C
     model = CViViT(preset.tokenizer, lfq_options=options)
     if init is not None:
         base, _ = load_tokenizer(init)
-        model.load_state_dict(base.state_dict())
+        model.inherit(base)
+    elif recipe.decoder_only:
+        raise ValueError("decoder-only training needs --init (the tokenizer whose tokens it keeps)")
+    if recipe.decoder_only and recipe.lora_rank:
+        raise ValueError("choose LoRA or decoder-only training, not both")
+    if recipe.decoder_only:
+        decoder = set(map(id, model.decoder_parameters()))
+        for param in model.parameters():
+            param.requires_grad_(id(param) in decoder)
     if recipe.lora_rank:
         if init is None:
             raise ValueError("LoRA training needs --init (a trained tokenizer checkpoint directory)")
@@ -162,7 +174,7 @@ def _train_step(
     gan_on: bool,
 ) -> tuple[dict[str, Tensor], float]:
     """One tokenizer update (and one discriminator update when the GAN is on); returns the loss terms."""
-    result = model.loss(video)
+    result = model.loss(video, frozen_encoder=recipe.decoder_only)
     zero = result.mse.new_zeros(())
     perc = perceptual(result.recon, video) if recipe.perceptual_weight else zero
     rec = recipe.mse_weight * result.mse + recipe.perceptual_weight * perc

@@ -1,4 +1,5 @@
-"""C-ViViT tokenizer: shapes, causality of encoder and decoder, prefix clips, uint8 helpers."""
+"""C-ViViT tokenizer: shapes, causality of encoder and decoder, prefix clips, uint8 helpers,
+the conv refiner and the encoder-side digest."""
 from __future__ import annotations
 
 import logging
@@ -52,7 +53,18 @@ def test_encoder_is_causal(model: CViViT, frame: int) -> None:
     assert not torch.allclose(z[:, step], z2[:, step])  # the change does reach its own step
 
 
-def test_decoder_is_causal(model: CViViT) -> None:
+@pytest.fixture(scope="module")
+def refined() -> CViViT:
+    torch.manual_seed(0)
+    model = CViViT(TokenizerConfig(refine_width=8)).eval()
+    with torch.no_grad():  # a live refiner (it starts at zero output)
+        torch.nn.init.normal_(model.refiner.net[-1].weight, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("which", ["model", "refined"])
+def test_decoder_is_causal(which: str, request: pytest.FixtureRequest) -> None:
+    model = request.getfixturevalue(which)
     indices = torch.randint(0, 1024, (1, 6, 8, 8))
     changed = indices.clone()
     changed[:, 3] = torch.randint(0, 1024, (1, 8, 8))
@@ -118,3 +130,33 @@ def test_shipped_tiny_checkpoint_reconstructs() -> None:
     with torch.no_grad():
         mse = (model.decode_indices(model.encode(video)).clamp(0, 1) - video).pow(2).mean().item()
     assert mse < 0.012  # untrained: ~0.1; the evaluated figure on 200 clips is in core/weights/README.md
+
+
+def test_grafted_refiner_starts_at_the_base_output(model: CViViT) -> None:
+    grown = CViViT(TokenizerConfig(refine_width=8)).eval()
+    grown.inherit(model)
+    video = _video(1)
+    with torch.no_grad():
+        assert torch.equal(grown.encode(video), model.encode(video))
+        assert torch.allclose(grown.decode_indices(model.encode(video)), model.decode_indices(model.encode(video)), atol=1e-6)
+    assert grown.unembed.first.weight.shape[0] == 9 * 64  # one pixel channel + 8 feature channels per pixel
+    with pytest.raises(ValueError, match="cannot inherit"):
+        CViViT(TokenizerConfig(dim=64)).inherit(model)
+
+
+def test_token_space_digest_ignores_the_decoder(tmp_path, model: CViViT) -> None:
+    from echopulse.core.config import tiny
+    from echopulse.core.tokenizer import save_tokenizer, token_space_sha256
+
+    save_tokenizer(model, tiny(), tmp_path / "a")
+    changed = CViViT(TokenizerConfig(refine_width=8))
+    changed.inherit(model)
+    with torch.no_grad():
+        changed.decoder.spatial_pos.add_(1.0)
+    save_tokenizer(changed, tiny(), tmp_path / "b", dtype=torch.float16)  # fp16 export hashes like its fp32 source
+    digest = token_space_sha256(tmp_path / "a" / "tokenizer.safetensors")
+    assert token_space_sha256(tmp_path / "b" / "tokenizer.safetensors") == digest
+    with torch.no_grad():
+        changed.to_bits.bias.add_(0.01)
+    save_tokenizer(changed, tiny(), tmp_path / "c")
+    assert token_space_sha256(tmp_path / "c" / "tokenizer.safetensors") != digest

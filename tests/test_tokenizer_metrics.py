@@ -74,3 +74,19 @@ def test_contrast_augment_is_seeded_and_in_range() -> None:
     assert 0 < int(changed.sum()) < 16
     assert torch.equal(contrast_augment(video, torch.Generator(), prob=0.0), video)
     assert math.isfinite(float(a.sum()))
+
+
+def test_fresh_noise_draws_differ_in_noise_alone() -> None:
+    from echopulse.core.noise_floor import noise_draws, noise_floor
+    from echopulse.core.simulate.paired import simulate_pair
+
+    a, b = (simulate_pair(7, fresh_noise_seed=k) for k in (0, 1))
+    assert not np.array_equal(a["video"], b["video"])
+    assert np.array_equal(a["lv_mask"], b["lv_mask"]) and np.array_equal(a["ecg"], b["ecg"])
+    assert np.array_equal(simulate_pair(7, fresh_noise_seed=1)["video"], b["video"])  # still deterministic
+    clips = noise_draws(7, 11, 64, 3)
+    assert clips.shape == (3, 11, 64, 64) and 0 < np.mean((clips[0] - clips[1]) ** 2) < 2e-3
+    floor = noise_floor([7, 8], 11, 64, draws=4)
+    assert 0 < floor["mse"] < floor["oracle"]["mse"] < 2e-3 and floor["oracle"]["ssim"] > 0.9
+    with pytest.raises(ValueError, match="at least 2"):
+        noise_floor([7], 11, 64, draws=1)

@@ -9,7 +9,7 @@ import torch
 from echopulse.core.checkpoint import load_tensors, save_tensors
 from echopulse.core.config import tiny
 from echopulse.core.losses import Discriminator3d, GradientSsimLoss, adaptive_gan_weight, hinge_d_loss
-from echopulse.core.tokenizer import CViViT, load_tokenizer, save_tokenizer
+from echopulse.core.tokenizer import CViViT, load_tokenizer, save_tokenizer, token_space_sha256
 from echopulse.core.train_tokenizer import RunPaths, TokenizerRecipe, train_tokenizer
 from echopulse.core.training import Ema, TrainingState, adamw, warmup_cosine
 from echopulse.stream.cli import main
@@ -146,8 +146,31 @@ def test_cli_train_lora_and_evaluate(tmp_path, capsys) -> None:
     for key in ("mse", "mae", "ssim", "psnr", "codebook_usage", "codebook_perplexity", "encode_ms_per_clip", "decode_ms_per_clip"):
         assert key in result
     assert "sigma_1" in result["lowpass_reference"]
+    assert main(["evaluate", "tokenizer", "--checkpoint", str(base), "--n", "2", "--noise-floor", "3", "--out", str(report)]) == 0
+    simulated = json.loads(report.read_text())
+    floor = simulated["noise_floor"]
+    assert floor["draws"] == 3 and floor["clips"] == 2 and 0 < floor["mse"] < simulated["mse"]
+    assert main(["evaluate", "tokenizer", "--checkpoint", str(base), "--noise-floor", "3", "--data", "synthetic"]) == 2
     assert main(["train", "tokenizer", "--steps", "2", "--out", str(tuned), "--lora", "2"]) == 2
     assert "--init" in capsys.readouterr().err
+
+
+def test_decoder_only_training_keeps_every_token(tmp_path, one_thread, capsys) -> None:
+    base, tuned = tmp_path / "base", tmp_path / "dec"
+    common = ["--data", "synthetic", "--batch", "2", "--threads", "1", "--checkpoint-every", "3", "--perceptual-weight", "0.2"]
+    assert main(["train", "tokenizer", "--steps", "3", "--out", str(base), *common]) == 0
+    assert main(["train", "tokenizer", "--steps", "3", "--lr", "1e-2", "--out", str(tuned), "--init", str(base),
+                 "--decoder-only", "--refine-width", "8", *common]) == 0
+    a, b = load_tokenizer(base)[0], load_tokenizer(tuned)[0]
+    assert b.refiner is not None and b.config.refine_width == 8
+    assert token_space_sha256(base / "tokenizer.safetensors") == token_space_sha256(tuned / "tokenizer.safetensors")
+    video = torch.rand(2, 1, 11, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(a.encode(video), b.encode(video))
+        assert not torch.allclose(a.decode_indices(a.encode(video)), b.decode_indices(b.encode(video)))
+    assert not torch.equal(b.refiner.net[-1].weight, torch.zeros_like(b.refiner.net[-1].weight))  # the refiner trained
+    assert main(["train", "tokenizer", "--steps", "1", "--out", str(tmp_path / "x"), "--decoder-only"]) == 2
+    assert "--decoder-only needs --init" in capsys.readouterr().err
 
 
 def test_vgg_perceptual_loss_loads_a_local_file(tmp_path) -> None:

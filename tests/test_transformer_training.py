@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from echopulse.core.checkpoint import load_tensors
+from echopulse.core.checkpoint import load_json, load_tensors, save_json
 
 from echopulse.core.config import Preset
 from echopulse.core.data_pairs import PairCache, PairSample
-from echopulse.core.generator import Generator
-from echopulse.core.tokenizer import CViViT, save_tokenizer
+from echopulse.core.generator import Generator, file_sha256
+from echopulse.core.tokenizer import CViViT, load_tokenizer, save_tokenizer
 from echopulse.core.train_generator import Recipe, export_generator, train_critic, train_transformer
 
 from _generator_fixtures import small_preset
@@ -65,11 +65,27 @@ def test_train_resume_and_load_a_generator(tmp_path: Path) -> None:
     gen = Generator.load(shipped, use_critic=True)  # fp16 files, loaded back into float32 modules
     assert gen.critic is not None and gen.preset.name == "test"
     assert Generator.load(shipped).critic is None  # opt-in
+    # a tokenizer whose decoder alone changed makes the same tokens: accepted
+    tok, _ = load_tokenizer(shipped)
+    with torch.no_grad():
+        tok.unembed.first.bias.add_(0.1)
+    save_tokenizer(tok, p, shipped, dtype=torch.float16)
+    assert not torch.equal(load_tensors(shipped / "tokenizer.safetensors")["unembed.first.bias"],
+                           load_tensors(out / "tokenizer.safetensors")["unembed.first.bias"].half())
+    Generator.load(shipped)
     # a different tokenizer beside the transformer is refused, not silently mis-decoded
     save_tokenizer(CViViT(p.tokenizer), p, tmp_path / "other")
     (shipped / "tokenizer.safetensors").write_bytes((tmp_path / "other" / "tokenizer.safetensors").read_bytes())
-    with pytest.raises(ValueError, match="not the one the transformer was trained with"):
+    with pytest.raises(ValueError, match="does not make the tokens the transformer was trained on"):
         Generator.load(shipped)
+    # checkpoints from before the encoder-side pin name the whole tokenizer file
+    meta = load_json(shipped / "transformer.json")
+    del meta["tokenizer_tokens_sha256"]
+    save_json({**meta, "tokenizer_sha256": "0" * 64}, shipped / "transformer.json")
+    with pytest.raises(ValueError, match="does not make the tokens"):
+        Generator.load(shipped)
+    save_json({**meta, "tokenizer_sha256": file_sha256(shipped / "tokenizer.safetensors")}, shipped / "transformer.json")
+    Generator.load(shipped)
     gen = Generator.load(out)
     gen.prime_image(np.zeros((p.tokenizer.image_size,) * 2, np.uint8))
     frames, times = gen.generate_beat(np.zeros((1, p.ecg.window_samples), np.float32), np.ones(p.ecg.window_samples, bool), 1.0, 0.8)

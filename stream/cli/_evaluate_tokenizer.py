@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     p.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads")
     p.add_argument("--out", help="write the JSON here (default: stdout)")
+    p.add_argument("--noise-floor", type=int, default=0, metavar="DRAWS",
+                   help="also measure the simulator's fresh-noise floor: render each clip DRAWS times (>= 2), noise redrawn")
     p.add_argument("--png", help="also save originals / reconstructions / |error|x4 of the first 3 clips as a PNG")
     p.set_defaults(handler=run)
 
@@ -39,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.noise_floor and (args.noise_floor < 2 or args.data is not None):
+        raise CliError("--noise-floor needs at least 2 draws and the simulator (no --data)")
     if not (Path(args.checkpoint) / "tokenizer.json").is_file():
         raise CliError(f"--checkpoint {args.checkpoint}: no tokenizer.json there")
     try:
@@ -52,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
     result = evaluate_tokenizer(model, source, range(args.seed, args.seed + args.n), batch_size=args.batch)
     result = {"checkpoint": args.checkpoint, "preset": preset.name, "seed": args.seed, "data": args.data or "simulator", **result}
+    if args.noise_floor:
+        from echopulse.core.noise_floor import noise_floor
+
+        tok = preset.tokenizer
+        result["noise_floor"] = noise_floor(range(args.seed, args.seed + args.n), tok.frames, tok.image_size, args.noise_floor)
     if args.png:
         comparison_png(model, source, range(args.seed, args.seed + min(3, args.n)), args.png)
     write_report(result, args.out)

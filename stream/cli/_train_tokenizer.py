@@ -19,7 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_run_options(p, steps=4000, batch=8, warmup=200)
     p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl)")
     p.add_argument("--lora", type=positive_int("lora rank"), default=0, metavar="RANK", help="train LoRA adapters of this rank on --init")
-    p.add_argument("--init", help="trained tokenizer directory to start from (required with --lora)")
+    p.add_argument("--init", help="trained tokenizer directory to start from (required with --lora and --decoder-only); "
+                   "its preset replaces --preset")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="train only what follows the quantizer of --init: tokens stay the same, so a transformer trained on them stays valid")
+    p.add_argument("--refine-width", type=positive_int("refine width"), metavar="W",
+                   help="add (or resize) the per-frame conv refiner after the patch head, W channels wide")
     p.add_argument("--data", help="folder of .npz clips, or 'synthetic' (default: simulator on the fly)")
     p.add_argument("--cache", type=int, default=0, metavar="N", help="cycle through N clips kept in memory (0: a new clip every time)")
     p.add_argument("--seed", type=int, default=0, help="first training clip index (evaluate on seeds beyond the run)")
@@ -34,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from echopulse.core.config import preset
+    from echopulse.core.checkpoint import load_json
+    from echopulse.core.config import Preset, preset
     from echopulse.core.train_tokenizer import RunPaths, TokenizerRecipe, train_tokenizer
 
     if args.threads:
@@ -47,18 +53,25 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--data {args.data}: not a directory")
     if args.vgg and not Path(args.vgg).is_file():
         raise CliError(f"--vgg {args.vgg}: no such file")
+    if args.decoder_only and not args.init:
+        raise CliError("--decoder-only needs --init (the tokenizer whose tokens it keeps)")
+    if args.decoder_only and args.lora:
+        raise CliError("choose --lora or --decoder-only, not both")
     try:
-        chosen = preset(args.preset)
+        chosen = Preset.from_dict(load_json(Path(args.init) / "tokenizer.json")["preset"]) if args.init else preset(args.preset)
     except ValueError as err:
         raise CliError(str(err)) from None
+    if args.refine_width:
+        chosen.tokenizer.refine_width = args.refine_width
     recipe = TokenizerRecipe(
         steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
         perceptual_weight=args.perceptual_weight, gan_weight=args.gan_weight, gan_start=args.gan_start,
         checkpoint_every=args.checkpoint_every, cache=args.cache, lora_rank=args.lora, half_weights=args.half, vgg_weights=args.vgg,
+        decoder_only=args.decoder_only,
     )
     paths = RunPaths(out=Path(args.out), init=Path(args.init) if args.init else None, data=args.data)
     try:
         train_tokenizer(chosen, recipe, paths, resume=args.resume, device=args.device)
-    except (FileExistsError, RuntimeError) as err:
+    except (FileExistsError, RuntimeError, ValueError) as err:
         raise CliError(str(err)) from None
     return 0
