@@ -145,18 +145,19 @@ def test_grafted_refiner_starts_at_the_base_output(model: CViViT) -> None:
 
 
 def test_token_space_digest_ignores_the_decoder(tmp_path, model: CViViT) -> None:
-    from echopulse.core.config import tiny
+    from echopulse.core.config import Preset
     from echopulse.core.tokenizer import save_tokenizer, token_space_sha256
 
-    save_tokenizer(model, tiny(), tmp_path / "a")
+    save_tokenizer(model, Preset("plain", tokenizer=model.config), tmp_path / "a")
     changed = CViViT(TokenizerConfig(refine_width=8))
     changed.inherit(model)
     with torch.no_grad():
         changed.decoder.spatial_pos.add_(1.0)
-    save_tokenizer(changed, tiny(), tmp_path / "b", dtype=torch.float16)  # fp16 export hashes like its fp32 source
+    grown = Preset("grown", tokenizer=changed.config)
+    save_tokenizer(changed, grown, tmp_path / "b", dtype=torch.float16)  # fp16 export hashes like its fp32 source
     digest = token_space_sha256(tmp_path / "a" / "tokenizer.safetensors")
     assert token_space_sha256(tmp_path / "b" / "tokenizer.safetensors") == digest
     with torch.no_grad():
         changed.to_bits.bias.add_(0.01)
-    save_tokenizer(changed, tiny(), tmp_path / "c")
+    save_tokenizer(changed, grown, tmp_path / "c")
     assert token_space_sha256(tmp_path / "c" / "tokenizer.safetensors") != digest

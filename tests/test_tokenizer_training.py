@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from echopulse.core.checkpoint import load_tensors, save_tensors
-from echopulse.core.config import tiny
+from echopulse.core.config import Preset, TokenizerConfig, tiny
 from echopulse.core.losses import Discriminator3d, GradientSsimLoss, adaptive_gan_weight, hinge_d_loss
 from echopulse.core.tokenizer import CViViT, load_tokenizer, save_tokenizer, token_space_sha256
 from echopulse.core.train_tokenizer import RunPaths, TokenizerRecipe, train_tokenizer
@@ -158,7 +158,8 @@ def test_cli_train_lora_and_evaluate(tmp_path, capsys) -> None:
 def test_decoder_only_training_keeps_every_token(tmp_path, one_thread, capsys) -> None:
     base, tuned = tmp_path / "base", tmp_path / "dec"
     common = ["--data", "synthetic", "--batch", "2", "--threads", "1", "--checkpoint-every", "3", "--perceptual-weight", "0.2"]
-    assert main(["train", "tokenizer", "--steps", "3", "--out", str(base), *common]) == 0
+    plain = TokenizerConfig()  # the paper's linear head, no refiner
+    save_tokenizer(CViViT(plain), Preset("plain", tokenizer=plain), base)
     assert main(["train", "tokenizer", "--steps", "3", "--lr", "1e-2", "--out", str(tuned), "--init", str(base),
                  "--decoder-only", "--refine-width", "8", *common]) == 0
     a, b = load_tokenizer(base)[0], load_tokenizer(tuned)[0]
@@ -171,6 +172,9 @@ def test_decoder_only_training_keeps_every_token(tmp_path, one_thread, capsys) -
     assert not torch.equal(b.refiner.net[-1].weight, torch.zeros_like(b.refiner.net[-1].weight))  # the refiner trained
     assert main(["train", "tokenizer", "--steps", "1", "--out", str(tmp_path / "x"), "--decoder-only"]) == 2
     assert "--decoder-only needs --init" in capsys.readouterr().err
+    assert main(["train", "tokenizer", "--steps", "1", "--out", str(tmp_path / "y"), "--init", str(tuned),
+                 "--decoder-only", "--refine-width", "16", *common]) == 2  # a refiner of another width
+    assert "cannot inherit 'refiner" in capsys.readouterr().err
 
 
 def test_vgg_perceptual_loss_loads_a_local_file(tmp_path) -> None:

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder-only", action="store_true",
                    help="train only what follows the quantizer of --init: tokens stay the same, so a transformer trained on them stays valid")
     p.add_argument("--refine-width", type=positive_int("refine width"), metavar="W",
-                   help="add (or resize) the per-frame conv refiner after the patch head, W channels wide")
+                   help="the per-frame conv refiner after the patch head, W channels wide (grafted onto an --init without one)")
     p.add_argument("--data", help="folder of .npz clips, or 'synthetic' (default: simulator on the fly)")
     p.add_argument("--cache", type=int, default=0, metavar="N", help="cycle through N clips kept in memory (0: a new clip every time)")
     p.add_argument("--seed", type=int, default=0, help="first training clip index (evaluate on seeds beyond the run)")
