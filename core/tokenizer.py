@@ -122,11 +122,12 @@ class FrameRefiner(nn.Module):
         layers.append(nn.Conv2d(width, c, 3, padding=1))
         nn.init.zeros_(layers[-1].weight)
         nn.init.zeros_(layers[-1].bias)
-        self.net = nn.Sequential(*layers)
+        # channels-last convs run 2-3x faster on CPU (oneDNN) and suit cuDNN as well
+        self.net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, t, h, w = x.shape
-        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w).contiguous(memory_format=torch.channels_last)
         out = self.net(frames)
         return out.reshape(b, t, -1, h, w).transpose(1, 2)
 

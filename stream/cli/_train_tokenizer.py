@@ -23,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "its preset replaces --preset")
     p.add_argument("--decoder-only", action="store_true",
                    help="train only what follows the quantizer of --init: tokens stay the same, so a transformer trained on them stays valid")
-    p.add_argument("--refine-width", type=positive_int("refine width"), metavar="W",
-                   help="the per-frame conv refiner after the patch head, W channels wide (grafted onto an --init without one)")
+    p.add_argument("--refine-width", type=ranged(int, 0, 512, "refine width"), metavar="W",
+                   help="the per-frame conv refiner after the patch head, W channels wide (grafted onto an --init without one); "
+                   "0: none, the paper's linear head (default: the preset's)")
     p.add_argument("--data", help="folder of .npz clips, or 'synthetic' (default: simulator on the fly)")
     p.add_argument("--cache", type=int, default=0, metavar="N", help="cycle through N clips kept in memory (0: a new clip every time)")
     p.add_argument("--seed", type=int, default=0, help="first training clip index (evaluate on seeds beyond the run)")
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         chosen = Preset.from_dict(load_json(Path(args.init) / "tokenizer.json")["preset"]) if args.init else preset(args.preset)
     except ValueError as err:
         raise CliError(str(err)) from None
-    if args.refine_width:
+    if args.refine_width is not None:
         chosen.tokenizer.refine_width = args.refine_width
     recipe = TokenizerRecipe(
         steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
