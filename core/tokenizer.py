@@ -9,14 +9,16 @@ t = 1 + k: token step 0 is frame 0, step j ≥ 1 is frames (j−1)·tp + 1 … j
 Encoder: patch embeddings → spatial transformer (per token step, all positions) →
 temporal transformer (per patch position, causal over steps) → linear to K bits →
 RMS normalisation → LFQ. The decoder mirrors it: bits → linear → causal temporal →
-spatial → linear back to pixels. With `refine_width` > 0 the linear head also hands out a
-few feature channels per pixel and a small per-frame conv stack adds a correction: the
-linear head alone paints each 8×8 patch on its own and leaves seams at patch edges; the
-convs see across them. The refiner works frame by frame, so it keeps causality. Spatial positions are learned, temporal positions are
+spatial → linear back to pixels. Spatial positions are learned, temporal positions are
 the fixed sinusoid of the step index; neither mixes content across steps, so tokens (and
 decoded frames) of step j depend only on steps ≤ j. A clip shorter than the preset's
 (e.g. the first frame alone) encodes to the same tokens as the same frames at the start
 of a full clip.
+
+With `refine_width` > 0 the linear head also emits a few feature channels per pixel and
+a small per-frame conv stack adds a correction: the linear head alone paints each 8×8
+patch on its own and leaves seams at patch edges; the convs see across them. It works
+frame by frame, so causality holds.
 """
 from __future__ import annotations
 

@@ -1,13 +1,14 @@
 """Train the C-ViViT tokenizer (or a LoRA adapter on a trained one).
 
 Loss = w_mse·MSE + w_perc·perceptual + LFQ (commitment + entropy) + w_gan·λ·hinge-GAN,
-λ adaptive (paper eq. 6) and the GAN switched on after `gan_start` steps. A decoder-only
-run freezes the encoder side of `init` (its tokens, and so any transformer trained on
-them, stay valid) and trains what follows the quantizer, optionally with a conv refiner
-grafted on. Data come
-from a `video_clips` source by index: the clips of step s are indices
+λ adaptive (paper eq. 6) and the GAN switched on after `gan_start` steps. Data come from
+a `video_clips` source by index: the clips of step s are indices
 seed + s·batch … seed + (s+1)·batch − 1, so a resumed run sees exactly the data the
 interrupted one would have. Evaluation seeds should lie outside that range.
+
+A decoder-only run freezes the encoder side of `init` (its tokens, and so any
+transformer trained on them, stay valid) and trains what follows the quantizer,
+optionally with a conv refiner grafted on.
 
 Output directory:
     tokenizer.safetensors + tokenizer.json   EMA weights and the preset (full model runs)
