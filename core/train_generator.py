@@ -30,9 +30,8 @@ from .config import Preset
 from .critic import TokenCritic, critic_loss
 from .data_pairs import PairCache, PairSample, simulated_pair
 from .ecg_encoder import EcgEncoder, load_ecg_encoder, save_ecg_encoder
-from .tokenizer import token_space_sha256
 from .ecg_windows import ecg_batch
-from .tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer, token_space_sha256
 from .training import Ema, TrainingState, adamw, clip_gradients, losses_postfix, progress, select_device, warmup_cosine
 from .transformer import EcgFeatures, build_transformer, load_transformer, save_transformer
 
