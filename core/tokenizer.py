@@ -37,6 +37,10 @@ from .config import Preset, TokenizerConfig
 from .layers import Transformer, sinusoidal_embedding
 from .quantize import LFQ, LFQOutput
 
+# The modules after the quantizer. The encoder side (everything else) alone decides the
+# tokens: decoder-only training leaves it frozen, and a transformer is tied to its digest.
+DECODER_PARTS = ("from_bits", "decoder", "unembed", "refiner")
+
 # helpers
 
 
@@ -238,8 +242,8 @@ class CViViT(nn.Module):
 
     def decoder_parameters(self) -> list[nn.Parameter]:
         """Everything after the quantizer: training these alone leaves every token unchanged."""
-        parts = [self.from_bits, self.decoder, self.unembed] + ([self.refiner] if self.refiner is not None else [])
-        return [p for part in parts for p in part.parameters()]
+        parts = (getattr(self, name) for name in DECODER_PARTS)
+        return [p for part in parts if part is not None for p in part.parameters()]
 
     def inherit(self, base: "CViViT") -> None:
         """Copy a trained tokenizer's weights into this one, whose config may differ from the
@@ -258,10 +262,6 @@ class CViViT(nn.Module):
                 raise ValueError(f"cannot inherit {name!r}: shape {tuple(tensor.shape)} vs {tuple(target.shape)}")
 
 
-# The encoder side decides the tokens; a transformer is tied to it, not to the decoder.
-DECODER_PREFIXES = ("from_bits.", "decoder.", "unembed.", "refiner.")
-
-
 def token_space_sha256(weights: str | Path) -> str:
     """Hex SHA-256 of a tokenizer file's encoder-side tensors (names, shapes, fp16 values):
     two files with the same digest turn every clip into the same tokens, whatever their
@@ -270,7 +270,7 @@ def token_space_sha256(weights: str | Path) -> str:
     tensors = load_tensors(weights)
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        if name.startswith(DECODER_PREFIXES):
+        if name.split(".", 1)[0] in DECODER_PARTS:
             continue
         t = tensors[name]
         t = t.to(torch.float16) if t.is_floating_point() else t
