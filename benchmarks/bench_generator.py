@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import queue
 import threading
 import time
+from concurrent.futures import Future
 from typing import Callable, Iterator
 
 import numpy as np
@@ -33,10 +35,12 @@ from echopulse.core.resident import (
     BATCH_SIZES, BeatRequest, ResidentGenerator, StageTimer, configure_backends, precision_report, threads,
 )
 from echopulse.stream.batching import BatchPolicy, BeatBatcher
+from echopulse.stream.protocol import frame_topic
 
 log = logging.getLogger(__name__)
 
 BEAT_S = 60.0 / 75.0  # 75 bpm
+PROBE_DEVICE = "probe"
 
 
 # helpers
@@ -111,30 +115,114 @@ def stage_rows(label: str, stages: dict[str, list[float]]) -> list[dict]:
     return rows
 
 
-def load_test(res: ResidentGenerator, streams: int, duration_s: float, policy: BatchPolicy) -> dict:
+class _PublishSide:
+    """The engine's publishing side for a load test: results handed over by the batcher's
+    callbacks go out over a real ZeroMQ PUB socket from one thread (as the engine's event
+    loop does), and a SUB socket in another thread counts what arrives. A beat's latency
+    is read when its last frame has left the publisher."""
+
+    def __init__(self) -> None:
+        import zmq  # the GPU box may lack pyzmq; the caller falls back to frames on host
+
+        from echopulse.stream.publish import Publisher
+
+        self._zmq = zmq
+        self.context = zmq.Context()
+        self.publisher = Publisher("tcp://127.0.0.1:0", hwm=1_000_000, context=self.context)
+        self.sub = self.context.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.RCVHWM, 1_000_000)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"echo/")
+        self.sub.connect(self.publisher.endpoint)
+        self.received = 0
+        self.latencies: list[float] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._join()
+        self._threads = [threading.Thread(target=self._publish_loop, daemon=True),
+                         threading.Thread(target=self._receive_loop, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _join(self) -> None:
+        """Wait until the SUB socket is connected (ZeroMQ's slow joiner), by a probe beat."""
+        probe = np.zeros((1, 8, 8), np.uint8)
+        for _ in range(200):
+            self.publisher.publish_frames(PROBE_DEVICE, probe, times=[0.0], beat=0, r_time=0.0, rr=BEAT_S,
+                                          model="bench", capture=time.time())
+            if self.sub.poll(10):
+                while self.sub.poll(50):
+                    self.sub.recv_multipart()
+                return
+        raise RuntimeError("load test subscriber never joined")
+
+    def hand_over(self, device: str, beat: int, result: object, due_at: float) -> None:
+        self._queue.put((device, beat, result, due_at))
+
+    def _publish_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            device, beat, result, due_at = item
+            self.publisher.publish_frames(device, result.frames, times=result.times, beat=beat, r_time=0.0,
+                                          rr=BEAT_S, model="bench", capture=time.time())
+            self.latencies.append((time.monotonic() - due_at) * 1000)
+
+    def _receive_loop(self) -> None:
+        while not self._stop.is_set():
+            if self.sub.poll(50):
+                topic = self.sub.recv_multipart(copy=False)[0].bytes
+                self.received += topic != frame_topic(PROBE_DEVICE)  # a late join probe is not a beat's frame
+
+    def close(self, expected_frames: int) -> int:
+        """Publish what is queued, wait (at most 5 s) for the frames to arrive; frames received."""
+        self._queue.put(None)
+        self._threads[0].join(timeout=30)
+        deadline = time.monotonic() + 5
+        while self.received < expected_frames and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._stop.set()
+        self._threads[1].join(timeout=5)
+        self.sub.close(linger=0)
+        self.publisher.close()
+        self.context.term()
+        return self.received
+
+
+def load_test(res: ResidentGenerator, streams: int, duration_s: float, policy: BatchPolicy, publish: bool = True) -> dict:
     """`streams` devices at 75 bpm, phases spread over one beat, for `duration_s`, through the
-    batcher. Latency = frames on the host − the moment the beat was due. Held: every beat
-    done and p99 latency within one beat period (the backlog cannot grow)."""
+    batcher. Latency = the beat's last frame sent on a ZeroMQ PUB socket (a SUB counts
+    them arriving) − the moment the beat was due; with `publish=False`, or without pyzmq,
+    frames on the host − due. Held: every beat done and p99 latency within one beat
+    period (the backlog cannot grow)."""
     requests = _requests(res, streams, seed=streams)
     if res.graphs is not None:  # captures stay out of the measured run; eager needs no warm-up per size
         res.warm_up(batch_sizes=sorted({s for s in policy.sizes if s <= max(streams, 1)}))
-    latencies: list[float] = []
+    side = None
+    if publish:
+        try:
+            side = _PublishSide()
+        except ImportError:
+            log.warning("pyzmq not importable: load-test latency ends at frames on the host, not published")
+    on_host: list[float] = []
     lock = threading.Lock()
     batcher = BeatBatcher(res.generate, policy)
+    beats = max(1, int(duration_s / BEAT_S))
     try:
         start = time.monotonic() + 0.05
-        schedule = sorted((start + (i / streams) * BEAT_S + k * BEAT_S, i)
-                          for k in range(max(1, int(duration_s / BEAT_S))) for i in range(streams))
+        schedule = sorted((start + (i / streams) * BEAT_S + k * BEAT_S, i, k) for k in range(beats) for i in range(streams))
         futures = []
-        for due_at, i in schedule:
+        for due_at, i, k in schedule:
             delay = due_at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             fut = batcher.submit(f"dev{i}", 1, requests[i])
 
-            def done(_f: object, due_at: float = due_at) -> None:
+            def done(f: Future, due_at: float = due_at, device: str = f"dev{i}", beat: int = k) -> None:
                 with lock:
-                    latencies.append((time.monotonic() - due_at) * 1000)
+                    on_host.append((time.monotonic() - due_at) * 1000)
+                if side is not None and f.exception() is None:
+                    side.hand_over(device, beat, f.result(), due_at)
 
             fut.add_done_callback(done)
             futures.append(fut)
@@ -142,10 +230,18 @@ def load_test(res: ResidentGenerator, streams: int, duration_s: float, policy: B
             f.result(timeout=120)
     finally:
         batcher.close()
+        frames_expected = len(schedule) * res.frames_per_beat
+        received = side.close(frames_expected) if side is not None else None
+    latencies = side.latencies if side is not None else on_host
     p50, p99 = _pct(latencies)
+    host50, host99 = _pct(on_host)
     sizes = batcher.batch_sizes
-    return {"streams": streams, "beats": len(latencies), "p50_ms": p50, "p99_ms": p99,
-            "mean_batch": float(np.mean(sizes)) if sizes else 0.0, "held": p99 <= BEAT_S * 1000}
+    return {"streams": streams, "beats": len(on_host), "p50_ms": p50, "p99_ms": p99,
+            "latency_ends": "last frame published" if side is not None else "frames on host",
+            "on_host_p50_ms": host50, "on_host_p99_ms": host99,
+            "frames_received": received, "frames_expected": frames_expected,
+            "mean_batch": float(np.mean(sizes)) if sizes else 0.0,
+            "held": p99 <= BEAT_S * 1000 and (received is None or received == frames_expected)}
 
 
 def streams_held(res: ResidentGenerator, counts: list[int], duration_s: float, policy: BatchPolicy) -> tuple[int, list[dict]]:
@@ -277,6 +373,7 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
     built: dict[str, ResidentGenerator] = {}
     for label, options in variants:
         with _guarded(rows, raw, f"paper {label}"):
+            log.info("GPU: %s, batch 1", label)
             res = ResidentGenerator(base, **options)  # type: ignore[arg-type]
             t0 = time.perf_counter()
             res.warm_up(batch_sizes=(1,))
@@ -314,6 +411,7 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
     torch.cuda.empty_cache()
     for batch in BATCH_SIZES[1:] if cuda else (2,):
         with _guarded(rows, raw, f"paper batch {batch}"):
+            log.info("GPU: %s, batch %d", fastest, batch)
             xs = beat_latencies(best, batch, 5 if quick else 20)
             raw[f"paper_{fastest}_batch{batch}_ms"] = xs
             rows.append(_row(f"paper batch {batch}, {fastest}, per call p50", _pct(xs)[0], "ms"))
@@ -329,9 +427,9 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
     return rows, raw
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, gpu_only: bool = False) -> dict:
     configure_backends("cpu")
-    rows, raw = cpu_part(quick)
+    rows, raw = ([], {}) if gpu_only else cpu_part(quick)
     if torch.cuda.is_available():
         gpu_rows, gpu_raw = gpu_part(quick)
         rows += gpu_rows

@@ -45,7 +45,7 @@ def _time_ms(model: CViViT, batch: int, repeats: int, device: torch.device, dtyp
     return statistics.median(enc), statistics.median(dec)
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, gpu_only: bool = False) -> dict:
     rows = []
     cpu = torch.device("cpu")
     if (WEIGHTS / "tokenizer.json").is_file():
@@ -53,18 +53,19 @@ def run(quick: bool) -> dict:
         source = "shipped checkpoint"
     else:
         model, source = CViViT(tiny().tokenizer).eval(), "random init"
-    rows.append({"metric": "tiny tokenizer parameters", "value": count_parameters(model), "unit": "params", "target": None})
-    # One thread: on a shared 2-core machine, two threads spin against each other and the
-    # other jobs (batch-1 timings were 100x worse with 2 threads under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for batch in (1, 8):
-            enc, dec = _time_ms(model, batch, repeats=3 if quick else 20, device=cpu)
-            rows.append({"metric": f"tiny encode, CPU 1 thread, batch {batch}", "value": enc, "unit": "ms/clip", "target": None})
-            rows.append({"metric": f"tiny decode, CPU 1 thread, batch {batch}", "value": dec, "unit": "ms/clip", "target": None})
-    finally:
-        torch.set_num_threads(threads)
+    if not gpu_only:  # on a lent GPU box the CPU rows would describe that box's CPU
+        rows.append({"metric": "tiny tokenizer parameters", "value": count_parameters(model), "unit": "params", "target": None})
+        # One thread: on a shared 2-core machine, two threads spin against each other and the
+        # other jobs (batch-1 timings were 100x worse with 2 threads under load).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for batch in (1, 8):
+                enc, dec = _time_ms(model, batch, repeats=3 if quick else 20, device=cpu)
+                rows.append({"metric": f"tiny encode, CPU 1 thread, batch {batch}", "value": enc, "unit": "ms/clip", "target": None})
+                rows.append({"metric": f"tiny decode, CPU 1 thread, batch {batch}", "value": dec, "unit": "ms/clip", "target": None})
+        finally:
+            torch.set_num_threads(threads)
     paper_model = CViViT(paper().tokenizer)
     rows.append({"metric": "paper tokenizer parameters", "value": count_parameters(paper_model), "unit": "params", "target": None})
     if torch.cuda.is_available():

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The GPU fast path on a bare GPU box, in one go (under 10 minutes on an H100/H200):
 #   1. checks torch sees CUDA (installs a CUDA build only if pip can reach an index),
-#   2. installs CuPy for torch's CUDA major version if missing (cupy-cuda12x / cupy-cuda13x;
-#      wheels in ./.whl are used when the box is offline),
+#   2. installs wheels carried in ./.whl (for an offline box: e.g. pyzmq, so the load
+#      test's latency ends at frames published over ZeroMQ), then CuPy for torch's CUDA
+#      major version if missing (cupy-cuda12x / cupy-cuda13x),
 #   3. makes the project importable (editable install without dependencies, or a
 #      namespace link folder when pip cannot install),
 #   4. runs the GPU tests (pytest -m gpu: kernels == torch references, captured == eager),
-#   5. runs the generator and tokenizer benchmarks and writes their JSON.
+#   5. runs the GPU parts of the tokenizer and generator benchmarks (`run.py --gpu-only`:
+#      this box's CPU rows would not be the CPU figures we report) and writes their JSON.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]        # default: $OUT if set, else benchmarks/results
-#   FULL=1 bash benchmarks/gpu.sh           # full-size benchmark runs instead of --quick
+#   QUICK=1 bash benchmarks/gpu.sh          # CI-sized repeats and load tests (about 2 minutes less)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +37,16 @@ cuda_torch || { log "torch cannot use the GPU: nothing to measure"; exit 1; }
 CUDA_MAJOR="$("$PY" -c 'import torch; print(torch.version.cuda.split(".")[0])')"
 log "torch $("$PY" -c 'import torch; print(torch.__version__)') (CUDA $CUDA_MAJOR), GPU: $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')"
 
-# 2. CuPy for that CUDA major version
+# 2. carried wheels, then CuPy for that CUDA major version
+if ls .whl/*.whl >/dev/null 2>&1; then
+    SITE="$(mktemp -d)/site"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl; then
+        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+        log "carried wheels installed: $(cd .whl && ls *.whl | tr '\n' ' ')"
+    else
+        log "could not install the carried wheels in .whl"
+    fi
+fi
 if ! have cupy; then
     pkg="cupy-cuda${CUDA_MAJOR}x"
     if ls .whl/cupy_cuda"${CUDA_MAJOR}"x-*.whl >/dev/null 2>&1; then
@@ -48,7 +59,7 @@ have cupy && log "cupy $("$PY" -c 'import cupy; print(cupy.__version__)')" \
     || log "no CuPy: CuPy kernels' tests and rows are skipped; torch kernels and graphs still run"
 
 # 3. what the GPU run imports, then the project itself
-for pair in numpy:numpy scipy:scipy numba:numba safetensors:safetensors msgpack:msgpack pytest:pytest; do
+for pair in numpy:numpy scipy:scipy numba:numba safetensors:safetensors msgpack:msgpack tqdm:tqdm pytest:pytest; do
     mod="${pair%%:*}"; pkg="${pair##*:}"
     have "$mod" || "$PY" -m pip install -q "$pkg" || log "could not install $pkg"
 done
@@ -62,19 +73,22 @@ if ! have echopulse.core.resident; then
     log "project importable through $NS (pip install -e . failed)"
 fi
 have echopulse.core.resident || { log "cannot import echopulse: stopping"; exit 1; }
+have zmq || log "no pyzmq (carry its wheel in .whl): the load test's latency ends at frames on the host"
 
 # 4. GPU tests (without pytest-asyncio its ini options are unknown: not an error here)
 PYTEST_FLAGS=(-q -m gpu -p no:cacheprovider -rs)
 have pytest_asyncio || PYTEST_FLAGS+=(-W "ignore::pytest.PytestConfigWarning")
 log "GPU tests"
-timeout 200 "$PY" -m pytest "${PYTEST_FLAGS[@]}" tests/test_gpu_kernels.py tests/test_gpu_graph.py 2>&1 | tee "$OUT_DIR/gpu_tests.log"
+timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest "${PYTEST_FLAGS[@]}" tests/test_gpu_kernels.py tests/test_gpu_graph.py 2>&1 | tee "$OUT_DIR/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { log "GPU tests FAILED (see $OUT_DIR/gpu_tests.log)"; STATUS=1; }
 
 # 5. benchmarks: CPU tiny + GPU paper side by side, with the machine in the JSON
 GPU_NAME="$("$PY" -c 'import re, torch; print(re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(0)).strip("-").lower())')"
-MODE=(--quick); [ "${FULL:-0}" = "1" ] && MODE=()
+MODE=(); [ "${QUICK:-0}" = "1" ] && MODE=(--quick)
 log "benchmarks (${MODE[*]:-full})"
-timeout 300 "$PY" benchmarks/run.py "${MODE[@]}" --only generator,tokenizer --out "$OUT_DIR/gpu_${GPU_NAME}.json" 2>&1 \
+# tokenizer first (seconds), then the generator; the JSON is rewritten after each stage
+timeout "${BENCH_TIMEOUT:-330}" "$PY" benchmarks/run.py "${MODE[@]}" --gpu-only --only tokenizer,generator \
+    --out "$OUT_DIR/gpu_${GPU_NAME}.json" 2>&1 \
     | tee "$OUT_DIR/gpu_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { log "benchmark FAILED (see $OUT_DIR/gpu_bench.log)"; STATUS=1; }
 log "done (status $STATUS); results in $OUT_DIR"

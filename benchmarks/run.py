@@ -4,13 +4,20 @@ Each `benchmarks/bench_<stage>.py` exposes ``run(quick: bool) -> dict`` returnin
 ``{"rows": [{"metric": str, "value": float, "unit": str, "target": str | None}], ...}``
 plus any raw figures it wants kept. `--quick` sizes every stage for CI.
 
-    python benchmarks/run.py [--quick] [--only simulate,beats] [--out results.json]
+    python benchmarks/run.py [--quick] [--only simulate,beats] [--out results.json] [--gpu-only]
+
+`--gpu-only` runs only the GPU parts of the stages that have one (a stage opts in by
+taking ``run(quick, gpu_only)``): on a lent GPU box the CPU rows would describe that
+box's CPU, not the machines the CPU figures are reported for, and cost device time.
+The JSON is rewritten after every stage, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
+import logging
 import os
 import platform
 import sys
@@ -57,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI-sized runs")
     parser.add_argument("--only", default="", help="comma-separated stages (default: all)")
     parser.add_argument("--out", default=str(HERE / "results" / "latest.json"), help="JSON output path")
+    parser.add_argument("--gpu-only", action="store_true", help="only the GPU parts of the stages that have one")
     args = parser.parse_args(argv)
+    # progress and failed sections go to stderr; the table goes to stdout
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     wanted = [s for s in args.only.split(",") if s] or stages()
     unknown = sorted(set(wanted) - set(stages()))
@@ -65,18 +75,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown stage(s): {', '.join(unknown)}; known: {', '.join(stages())}")
 
     sys.path.insert(0, str(HERE))  # stage modules import each other's helpers by name
-    results = {"machine": machine_info(), "quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stages": {}}
-    print(f"{'stage':<12} {'metric':<58} {'value':>14}  {'unit':<10} target")
+    results = {"machine": machine_info(), "quick": args.quick, "gpu_only": args.gpu_only,
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stages": {}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{'stage':<12} {'metric':<58} {'value':>14}  {'unit':<10} target", flush=True)
     for stage in wanted:
         module = importlib.import_module(f"bench_{stage}")
+        options = {"quick": args.quick}
+        if args.gpu_only:
+            if "gpu_only" not in inspect.signature(module.run).parameters:
+                print(f"{stage:<12} (no GPU part: skipped with --gpu-only)", flush=True)
+                continue
+            options["gpu_only"] = True
         t0 = time.perf_counter()
-        result = module.run(quick=args.quick)
+        result = module.run(**options)
         result["wall_s"] = time.perf_counter() - t0
         results["stages"][stage] = result
         for row in result["rows"]:
-            print(f"{stage:<12} {row['metric']:<58} {row['value']:>14.4g}  {row['unit']:<10} {row.get('target') or ''}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+            print(f"{stage:<12} {row['metric']:<58} {row['value']:>14.4g}  {row['unit']:<10} {row.get('target') or ''}", flush=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -6,6 +6,8 @@ and the math path on CPU, with no branch in our code.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -119,6 +121,7 @@ def sinusoidal_embedding(positions: Tensor, dim: int, max_period: float = 10000.
     so it never leaks information across a causal boundary.
     """
     half = dim // 2
-    freqs = torch.exp(-torch.log(torch.tensor(max_period)) * torch.arange(half, device=positions.device) / half)
+    # a Python float, not a CPU tensor: nothing on the host inside a captured GPU pipeline
+    freqs = torch.exp(torch.arange(half, device=positions.device) * -math.log(max_period) / half)
     angles = positions.float()[..., None] * freqs
     return torch.cat([angles.sin(), angles.cos()], dim=-1)

@@ -236,7 +236,8 @@ class FusedKernels:
             d = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
             self.device_index = d.index if d.index is not None else torch.cuda.current_device()
         with cupy.cuda.Device(self.device_index):
-            module = cupy.RawModule(code=SOURCE, options=("--std=c++14",))
+            # plain C in CUDA: no dialect option, so any NVRTC (CUDA 12 or 13) takes it as is
+            module = cupy.RawModule(code=SOURCE)
             # get_function compiles (NVRTC) and loads the module now: never inside a capture
             self._fn = {name: module.get_function(name) for name in KERNEL_NAMES}
         self._streams: dict[int, object] = {}
