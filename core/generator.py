@@ -39,7 +39,7 @@ from .critic import TokenCritic, load_critic
 from .ecg_encoder import EcgEncoder, load_ecg_encoder
 from .sampler import Schedule, decode, make_schedule
 from .tokenizer import CViViT, from_uint8, load_tokenizer, to_uint8, token_space_sha256
-from .transformer import EcgFeatures, MaskedTransformer, build_transformer, load_transformer
+from .transformer import EcgFeatures, MaskedTransformer, build_transformer, key_layout, load_transformer
 
 log = logging.getLogger(__name__)
 
@@ -289,12 +289,15 @@ class Generator:
         """Batched: prime tokens (B, h·w), ECG windows (B, L, S) -> clip tokens (B, N)."""
         model = self.transformer
         ecg = EcgFeatures(*self.ecg_encoder.encode(window, valid, lead_ids))
-        context2 = model.guidance_context(ecg, rr, ref_ids, ref_valid)
+        # the cheapest exact key layout, and the context's keys and values once for all steps
+        ecg_whole = torch.broadcast_to(valid, window.shape).flatten(1).all(1)
+        layout = key_layout(ref_valid.tolist(), ecg_whole.tolist())
+        context2 = model.with_keys_values(model.guidance_context(ecg, rr, ref_ids, ref_valid, layout))
         ids = torch.full((prime.shape[0], model.num_tokens), model.mask_id, dtype=torch.long, device=self.device)
         ids[:, : model.prime_tokens] = prime
         critic_context = None
         if self.critic is not None:
-            critic_context = self.critic.condition(ecg, rr, ref_ids, ref_valid)
+            critic_context = self.critic.with_keys_values(self.critic.condition(ecg, rr, ref_ids, ref_valid, layout=layout))
         return decode(model, ids, context2, self.schedule, generator, self.critic, critic_context)
 
     @torch.inference_mode()

@@ -45,18 +45,32 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(context_dim or dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
-        b, n, _ = x.shape
-        h = self.norm(x)
-        source = h if context is None else context
-        q = self.to_q(h)
+    def keys_values(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (b, heads, keys, d) of `source`: for cross-attention they depend on
+        the context alone, so a caller that attends to one context many times computes them once."""
         k, v = self.to_kv(source).chunk(2, dim=-1)
-        # (b, n, heads*d) -> (b, heads, n, d)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        return self._heads(k), self._heads(v)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (b, n, heads*d) -> (b, heads, n, d)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """`kv`: this layer's `keys_values(context)`, computed beforehand (context is then unused)."""
+        h = self.norm(x)
+        q = self._heads(self.to_q(h))
+        k, v = kv if kv is not None else self.keys_values(h if context is None else context)
         attn_mask = None
         if key_mask is not None:
             attn_mask = key_mask[:, None, None, :]  # (b, 1, 1, keys), broadcast over heads and queries
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal and context is None)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=self.causal and context is None and kv is None
+        )
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -78,11 +92,16 @@ class Block(nn.Module):
         self.ff = FeedForward(dim, ff_mult)
 
     def forward(
-        self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None, key_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        cross_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         x = x + self.attn(x, key_mask=key_mask)
         if self.cross is not None:
-            x = x + self.cross(x, context=context, key_mask=context_mask)
+            x = x + self.cross(x, context=context, key_mask=context_mask, kv=cross_kv)
         return x + self.ff(x)
 
 
@@ -105,12 +124,23 @@ class Transformer(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
+    def cross_keys_values(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Every block's cross-attention keys and values of `context`, for `forward(cross_kv=)`:
+        MaskedGIT attends to the same context at every decode step, so they are computed once."""
+        return [block.cross.keys_values(context) for block in self.blocks]
+
     def forward(
-        self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None, key_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        cross_kv: list[tuple[Tensor, Tensor]] | None = None,
     ) -> Tensor:
         """`key_mask` (batch, tokens) hides tokens of x from self-attention (padding, invalid patches)."""
-        for block in self.blocks:
-            x = block(x, context=context, context_mask=context_mask, key_mask=key_mask)
+        for i, block in enumerate(self.blocks):
+            kv = cross_kv[i] if cross_kv is not None else None
+            x = block(x, context=context, context_mask=context_mask, key_mask=key_mask, cross_kv=kv)
         return self.norm(x)
 
 

@@ -43,7 +43,7 @@ from .config import Preset
 from .generator import Generator, beat_locked_clip
 from .sampler import Schedule, make_schedule
 from .tokenizer import from_uint8
-from .transformer import Context, EcgFeatures
+from .transformer import KEY_LAYOUTS, Context, EcgFeatures, key_layout
 
 log = logging.getLogger(__name__)
 
@@ -278,21 +278,27 @@ class ResidentGenerator:
 
     # the pipeline (static shapes, no host sync: the same code runs eager or captured)
 
-    def contexts(self, buf: StaticBuffers) -> tuple[Context, Context | None]:
+    def contexts(self, buf: StaticBuffers, layout: str = "masked") -> tuple[Context, Context | None]:
         """Guidance context (2B: conditional rows, then null rows) and the critic's context.
 
         Same as `MaskedTransformer.guidance_context`, with the drop mask taken from a
-        device buffer (that method builds it on the host, which a capture cannot do)."""
+        device buffer (that method builds it on the host, which a capture cannot do).
+        `layout` is the batch's key layout (`key_layout`, decided on the host)."""
         ecg = EcgFeatures(*self.ecg_encoder.encode(buf.window, buf.valid, buf.lead_ids))
         ecg2 = EcgFeatures(*(torch.cat([x, x]) for x in ecg))
 
         def two(x: Tensor) -> Tensor:
             return torch.cat([x, x])
 
-        context2 = self.transformer.condition(ecg2, two(buf.rr), two(buf.ref_ids), two(buf.ref_valid), buf.drop)
+        # keys and values once per beat, not once per decode step
+        context2 = self.transformer.with_keys_values(self.transformer.condition(
+            ecg2, two(buf.rr), two(buf.ref_ids), two(buf.ref_valid), buf.drop, layout=layout
+        ))
         critic_context = None
         if self.critic is not None:
-            critic_context = self.critic.condition(ecg, buf.rr, buf.ref_ids, buf.ref_valid)
+            critic_context = self.critic.with_keys_values(
+                self.critic.condition(ecg, buf.rr, buf.ref_ids, buf.ref_valid, layout=layout)
+            )
         return context2, critic_context
 
     def decode_step(
@@ -328,7 +334,9 @@ class ResidentGenerator:
         # positions of the unknown tokens, in order: a stable sort puts the zeros of ~unknown first
         positions = (~unknown).to(torch.uint8).argsort(dim=-1, stable=True)[:, :count]
         # MaskedTransformer.forward, with the output projection applied to `positions` only
-        hidden = self.body(model.embed_tokens(torch.cat([ids, ids])), context=context2.tokens, context_mask=context2.mask)
+        hidden = self.body(
+            model.embed_tokens(torch.cat([ids, ids])), context=context2.tokens, context_mask=context2.mask, cross_kv=context2.kv
+        )
         pos2 = torch.cat([positions, positions])
         logits2 = model.to_out(hidden.gather(1, pos2[..., None].expand(-1, -1, hidden.shape[-1])))
         picked, picked_conf, _ = ref.sample_confidence(
@@ -359,12 +367,14 @@ class ResidentGenerator:
         last = from_uint8(buf.frames[:, -1:])  # (B, 1, 1, H, W)
         buf.next_prime.copy_(self.tokenizer.encode(last).flatten(1))
 
-    def pipeline(self, buf: StaticBuffers, timer: StageTimer | None = None) -> None:
-        """One beat for every row of `buf`: reads its inputs, writes ids, frames, next_prime."""
+    def pipeline(self, buf: StaticBuffers, timer: StageTimer | None = None, layout: str = "masked") -> None:
+        """One beat for every row of `buf`: reads its inputs, writes ids, frames, next_prime.
+
+        `layout` must hold for the rows in `buf` (see `key_layout`)."""
         model = self.transformer
         hw = model.prime_tokens
         with self._autocast():
-            context2, critic_context = self.contexts(buf)
+            context2, critic_context = self.contexts(buf, layout)
             if timer:
                 timer.mark("ecg_encode")
             buf.ids[:, :hw] = buf.prime
@@ -386,31 +396,37 @@ class ResidentGenerator:
                 timer.mark("reprime")
 
     def _capturable(self, key: object) -> Callable[[], None]:
-        batch, leads = key  # type: ignore[misc]
+        batch, leads, layout = key  # type: ignore[misc]
         buf = self.buffers(batch, leads)
 
         def run() -> None:
-            self.pipeline(buf)
+            self.pipeline(buf, layout=layout)
 
         return run
 
     @torch.inference_mode()
-    def run(self, buf: StaticBuffers, timer: StageTimer | None = None) -> None:
-        """Eager pipeline, or the graph replay when graphs are on (a timer forces eager)."""
+    def run(self, buf: StaticBuffers, timer: StageTimer | None = None, layout: str = "masked") -> None:
+        """Eager pipeline, or the graph replay when graphs are on (a timer forces eager).
+
+        One graph per (batch, leads, layout): the layouts differ in shapes and kernels."""
         if self.graphs is not None and timer is None:
-            self.graphs.get((buf.batch, buf.window.shape[1])).replay()
+            self.graphs.get((buf.batch, buf.window.shape[1], layout)).replay()
         else:
-            self.pipeline(buf, timer)
+            self.pipeline(buf, timer, layout)
 
     @torch.inference_mode()
-    def warm_up(self, batch_sizes: Sequence[int] = (1,), leads: int = 1) -> None:
-        """Allocate buffers (and capture graphs) for these batch sizes before the first beat."""
+    def warm_up(
+        self, batch_sizes: Sequence[int] = (1,), leads: int = 1, layouts: Sequence[str] = KEY_LAYOUTS
+    ) -> None:
+        """Allocate buffers (and capture graphs) for these batch sizes and key layouts before
+        the first beat, so no beat waits for a capture."""
         for b in batch_sizes:
             buf = self.buffers(b, leads)
-            if self.graphs is not None:
-                self.graphs.get((b, leads))
-            else:
-                self.pipeline(buf)
+            for layout in layouts:
+                if self.graphs is not None:
+                    self.graphs.get((b, leads, layout))
+                else:
+                    self.pipeline(buf, layout=layout)
 
     # priming
 
@@ -476,11 +492,13 @@ class ResidentGenerator:
         for r in requests:
             if not r.rr > 0:
                 raise ValueError(f"rr must be positive, got {r.rr}")
+        # padded rows repeat requests[0], so the real rows decide the layout
+        layout = key_layout([bool(r.state.ref_valid) for r in requests], [bool(np.all(r.valid)) for r in requests])
         with self._lock, torch.inference_mode():
             size = padded_size(len(requests)) if self.pad else len(requests)
             buf = self.buffers(size, leads)
             self.fill(buf, requests)
-            self.run(buf)
+            self.run(buf, layout=layout)
             # the beat's one host sync; copies, because on CPU .cpu() would alias the static buffers
             frames = buf.frames[: len(requests)].to("cpu", copy=True).numpy()
             tokens = buf.ids[: len(requests)].to("cpu", copy=True).numpy()

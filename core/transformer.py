@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +45,27 @@ class EcgFeatures(NamedTuple):
 
 
 class Context(NamedTuple):
-    """Cross-attention keys (B, C, dim) and their key mask (B, C), True = attendable."""
+    """Cross-attention keys (B, C, dim) and their key mask (B, C), True = attendable;
+    None when every key is (the "dense" layout). `kv`: every block's keys and values of
+    `tokens`, when computed once for many forwards (`with_keys_values`)."""
 
     tokens: Tensor
-    mask: Tensor
+    mask: Tensor | None
+    kv: list[tuple[Tensor, Tensor]] | None = None
+
+
+# How `MaskedTransformer.condition` lays the keys out; see there.
+KEY_LAYOUTS = ("masked", "dense", "no_ref")
+
+
+def key_layout(ref_valid: Sequence[bool], ecg_all_valid: Sequence[bool]) -> str:
+    """The cheapest exact layout for a batch: per row, whether it has a reference loop and
+    whether every ECG sample of its window is valid."""
+    if not any(ref_valid):
+        return "no_ref"
+    if all(ref_valid) and all(ecg_all_valid):
+        return "dense"
+    return "masked"
 
 
 class TrainingBatch(NamedTuple):
@@ -158,14 +175,30 @@ class MaskedTransformer(nn.Module):
     # condition
 
     def condition(
-        self, ecg: EcgFeatures, rr: Tensor, ref_ids: Tensor, ref_valid: Tensor, drop: Tensor | None = None
+        self,
+        ecg: EcgFeatures,
+        rr: Tensor,
+        ref_ids: Tensor,
+        ref_valid: Tensor,
+        drop: Tensor | None = None,
+        layout: str = "masked",
     ) -> Context:
         """Cross-attention context for a batch.
 
         ecg: the encoder's output; rr (B,) seconds of this beat; ref_ids (B, N) the
         reference loop's tokens (any ids when absent) and ref_valid (B,) whether it is
         given; drop (B,) True where the null condition replaces the ECG (CFG).
+
+        layout (speed only: the attention result is the same, see `KEY_LAYOUTS`):
+        "masked" keeps every key and a mask; "dense" drops the mask, for batches whose
+        keys are all valid (every row has its reference loop and every ECG patch is
+        valid or dropped), so attention runs its maskless kernel (flash on GPU);
+        "no_ref" leaves the reference block out, for batches where no row has one
+        (its N keys would all be masked: cost without effect). The caller vouches for
+        the condition; `key_layout` decides it on the host.
         """
+        if layout not in KEY_LAYOUTS:
+            raise ValueError(f"layout must be one of {KEY_LAYOUTS}, got {layout!r}")
         b = rr.shape[0]
         phase = ecg.time / rr[:, None]
         ecg_ctx = self.ecg_proj(ecg.emb) + self.phase_embedding(phase)
@@ -173,25 +206,38 @@ class MaskedTransformer(nn.Module):
         if drop is not None:
             ecg_ctx = torch.where(drop[:, None, None], self.null_ecg.to(ecg_ctx.dtype), ecg_ctx)
             ecg_mask = ecg_mask | drop[:, None]
-        ref_ctx = self.embed_tokens(ref_ids) + self.ref_segment
-        ref_mask = ref_valid[:, None].expand(b, ref_ids.shape[1])
         reg = self.register.expand(b, 1, -1).to(ecg_ctx.dtype)
+        reg_mask = torch.ones(b, 1, dtype=torch.bool, device=rr.device)
+        if layout == "no_ref":
+            return Context(torch.cat([ecg_ctx, reg], dim=1), torch.cat([ecg_mask, reg_mask], dim=1))
+        ref_ctx = self.embed_tokens(ref_ids) + self.ref_segment
         tokens = torch.cat([ecg_ctx, ref_ctx, reg], dim=1)
-        mask = torch.cat([ecg_mask, ref_mask, torch.ones(b, 1, dtype=torch.bool, device=rr.device)], dim=1)
-        return Context(tokens, mask)
+        if layout == "dense":
+            return Context(tokens, None)
+        ref_mask = ref_valid[:, None].expand(b, ref_ids.shape[1])
+        return Context(tokens, torch.cat([ecg_mask, ref_mask, reg_mask], dim=1))
 
-    def guidance_context(self, ecg: EcgFeatures, rr: Tensor, ref_ids: Tensor, ref_valid: Tensor) -> Context:
+    def guidance_context(
+        self, ecg: EcgFeatures, rr: Tensor, ref_ids: Tensor, ref_valid: Tensor, layout: str = "masked"
+    ) -> Context:
         """Conditional and null contexts stacked on the batch axis (2B): one forward does both CFG passes."""
         b = rr.shape[0]
         ecg2 = EcgFeatures(*(torch.cat([x, x]) for x in ecg))
         drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(rr.device)
-        return self.condition(ecg2, torch.cat([rr, rr]), torch.cat([ref_ids, ref_ids]), torch.cat([ref_valid, ref_valid]), drop)
+        return self.condition(
+            ecg2, torch.cat([rr, rr]), torch.cat([ref_ids, ref_ids]), torch.cat([ref_valid, ref_valid]), drop, layout
+        )
 
     # forward passes
 
+    def with_keys_values(self, context: Context) -> Context:
+        """`context` with its cross-attention keys and values computed: a decode runs the
+        transformer once per step on the same context, so they need computing only once."""
+        return context._replace(kv=self.transformer.cross_keys_values(context.tokens))
+
     def forward(self, ids: Tensor, context: Context) -> Tensor:
         """(B, N) token ids -> (B, N, out_dim) logits."""
-        x = self.transformer(self.embed_tokens(ids), context=context.tokens, context_mask=context.mask)
+        x = self.transformer(self.embed_tokens(ids), context=context.tokens, context_mask=context.mask, cross_kv=context.kv)
         return self.to_out(x)
 
     def forward_with_cond_scale(self, ids: Tensor, context2: Context, cond_scale: Tensor | float) -> Tensor:

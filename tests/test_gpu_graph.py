@@ -24,13 +24,15 @@ def generator() -> Generator:
     return Generator.untrained("tiny", device="cuda", seed=4)
 
 
-def _requests(res: ResidentGenerator, count: int, seed: int = 0) -> list[BeatRequest]:
+def _requests(res: ResidentGenerator, count: int, seed: int = 0, priming: str = "loop") -> list[BeatRequest]:
+    """Row 0 has a whole ECG window, later rows lose its end: one row alone runs the
+    "dense" key layout when loop-primed, several the "masked" one; image priming "no_ref"."""
     rng = np.random.default_rng(seed)
     size, n = res.preset.tokenizer.image_size, res.preset.ecg.window_samples
     out = []
     for i in range(count):
         loop = rng.integers(0, 256, (res.preset.tokenizer.frames, size, size), dtype=np.uint8)
-        state = res.prime_loop(loop, seed=i)
+        state = res.prime_loop(loop, seed=i) if priming == "loop" else res.prime_image(loop[-1], seed=i)
         valid = np.arange(n) < n - 37 * i
         out.append(BeatRequest(state, rng.standard_normal((1, n)).astype(np.float32), valid, 0.8 + 0.05 * i, 0.0, seed=1000 + i))
     return out
@@ -43,11 +45,11 @@ def _same(a, b) -> None:
 
 
 @pytest.mark.parametrize("kernels", ["torch", pytest.param("cupy", marks=needs_cupy)])
-@pytest.mark.parametrize("count", [1, 3])
-def test_captured_equals_eager_for_the_same_seeds(generator: Generator, kernels: str, count: int) -> None:
+@pytest.mark.parametrize("count,priming", [(1, "loop"), (3, "loop"), (2, "image")])  # dense, masked, no_ref
+def test_captured_equals_eager_for_the_same_seeds(generator: Generator, kernels: str, count: int, priming: str) -> None:
     eager = ResidentGenerator(generator, kernels=kernels, pad=True)  # the same padded batch as the graph
     captured = ResidentGenerator(generator, kernels=kernels, graphs=True)
-    requests = _requests(eager, count)
+    requests = _requests(eager, count, priming=priming)
     first_e = eager.generate(clone_states(requests))
     first_c = captured.generate(clone_states(requests))
     _same(first_e, first_c)
@@ -79,13 +81,15 @@ def test_bf16_accuracy_is_measured_against_fp32(generator: Generator) -> None:
     assert report["decode_pixel_mae"] < 16, report  # the decoder alone: bf16 rounding, not resampling
 
 
-def test_graph_per_batch_size_is_captured_once(generator: Generator) -> None:
+def test_graph_per_batch_size_and_key_layout_is_captured_once(generator: Generator) -> None:
     res = ResidentGenerator(generator, graphs=True)
     res.warm_up(batch_sizes=(1, 2))
-    assert sorted(res.graphs.keys()) == [(1, 1), (2, 1)]
+    want = sorted((b, 1, layout) for b in (1, 2) for layout in ("dense", "masked", "no_ref"))
+    assert sorted(res.graphs.keys()) == want
     res.generate(_requests(res, 2))
     res.generate(_requests(res, 1))
-    assert sorted(res.graphs.keys()) == [(1, 1), (2, 1)]
+    res.generate(_requests(res, 2, priming="image"))
+    assert sorted(res.graphs.keys()) == want
 
 
 @pytest.mark.parametrize("kernels", ["torch", pytest.param("cupy", marks=needs_cupy)])

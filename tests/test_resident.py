@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from echopulse.core.config import tiny
 from echopulse.core.generator import Generator
@@ -139,17 +140,64 @@ def test_sampling_settings_change_in_place() -> None:
         assert np.array_equal(a.tokens, b.tokens)
 
 
-def test_the_pipeline_has_no_host_sync_so_it_can_be_captured() -> None:
+class _HostTensorSpy(TorchDispatchMode):
+    """Records every op that reads a tensor on the CPU while the model runs on another device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        flat = [*args, *(kwargs or {}).values()]
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in flat):
+            self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["masked", "dense", "no_ref"])
+def test_the_pipeline_has_no_host_sync_so_it_can_be_captured(layout: str) -> None:
     """The meta device refuses every data-dependent host operation (.item(), nonzero,
     boolean indexing, a branch on a value): the whole beat runs there, so the same code
-    can be recorded into a CUDA graph."""
+    can be recorded into a CUDA graph. No op may read a host tensor either: in a capture
+    its value would be frozen into the graph, or its copy refused."""
     gen = Generator.untrained(small_preset(), device="cpu")
     for module in (gen.tokenizer, gen.ecg_encoder, gen.transformer):
         module.to("meta")
     gen.device = torch.device("meta")
     res = ResidentGenerator(gen)
     buf = res.buffers(3, 2)
-    with torch.inference_mode():
-        res.pipeline(buf)
+    spy = _HostTensorSpy()
+    with torch.inference_mode(), spy:
+        res.pipeline(buf, layout=layout)
+    assert not spy.ops, f"host tensors read inside the pipeline by {sorted(spy.ops)}"
     assert buf.frames.device.type == "meta" and buf.frames.shape == (3, 4, 32, 32)
     assert res.unknown_counts[0] == res.transformer.num_tokens - res.transformer.prime_tokens
+
+
+@pytest.mark.parametrize("priming,layout", [("loop", "dense"), ("image", "no_ref")])
+def test_the_cheaper_key_layout_changes_no_beat(priming: str, layout: str) -> None:
+    """A beat whose keys are all valid (or whose reference block is all masked) runs the
+    cheaper layout, with the tokens and frames of the masked layout."""
+    gen = Generator.untrained(_greedy("small"), device="cpu", seed=3)
+    res = ResidentGenerator(gen)
+    rng = np.random.default_rng(4)
+    size, n = gen.preset.tokenizer.image_size, gen.preset.ecg.window_samples
+    if priming == "loop":
+        state = res.prime_loop(rng.integers(0, 256, (gen.preset.tokenizer.frames, size, size), dtype=np.uint8), seed=0)
+    else:
+        state = res.prime_image(rng.integers(0, 256, (size, size), dtype=np.uint8), seed=0)
+    request = BeatRequest(state, rng.standard_normal((1, n)).astype(np.float32), np.ones(n, bool), 0.8, 0.0, seed=5)
+    buf = res.buffers(1, 1)
+    res.fill(buf, [request])
+    res.run(buf, layout="masked")
+    want_tokens, want_frames = buf.ids[0].clone().numpy(), buf.frames[0].clone().numpy()
+    with torch.inference_mode():
+        context2, _ = res.contexts(buf, layout)
+    assert (context2.mask is None) == (layout == "dense")
+    seen: list[str] = []
+    pipeline = res.pipeline
+    res.pipeline = lambda buf, timer=None, layout="masked": (seen.append(layout), pipeline(buf, timer, layout))[1]
+    [got] = res.generate(clone_states([request]))
+    assert seen == [layout]
+    assert np.array_equal(got.tokens, want_tokens)
+    assert np.array_equal(got.frames, want_frames)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from echopulse.core.critic import TokenCritic, critic_batch, critic_loss
@@ -120,3 +121,45 @@ def test_critic_labels_real_when_the_sample_equals_the_truth() -> None:
     loss = critic_loss(critic, model, ids, ecg, rr, ref, ref_valid, g)
     loss.backward()
     assert torch.isfinite(loss) and critic.to_out.weight.grad is not None
+
+
+def test_key_layouts_give_the_masked_result_where_they_apply() -> None:
+    """"dense" (no mask) when every key is valid, "no_ref" (no reference block) when no row
+    has a reference loop: the same logits as the masked layout, for less work."""
+    _, _, model, ecg, ids, rr, ref, ref_valid = _inputs()
+    drop = torch.tensor([False, True, False, True])
+    with torch.no_grad():
+        masked = model(ids, model.condition(ecg, rr, ref, ref_valid, drop))
+        dense_ctx = model.condition(ecg, rr, ref, ref_valid, drop, layout="dense")
+        dense = model(ids, dense_ctx)
+        no_ref = torch.zeros_like(ref_valid)
+        masked_no_ref = model(ids, model.condition(ecg, rr, ref, no_ref, drop))
+        short_ctx = model.condition(ecg, rr, ref, no_ref, drop, layout="no_ref")
+        short = model(ids, short_ctx)
+    assert dense_ctx.mask is None
+    assert short_ctx.tokens.shape[1] == ecg.emb.shape[1] + 1  # ECG patches and the register
+    torch.testing.assert_close(dense, masked, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short, masked_no_ref, atol=1e-5, rtol=1e-5)
+    assert (masked - masked_no_ref).abs().mean() > 1e-3  # the reference block matters when given
+
+
+def test_key_layout_is_the_cheapest_exact_one() -> None:
+    from echopulse.core.transformer import key_layout
+
+    assert key_layout([False, False], [True, False]) == "no_ref"
+    assert key_layout([True, True], [True, True]) == "dense"
+    assert key_layout([True, False], [True, True]) == "masked"   # one row's reference block is masked
+    assert key_layout([True], [False]) == "masked"               # an invalid ECG patch is masked
+    _, _, model, ecg, ids, rr, ref, ref_valid = _inputs()
+    with pytest.raises(ValueError, match="layout"):
+        model.condition(ecg, rr, ref, ref_valid, layout="sparse")
+
+
+def test_keys_values_computed_once_give_the_same_logits() -> None:
+    _, _, model, ecg, ids, rr, ref, ref_valid = _inputs()
+    with torch.no_grad():
+        context = model.guidance_context(ecg, rr, ref, ref_valid)
+        hoisted = model.with_keys_values(context)
+        assert hoisted.kv is not None and len(hoisted.kv) == len(model.transformer.blocks)
+        ids2 = torch.cat([ids, ids])
+        torch.testing.assert_close(model(ids2, hoisted), model(ids2, context), atol=1e-6, rtol=1e-6)
