@@ -497,7 +497,7 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
             raw[f"paper_{fastest}_batch{batch}_ms"] = xs
             rows.append(_row(f"paper batch {batch}, {fastest}, per call p50", _pct(xs)[0], "ms"))
     with _guarded(rows, raw, "paper load test"):
-        counts = ([16, 32, 64] if quick else [16, 32, 48, 64, 96, 128]) if cuda else [1, 2]
+        counts = ([16, 32, 64] if quick else [16, 32, 40, 48, 64, 96]) if cuda else [1, 2]
         held, trials = streams_held(best, counts, duration_s=3 * BEAT_S if quick else 8 * BEAT_S,
                                     policy=BatchPolicy(window_s=0.004))
         raw["paper_load_tests"] = trials
