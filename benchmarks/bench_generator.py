@@ -306,9 +306,12 @@ def cpu_part(quick: bool) -> tuple[list[dict], dict]:
     best_threads = min(thread_counts, key=lambda c: np.median(raw[f"tiny_cpu_bf16_{c}thr_ms"]))
     raw["best_threads"] = best_threads
     with threads(best_threads):
-        # the peer: the plain facade loop (torch.Generator noise, no static buffers)
-        window = np.random.default_rng(0).standard_normal((1, base.preset.ecg.window_samples)).astype(np.float32)
-        base.prime_image(np.zeros((64, 64), np.uint8))
+        # the peer: the plain facade loop (torch.Generator noise, no static buffers), primed
+        # like the resident runs above (a reference loop: the same key layout)
+        rng = np.random.default_rng(0)
+        window = rng.standard_normal((1, base.preset.ecg.window_samples)).astype(np.float32)
+        tok = base.preset.tokenizer
+        base.prime_loop(rng.integers(0, 256, (tok.frames, tok.image_size, tok.image_size), dtype=np.uint8))
         valid = np.ones(window.shape[1], bool)
         base.generate_beat(window, valid, 0.0, BEAT_S)
         xs = []

@@ -76,7 +76,7 @@ have echopulse.core.resident || { log "cannot import echopulse: stopping"; exit 
 have zmq || log "no pyzmq (carry its wheel in .whl): the load test's latency ends at frames on the host"
 
 # 4. GPU tests (without pytest-asyncio its ini options are unknown: not an error here)
-PYTEST_FLAGS=(-q -m gpu -p no:cacheprovider -rs)
+PYTEST_FLAGS=(-v -m gpu -p no:cacheprovider -rs)
 have pytest_asyncio || PYTEST_FLAGS+=(-W "ignore::pytest.PytestConfigWarning")
 log "GPU tests"
 timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest "${PYTEST_FLAGS[@]}" tests/test_gpu_kernels.py tests/test_gpu_graph.py 2>&1 | tee "$OUT_DIR/gpu_tests.log"
