@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_json, load_module, load_tensors, model_paths, save_model
 from .config import Preset, TokenizerConfig
-from .layers import Transformer, sinusoidal_embedding
+from .layers import LayerNorm, Transformer, sinusoidal_embedding
 from .quantize import LFQ, LFQOutput
 
 # The modules after the quantizer. The encoder side (everything else) alone decides the
@@ -71,8 +71,8 @@ class PatchEmbed(nn.Module):
         super().__init__()
         c, p, tp = config.channels, config.patch, config.temporal_patch
         self.p, self.tp = p, tp
-        self.first = nn.Sequential(nn.Linear(c * p * p, config.dim), nn.LayerNorm(config.dim))
-        self.rest = nn.Sequential(nn.Linear(c * tp * p * p, config.dim), nn.LayerNorm(config.dim))
+        self.first = nn.Sequential(nn.Linear(c * p * p, config.dim), LayerNorm(config.dim))
+        self.rest = nn.Sequential(nn.Linear(c * tp * p * p, config.dim), LayerNorm(config.dim))
 
     def forward(self, video: Tensor) -> Tensor:
         """(B, C, T, H, W) -> (B, t, h, w, dim)."""

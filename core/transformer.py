@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .checkpoint import load_json, load_module, model_paths, save_model
 from .config import Preset, TokenizerConfig, TransformerConfig
 from .ecg_encoder import TIME_UNIT_S
-from .layers import Transformer, sinusoidal_embedding
+from .layers import LayerNorm, Transformer, sinusoidal_embedding
 
 
 class EcgFeatures(NamedTuple):
@@ -147,7 +147,7 @@ class MaskedTransformer(nn.Module):
         self.phase_proj = nn.Linear(dim, dim)  # shared by video steps and ECG patches
         self.register_buffer("phases", step_phases(tok), persistent=False)
 
-        self.ecg_proj = nn.Sequential(nn.LayerNorm(ecg_dim), nn.Linear(ecg_dim, dim))
+        self.ecg_proj = nn.Sequential(LayerNorm(ecg_dim), nn.Linear(ecg_dim, dim))
         self.null_ecg = nn.Parameter(torch.randn(dim) * 0.02)
         self.ref_segment = nn.Parameter(torch.randn(dim) * 0.02)
         self.register = nn.Parameter(torch.randn(1, dim) * 0.02)

@@ -163,3 +163,20 @@ def test_keys_values_computed_once_give_the_same_logits() -> None:
         assert hoisted.kv is not None and len(hoisted.kv) == len(model.transformer.blocks)
         ids2 = torch.cat([ids, ids])
         torch.testing.assert_close(model(ids2, hoisted), model(ids2, context), atol=1e-6, rtol=1e-6)
+
+
+def test_layer_norm_keeps_bf16_under_autocast_and_is_nn_layer_norm_otherwise() -> None:
+    from echopulse.core.layers import LayerNorm
+
+    torch.manual_seed(0)
+    ours, plain = LayerNorm(32), torch.nn.LayerNorm(32)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    plain.load_state_dict(ours.state_dict())  # same keys: checkpoints load either way
+    x = torch.randn(3, 7, 32)
+    assert torch.equal(ours(x), plain(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ours(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), plain(x.bfloat16().float()), atol=0.05, rtol=0.02)
