@@ -165,8 +165,16 @@ def test_keys_values_computed_once_give_the_same_logits() -> None:
         torch.testing.assert_close(model(ids2, hoisted), model(ids2, context), atol=1e-6, rtol=1e-6)
 
 
-def test_layer_norm_keeps_bf16_under_autocast_and_is_nn_layer_norm_otherwise() -> None:
+@pytest.mark.parametrize("upcasting", [False, True])
+def test_layer_norm_keeps_bf16_under_autocast_and_is_nn_layer_norm_otherwise(
+    upcasting: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`upcasting` runs, on CPU, the branch that CUDA takes (autocast switched off around the norm)."""
+    from echopulse.core import layers
     from echopulse.core.layers import LayerNorm
+
+    if upcasting:
+        monkeypatch.setattr(layers, "UPCASTING_AUTOCAST", ("cuda", "cpu"))
 
     torch.manual_seed(0)
     ours, plain = LayerNorm(32), torch.nn.LayerNorm(32)
@@ -178,5 +186,6 @@ def test_layer_norm_keeps_bf16_under_autocast_and_is_nn_layer_norm_otherwise() -
     assert torch.equal(ours(x), plain(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = ours(x.bfloat16())
+        assert torch.is_autocast_enabled("cpu")  # switched back on after the norm
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), plain(x.bfloat16().float()), atol=0.05, rtol=0.02)
