@@ -19,9 +19,11 @@ result. With graphs, batches are padded to the next of `BATCH_SIZES` by repeatin
 row (any valid input; padded rows are computed and dropped): few graphs, each captured
 once. Eager runs use the exact batch size (padding would only add work).
 
-Precision: "fp32", or "bf16" (autocast: matmuls and attention in bf16, weights, norms,
-softmax and the sampling arithmetic in fp32). `precision_report` measures what bf16
-costs against fp32 on the same inputs: token agreement and pixel error.
+Precision: "fp32", or "bf16": a copy of the weights stored in bf16, run under autocast;
+matmuls, attention and the activations between them in bf16 (norms too: they
+accumulate in fp32 inside the kernel, see `layers.LayerNorm`); sampling arithmetic in
+fp32. `precision_report` measures what bf16 costs against fp32 on the same inputs:
+token agreement and pixel error.
 """
 from __future__ import annotations
 
@@ -84,9 +86,8 @@ def _weights_in(module: torch.nn.Module, precision: str) -> torch.nn.Module:
     Under autocast, fp32 weights are cast again by every linear layer of every decode
     step, because the autocast cache does not serve inference mode (measured on the
     paper preset: about 1,900 cast kernels and 4 ms of a 33 ms beat on an H200). Stored
-    in bf16 they are cast never; buffers (step phases, masks) stay as they are, and
-    autocast still runs norms and softmax in fp32. A copy: the generator handed in
-    keeps its fp32 weights for other users."""
+    in bf16 they are cast never; buffers (step phases, masks) stay as they are. A copy:
+    the generator handed in keeps its fp32 weights for other users."""
     if precision == "fp32":
         return module
     copy = _copy.deepcopy(module)

@@ -192,7 +192,7 @@ class MaskedTransformer(nn.Module):
         layout (speed only: the attention result is the same, see `KEY_LAYOUTS`):
         "masked" keeps every key and a mask; "dense" drops the mask, for batches whose
         keys are all valid (every row has its reference loop and every ECG patch is
-        valid or dropped), so attention runs its maskless kernel (flash on GPU);
+        valid or dropped), so attention runs its maskless kernel (cuDNN or flash on GPU);
         "no_ref" leaves the reference block out, for batches where no row has one
         (its N keys would all be masked: cost without effect). The caller vouches for
         the condition; `key_layout` decides it on the host.
