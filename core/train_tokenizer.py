@@ -102,12 +102,12 @@ def train_tokenizer(preset: Preset, recipe: TokenizerRecipe, paths: RunPaths, re
     """Run (or resume) training; returns the last logged losses."""
     dev = select_device(device)
     out = paths.out
-    out.mkdir(parents=True, exist_ok=True)
     state = TrainingState(out)
     if not resume and state.exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
     torch.manual_seed(recipe.seed)
-    model = build_model(preset, recipe, paths.init).to(dev)
+    model = build_model(preset, recipe, paths.init).to(dev)  # refuses a bad recipe before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     disc = Discriminator3d(preset.tokenizer.channels).to(dev)
     perceptual = perceptual_loss(recipe.vgg_weights).to(dev)
     trainable = lora_parameters(model) if recipe.lora_rank else [p for p in model.parameters() if p.requires_grad]

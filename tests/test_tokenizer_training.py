@@ -175,6 +175,7 @@ def test_decoder_only_training_keeps_every_token(tmp_path, one_thread, capsys) -
     assert main(["train", "tokenizer", "--steps", "1", "--out", str(tmp_path / "y"), "--init", str(tuned),
                  "--decoder-only", "--refine-width", "16", *common]) == 2  # a refiner of another width
     assert "cannot inherit 'refiner" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # a refused run writes nothing
 
 
 def test_vgg_perceptual_loss_loads_a_local_file(tmp_path) -> None:
