@@ -8,12 +8,16 @@ transformer (full runs only: its compile takes about a minute here); the largest
 of 75-bpm streams a real-time load test holds with batching.
 
 GPU (when CUDA is available): the `paper` preset at batch 1, side by side in one run:
-eager fp32, eager bf16, CUDA graph bf16, CUDA graph bf16 + CuPy kernels; bf16 accuracy
+eager fp32, eager bf16, CUDA graph bf16, CUDA graph bf16 + CuPy kernels; the fastest
+again for image- and gap-primed devices (the other key layouts); a kernel profile of
+one eager beat; each attention backend at the cross-attention's shape; bf16 accuracy
 against fp32; then batched graph replays (1..64) and the streams load test.
 
 Latency "beat" = `ResidentGenerator.generate`: inputs copied in, the whole pipeline,
-frames copied out to host memory (publishing excluded; see bench_publish).
-Weights are random (timing does not depend on them).
+frames copied out to host memory. The load tests go one step further: every frame is
+published over ZeroMQ and counted by a subscriber (see `load_test`). Devices are
+loop-primed unless a row says otherwise. Weights are random (timing does not depend on
+them).
 """
 from __future__ import annotations
 
@@ -136,7 +140,6 @@ class _PublishSide:
 
         from echopulse.stream.publish import Publisher
 
-        self._zmq = zmq
         self.context = zmq.Context()
         self.publisher = Publisher("tcp://127.0.0.1:0", hwm=1_000_000, context=self.context)
         self.sub = self.context.socket(zmq.SUB)

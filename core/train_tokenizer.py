@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from .config import Preset
 from .lora import DEFAULT_TARGETS, apply_lora, lora_parameters, save_lora
 from .losses import Discriminator3d, adaptive_gan_weight, hinge_d_loss, hinge_g_loss, perceptual_loss
