@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "latest.json"), help="JSON output path")
     parser.add_argument("--gpu-only", action="store_true", help="only the GPU parts of the stages that have one")
     args = parser.parse_args(argv)
-    # progress and failed sections go to stderr; the table goes to stdout
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # the stages' progress and failed sections go to stderr (the engine's own INFO lines,
+    # a line per simulated device, would drown them); the table goes to stdout
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     wanted = [s for s in args.only.split(",") if s] or stages()
     unknown = sorted(set(wanted) - set(stages()))
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'stage':<12} {'metric':<58} {'value':>14}  {'unit':<10} target", flush=True)
     for stage in wanted:
         module = importlib.import_module(f"bench_{stage}")
+        logging.getLogger(module.__name__).setLevel(logging.INFO)
         options = {"quick": args.quick}
         if args.gpu_only:
             if "gpu_only" not in inspect.signature(module.run).parameters:
