@@ -12,7 +12,10 @@ Measures (`lv_segmenter.LvSegmenter` segments generated and true frames alike):
 - EF = (max − min) / max of the method-of-discs volumes over frames 1..F, against the
   same measure on the true clip and against the simulator's ground-truth EF: MAE, RMSE, R²,
   beside the MAE of the best constant guess (the true EFs' median: knowing nothing) and
-  the EF of the true clip's tokenizer round trip (the ceiling in this token space);
+  the EF of the true clip's tokenizer round trip (the ceiling in this token space), and
+  the floor under one-frame priming: the exact posterior-median EF given what an ED frame
+  and the ECG show (`simulate.ef_posterior`), scored alike, and as if rendered with the
+  round trip's measurement errors;
 - ED (largest volume) and ES (smallest) frame against the frames nearest R and T end;
 - HR tracking: beats generated in sequence while the ECG rate jumps from 60 to 120 bpm;
   per beat, the interval between consecutive generated ED frames against the ECG's RR;
@@ -40,6 +43,7 @@ from .generator_figure import beat_figure
 from .lv_segmenter import LvSegmenter
 from .metrics import ssim
 from .tokenizer import from_uint8, to_uint8
+from .simulate.ef_posterior import one_frame_ef_floor
 from .simulate.measure import disc_volumes
 from .training import progress
 
@@ -207,6 +211,7 @@ def hr_tracking(gen: Generator, segmenter: LvSegmenter, seed: int, beats_each: i
 
 
 HR_SUBJECTS = 5  # subjects taken through the 60 -> 120 bpm jump (each 8 beats)
+FLOOR_FIRST_SEED, FLOOR_SUBJECTS = 3_000_000, 2000  # a population for the one-frame EF floor (nothing trains on it)
 
 
 def hr_tracking_summary(gen: Generator, segmenter: LvSegmenter, seeds: Sequence[int], leads: int = 1) -> dict[str, Any]:
@@ -247,5 +252,12 @@ def evaluate_generator(gen: Generator, segmenter: LvSegmenter, seeds: Sequence[i
     # what knowing nothing of the subject scores: the best single EF for all of them (their median)
     known = ef_true_video[np.isfinite(ef_true_video)]
     summary["ef_best_constant_mae"] = float(np.abs(known - np.median(known)).mean()) if len(known) else float("nan")
+    # what one ED frame and the ECG can tell of the EF at best (core/simulate/ef_posterior.py):
+    # the floor under the one-frame figure, exactly and as rendered through the tokenizer
+    roundtrip_error = np.array([s["ef_tokenizer_roundtrip"] for s in subjects]) - ef_true_video
+    summary["one_frame_ef_floor"] = {
+        "these_subjects": one_frame_ef_floor(seeds, ef_true_video, roundtrip_error),
+        "population": one_frame_ef_floor(range(FLOOR_FIRST_SEED, FLOOR_FIRST_SEED + FLOOR_SUBJECTS)),
+    }
     summary["hr_tracking"] = hr_tracking_summary(gen, segmenter, list(seeds)[:HR_SUBJECTS] or [0], leads=leads)
     return {"summary": summary, "subjects": subjects}

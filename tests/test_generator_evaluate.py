@@ -30,6 +30,9 @@ def test_evaluation_runs_on_simulated_subjects(tmp_path) -> None:
         assert set(summary[mode]["ef_vs_true_video"]) == {"mae", "rmse", "r2", "n"}
     assert summary["ef_best_constant_mae"] >= 0
     assert set(summary["tokenizer_roundtrip_ef_vs_true_video"]) == {"mae", "rmse", "r2", "n"}
+    floor = summary["one_frame_ef_floor"]
+    assert floor["these_subjects"]["subjects"] == 2 and floor["population"]["subjects"] > 100
+    assert {"mae_vs_simulator", "mae_vs_reference"} <= set(floor["these_subjects"])
     fvd = summary["fvd"]
     assert all(np.isfinite(fvd[k]) and fvd[k] >= -1e-6 for k in ("image", "loop", "other_beat", "tokenizer_roundtrip", "static_prime"))
     tracking = summary["hr_tracking"]

@@ -16,6 +16,26 @@ from .timing import HR_MAX, HR_MIN
 EF_MIN, EF_MAX = 5.0, 90.0
 VIEWS = ("a4c", "a2c")
 
+# How a reduced EF remodels the heart (`sick` = 0 for a normal heart, 1 for severe
+# dysfunction). Named here because `ef_posterior` reads the same numbers: what an end-
+# diastolic frame and the ECG reveal of the EF follows from them and nothing else.
+EF_CLASSES = ((0.55, 52.0, 75.0), (0.20, 40.0, 52.0), (0.25, 15.0, 40.0))  # (weight, low, high)
+SICK_EF_NORMAL, SICK_EF_SPAN = 55.0, 35.0   # sick = clip((55 - EF) / 35, 0, 1)
+BODY = (0.85, 1.15)                          # EDV scale of body size
+EDV_BASE = (85.0, 140.0)                     # ml
+DILATION, DILATION_POWER = (0.6, 1.2), 1.2   # EDV × (1 + sick^1.2 × U(0.6, 1.2))
+HR_MEAN, HR_PER_SICK, HR_SD, HR_CLIP = 72.0, 8.0, 12.0, (45.0, 120.0)
+QRS_BASE, QRS_PER_SICK, QRS_SPREAD, QRS_SD, QRS_CLIP = 0.09, 0.05, (0.3, 1.5), 0.008, (0.07, 0.18)
+WALL, WALL_THINNING = (0.85, 1.15), 0.35     # cm × (1 - 0.35 sick)
+SPHERICITY, SPHERICITY_PER_SICK = (0.26, 0.31), 0.09
+DEPTH, DEPTH_PER_SICK = (14.5, 17.0), 1.0    # cm
+LA, LA_PER_SICK = (0.85, 1.1), 0.2           # × (1 + 0.2 sick)
+
+
+def sickness(ef: float | np.ndarray) -> float | np.ndarray:
+    """0 for a normal heart (EF >= 55 %), rising to 1 at EF 20 %: drives remodelling."""
+    return np.clip((SICK_EF_NORMAL - ef) / SICK_EF_SPAN, 0.0, 1.0)
+
 
 @dataclass
 class Subject:
@@ -52,11 +72,12 @@ class Subject:
 def _draw_ef(rng: np.random.Generator) -> float:
     """Mixture over clinical classes: mostly normal, a good share mildly and severely reduced."""
     u = rng.random()
-    if u < 0.55:
-        return rng.uniform(52.0, 75.0)
-    if u < 0.75:
-        return rng.uniform(40.0, 52.0)
-    return rng.uniform(15.0, 40.0)
+    edge = 0.0
+    for weight, low, high in EF_CLASSES:
+        edge += weight
+        if u < edge:
+            return rng.uniform(low, high)
+    return rng.uniform(EF_CLASSES[-1][1], EF_CLASSES[-1][2])  # u at the top edge (rounding)
 
 
 def sample_subject(seed: int, ef: float | None = None, hr: float | None = None, view: str = "a4c", noise: float = 1.0) -> Subject:
@@ -71,12 +92,11 @@ def sample_subject(seed: int, ef: float | None = None, hr: float | None = None, 
         raise ValueError(f"hr must be within {HR_MIN:g}..{HR_MAX:g} bpm, got {hr}")
     rng = np.random.default_rng([int(seed), 0x5EC0])
     ef_v = float(ef) if ef is not None else _draw_ef(rng)
-    # 0 for a normal heart, 1 for severe dysfunction: drives remodelling.
-    sick = float(np.clip((55.0 - ef_v) / 35.0, 0.0, 1.0))
-    body = rng.uniform(0.85, 1.15)
-    edv = body * rng.uniform(85.0, 140.0) * (1.0 + 1.0 * sick ** 1.2 * rng.uniform(0.6, 1.2))
-    hr_v = float(hr) if hr is not None else float(np.clip(rng.normal(72.0 + 8.0 * sick, 12.0), 45.0, 120.0))
-    qrs = float(np.clip(rng.normal(0.09 + 0.05 * sick * rng.uniform(0.3, 1.5), 0.008), 0.07, 0.18))
+    sick = float(sickness(ef_v))
+    body = rng.uniform(*BODY)
+    edv = body * rng.uniform(*EDV_BASE) * (1.0 + 1.0 * sick ** DILATION_POWER * rng.uniform(*DILATION))
+    hr_v = float(hr) if hr is not None else float(np.clip(rng.normal(HR_MEAN + HR_PER_SICK * sick, HR_SD), *HR_CLIP))
+    qrs = float(np.clip(rng.normal(QRS_BASE + QRS_PER_SICK * sick * rng.uniform(*QRS_SPREAD), QRS_SD), *QRS_CLIP))
     ecg = EcgMorphology.sample(rng, qrs=qrs, noise=noise)
     return Subject(
         seed=int(seed),
@@ -85,14 +105,14 @@ def sample_subject(seed: int, ef: float | None = None, hr: float | None = None, 
         edv=float(edv),
         hr=hr_v,
         qrs=qrs,
-        wall=float(rng.uniform(0.85, 1.15) * (1.0 - 0.35 * sick)),
-        sphericity=float(rng.uniform(0.26, 0.31) + 0.09 * sick),
+        wall=float(rng.uniform(*WALL) * (1.0 - WALL_THINNING * sick)),
+        sphericity=float(rng.uniform(*SPHERICITY) + SPHERICITY_PER_SICK * sick),
         rv_scale=float(rng.uniform(0.6, 0.85)),
         apex_depth=float(rng.uniform(1.4, 2.6)),
-        depth=float(rng.uniform(14.5, 17.0) + 1.0 * sick),
+        depth=float(rng.uniform(*DEPTH) + DEPTH_PER_SICK * sick),
         sector_deg=float(rng.uniform(75.0, 90.0)),
         tilt_deg=float(rng.normal(11.0 if view == "a4c" else 2.0, 3.0)),
-        la_scale=float(rng.uniform(0.85, 1.1) * (1.0 + 0.2 * sick)),
+        la_scale=float(rng.uniform(*LA) * (1.0 + LA_PER_SICK * sick)),
         gain_db=float(rng.normal(0.0, 3.0)),
         noise=float(noise * rng.uniform(0.004, 0.015)),
         clutter=float(noise * rng.uniform(0.05, 0.3)),
