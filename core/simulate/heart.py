@@ -61,7 +61,7 @@ class HeartCycle:
         """LV volume (ml) at times t (seconds)."""
         t = np.asarray(t, dtype=np.float64)
         k = self._locate(t)
-        r, e_on, es = self.beats.r[k], self.eject_on[k], self.es[k]
+        e_on, es = self.eject_on[k], self.es[k]
         f_on, a_on, r_next = self.fill_on[k], self.kick_on[k], self.next_r[k]
         edv, esv, edv_next = self.edv_k[k], self.esv_k[k], self.next_edv[k]
 
