@@ -21,10 +21,11 @@ no fitted guess beats this one.
 """
 from __future__ import annotations
 
-from math import erf, sqrt
+from math import sqrt
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.special import ndtr
 
 from . import subject as s
 from .subject import Subject, sample_subject, sickness
@@ -54,16 +55,12 @@ def _normal_pdf(x: np.ndarray) -> np.ndarray:
     return np.exp(-0.5 * x * x) / sqrt(2.0 * np.pi)
 
 
-def _normal_cdf(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
-
-
 def _clipped_normal(x: float, mean: np.ndarray, sd: float, clip: tuple[float, float]) -> np.ndarray:
     """Density of clip(N(mean, sd)) at x; at a clip edge, the probability mass piled there."""
     if x <= clip[0]:
-        return _normal_cdf((clip[0] - mean) / sd)
+        return ndtr((clip[0] - mean) / sd)
     if x >= clip[1]:
-        return 1.0 - _normal_cdf((clip[1] - mean) / sd)
+        return 1.0 - ndtr((clip[1] - mean) / sd)
     return _normal_pdf((x - mean) / sd) / sd
 
 
