@@ -29,7 +29,8 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         device = x.device.type
-        if device not in UPCASTING_AUTOCAST or x.dtype not in (torch.bfloat16, torch.float16) or not torch.is_autocast_enabled(device):
+        low_precision = x.dtype in (torch.bfloat16, torch.float16)
+        if device not in UPCASTING_AUTOCAST or not low_precision or not torch.is_autocast_enabled(device):
             return super().forward(x)
         weight = self.weight.to(x.dtype) if self.weight is not None else None
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -155,7 +156,7 @@ class Transformer(nn.Module):
 
     def cross_keys_values(self, context: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Every block's cross-attention keys and values of `context`, for `forward(cross_kv=)`:
-        MaskedGIT attends to the same context at every decode step, so they are computed once."""
+        MaskGIT attends to the same context at every decode step, so they are computed once."""
         return [block.cross.keys_values(context) for block in self.blocks]
 
     def forward(
