@@ -34,8 +34,8 @@ class LayerNorm(nn.LayerNorm):
             return super().forward(x)
         weight = self.weight.to(x.dtype) if self.weight is not None else None
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        # The switch itself, not a nested torch.autocast(): constructing one checks the
-        # device each time, which the eager GPU path pays hundreds of times a beat.
+        # The switch itself rather than a nested torch.autocast(): no context object per
+        # call on a path that runs hundreds of times a beat.
         torch.set_autocast_enabled(device, False)
         try:
             return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
