@@ -219,8 +219,9 @@ def load_test(res: ResidentGenerator, streams: int, duration_s: float, policy: B
             log.warning("pyzmq not importable: load-test latency ends at frames on the host, not published")
     on_host: list[float] = []
     lock = threading.Lock()
-    batcher = BeatBatcher(res.generate, policy)
     beats = max(1, int(duration_s / BEAT_S))
+    frames_expected = beats * streams * res.frames_per_beat
+    batcher = BeatBatcher(res.generate, policy)
     try:
         start = time.monotonic() + 0.05
         schedule = sorted((start + (i / streams) * BEAT_S + k * BEAT_S, i, k) for k in range(beats) for i in range(streams))
@@ -243,7 +244,6 @@ def load_test(res: ResidentGenerator, streams: int, duration_s: float, policy: B
             f.result(timeout=120)
     finally:
         batcher.close()
-        frames_expected = len(schedule) * res.frames_per_beat
         received = side.close(frames_expected) if side is not None else None
     latencies = side.latencies if side is not None else on_host
     p50, p99 = _pct(latencies)

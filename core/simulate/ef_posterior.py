@@ -47,6 +47,9 @@ def _prior() -> np.ndarray:
     return density
 
 
+_PRIOR = _prior()
+
+
 def _uniform(x: float, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     return np.where((x >= low) & (x <= high), 1.0 / (high - low), 0.0)
 
@@ -85,7 +88,7 @@ def ef_posterior(subject: Subject) -> np.ndarray:
     sick = _SICK
     wall_scale, la_scale = 1.0 - s.WALL_THINNING * sick, 1.0 + s.LA_PER_SICK * sick
     likelihood = (
-        _prior()
+        _PRIOR
         * _edv_likelihood(subject.edv)
         * _clipped_normal(subject.hr, s.HR_MEAN + s.HR_PER_SICK * sick, s.HR_SD, s.HR_CLIP)
         * _qrs_likelihood(subject.qrs)
