@@ -36,7 +36,7 @@ import torch
 from echopulse.core.config import Preset
 from echopulse.core.generator import Generator
 from echopulse.core.resident import (
-    BATCH_SIZES, BeatRequest, ResidentGenerator, StageTimer, configure_backends, precision_report, threads,
+    BATCH_SIZES, BeatRequest, ResidentGenerator, StageTimer, StaticBuffers, configure_backends, precision_report, threads,
 )
 from echopulse.stream.batching import BatchPolicy, BeatBatcher
 from echopulse.stream.protocol import frame_topic
@@ -406,10 +406,82 @@ def kernel_profile(res: ResidentGenerator, top: int = 15) -> list[dict]:
     return [{"kernel": e.key[:90], "calls": e.count, "ms": e.device_time_total / 1000} for e in events[:top]]
 
 
+def stage_functions(res: ResidentGenerator, buf: StaticBuffers, layout: str) -> dict[str, Callable[[], None]]:
+    """The beat pipeline cut in three, each a function over `buf` that can be captured on
+    its own: ECG encode + contexts, the MaskGIT steps, tokenizer decode + re-prime.
+    The contexts the second reads are those the first made last (held here)."""
+    held: dict[str, tuple] = {}
+
+    def contexts() -> None:
+        with res._autocast():
+            held["contexts"] = res.contexts(buf, layout)
+
+    def steps() -> None:
+        with res._autocast():
+            res.decode(buf, *held["contexts"])
+
+    def finish() -> None:
+        with res._autocast():
+            res.finish(buf)
+
+    return {"ecg_encode_and_contexts": contexts, "decode_steps": steps, "tokenizer_decode_and_reprime": finish}
+
+
+@torch.inference_mode()
+def graph_stages(res: ResidentGenerator, repeats: int) -> dict[str, float]:
+    """Median ms of each third of the beat, captured as its own CUDA graph and replayed
+    (GPU), or run eagerly (CPU): where the whole-beat graph spends its time."""
+    from echopulse.kernels.cuda_graph import capture
+
+    buf = res.buffers(1, 1)
+    res.fill(buf, _requests(res, 1))
+    functions = stage_functions(res, buf, PRIMINGS["loop"])
+    cuda = res.device.type == "cuda"
+    runs = {name: (capture(fn).replay if cuda else fn) for name, fn in functions.items()}  # in order: each feeds the next
+    sync = _sync_for(res.device)
+    out = {}
+    for name, run in runs.items():
+        times = []
+        for _ in range(repeats):
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            run()
+            if sync:
+                sync()
+            times.append((time.perf_counter() - t0) * 1000)
+        out[name] = float(np.median(times))
+    return out
+
+
+def graph_replay_profile(res: ResidentGenerator, top: int = 12) -> dict:
+    """The kernels inside one replay of the batch-1 beat graph (torch.profiler sees them
+    through CUPTI): how many, their summed time against the replay's wall time, the top ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    requests = _requests(res, 1)
+    res.generate(requests)  # captured before profiling
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        res.generate(requests)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1000
+    events = prof.key_averages()
+    kernel_ms = sum(e.device_time_total for e in events) / 1000
+    ranked = sorted(events, key=lambda e: e.device_time_total, reverse=True)
+    return {
+        "wall_ms": wall_ms, "kernel_ms": kernel_ms, "kernels": int(sum(e.count for e in events)),
+        "top": [{"kernel": e.key[:90], "calls": e.count, "ms": e.device_time_total / 1000} for e in ranked[:top]],
+    }
+
+
 @contextlib.contextmanager
 def _guarded(rows: list[dict], raw: dict, name: str) -> Iterator[None]:
     """A GPU section that fails is recorded (row + raw["errors"]) and the run goes on:
-    device time is scarce, so one failure must not lose the other figures."""
+    device time is scarce, so one failure must not lose the other figures. Its rows are
+    logged as soon as it ends, so a run cut short by a time limit still leaves them."""
+    first = len(rows)
     try:
         yield
     except Exception as err:  # recorded, logged with its traceback, not swallowed silently
@@ -417,6 +489,8 @@ def _guarded(rows: list[dict], raw: dict, name: str) -> Iterator[None]:
         raw.setdefault("errors", {})[name] = repr(err)
         rows.append(_row(f"{name}: FAILED", 0.0, "error", repr(err)[:100]))
         torch.cuda.empty_cache()
+    for row in rows[first:]:
+        log.info("row: %s = %.4g %s %s", row["metric"], row["value"], row["unit"], row.get("target") or "")
 
 
 def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") -> tuple[list[dict], dict]:
@@ -433,7 +507,14 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
     if cuda:
         variants.append(("graph bf16", {"precision": "bf16", "graphs": True}))
     if raw["cupy"]:
-        variants.append(("graph bf16 + CuPy", {"precision": "bf16", "graphs": True, "kernels": "cupy"}))
+        cupy = {"precision": "bf16", "graphs": True, "kernels": "cupy"}
+        variants += [
+            ("graph bf16 + CuPy", cupy),
+            # the SDPA backend that won at 2 rows in the last run's attention rows
+            ("graph bf16 + CuPy, flash first", {**cupy, "attention": "flash"}),
+            # Inductor's fusions recorded inside our graph (the warm-up compiles)
+            ("graph bf16 + CuPy + compile", {**cupy, "compile": True}),
+        ]
     built: dict[str, ResidentGenerator] = {}
     for label, options in variants:
         with _guarded(rows, raw, f"paper {label}"):
@@ -475,6 +556,18 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
     if not candidates:
         return rows, raw
     fastest = min(candidates, key=lambda lab: np.median(raw[f"paper_{lab}_ms"]))
+    with _guarded(rows, raw, f"paper {fastest} stages"):
+        # the same generator (a compiled body is compiled once); its stage graphs are new
+        parts = graph_stages(built[fastest], 5 if quick else 20)
+        raw[f"paper_{fastest}_stages_ms"] = parts
+        for name, ms in parts.items():
+            rows.append(_row(f"paper {fastest}, batch 1, {name} {'(own graph)' if cuda else ''}".rstrip(), ms, "ms"))
+    if cuda:
+        with _guarded(rows, raw, f"paper {fastest} replay profile"):
+            prof = graph_replay_profile(built[fastest])
+            raw[f"paper_{fastest}_replay_profile"] = prof
+            rows.append(_row(f"paper {fastest}: kernels in one beat's replay", prof["kernels"], "kernels",
+                             f"{prof['kernel_ms']:.1f} ms of kernel time in {prof['wall_ms']:.1f} ms"))
     best_ms = float(np.median(raw[f"paper_{fastest}_ms"]))
     if "eager fp32" in built:
         speedup = np.median(raw["paper_eager fp32_ms"]) / best_ms
@@ -492,6 +585,14 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
             rows.append(_row("paper bf16 vs fp32 token agreement", report["token_agreement"], "fraction"))
             rows.append(_row("paper bf16 vs fp32 pixel MAE (end to end)", report["pixel_mae"], "grey levels"))
             rows.append(_row("paper bf16 vs fp32 pixel MAE (decoder alone)", report["decode_pixel_mae"], "grey levels"))
+    if cuda:  # the attention backends again where batches are large (cuDNN won at 32 rows)
+        for label in [lab for lab in built if "CuPy" in lab and "compile" not in lab]:
+            with _guarded(rows, raw, f"paper {label} batch 64"):
+                xs = beat_latencies(built[label], 64, 3 if quick else 10)
+                raw[f"paper_{label}_batch64_ms"] = xs
+                rows.append(_row(f"paper batch 64, {label}, per beat p50", _pct(xs)[0] / 64, "ms"))
+            built[label].drop_graphs()  # their memory pools, before the next variant's batch 64
+            torch.cuda.empty_cache()
     best = built[fastest]
     for label in [lab for lab in built if lab != fastest]:  # free their buffers and graphs before the big batches
         del built[label]
@@ -503,7 +604,7 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
             raw[f"paper_{fastest}_batch{batch}_ms"] = xs
             rows.append(_row(f"paper batch {batch}, {fastest}, per call p50", _pct(xs)[0], "ms"))
     with _guarded(rows, raw, "paper load test"):
-        counts = ([16, 32, 64] if quick else [16, 32, 40, 48, 64, 96]) if cuda else [1, 2]
+        counts = ([16, 32, 48, 64] if quick else [16, 32, 40, 48, 56, 64, 96]) if cuda else [1, 2]
         held, trials = streams_held(best, counts, duration_s=3 * BEAT_S if quick else 8 * BEAT_S,
                                     policy=BatchPolicy(window_s=0.004))
         raw["paper_load_tests"] = trials

@@ -90,14 +90,19 @@ class Attention(nn.Module):
         context: Tensor | None = None,
         key_mask: Tensor | None = None,
         kv: tuple[Tensor, Tensor] | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
-        """`kv`: this layer's `keys_values(context)`, computed beforehand (context is then unused)."""
+        """`kv`: this layer's `keys_values(context)`, computed beforehand (context is then unused).
+        `rows` (b, r): only these tokens ask (queries and output are theirs); in
+        self-attention every token is still a key."""
         h = self.norm(x)
-        q = self._heads(self.to_q(h))
+        q = self._heads(self.to_q(h if rows is None else take_rows(h, rows)))
         k, v = kv if kv is not None else self.keys_values(h if context is None else context)
         attn_mask = None
         if key_mask is not None:
             attn_mask = key_mask[:, None, None, :]  # (b, 1, 1, keys), broadcast over heads and queries
+        if self.causal and rows is not None:
+            raise ValueError("rows are for bidirectional attention: causal queries need their own positions")
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=self.causal and context is None and kv is None
         )
@@ -128,8 +133,11 @@ class Block(nn.Module):
         context_mask: Tensor | None = None,
         key_mask: Tensor | None = None,
         cross_kv: tuple[Tensor, Tensor] | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.attn(x, key_mask=key_mask)
+        """`rows` (b, r): the output holds these tokens only (b, r, dim); they still attend to all."""
+        attended = self.attn(x, key_mask=key_mask, rows=rows)
+        x = (x if rows is None else take_rows(x, rows)) + attended
         if self.cross is not None:
             x = x + self.cross(x, context=context, key_mask=context_mask, kv=cross_kv)
         return x + self.ff(x)
@@ -166,12 +174,27 @@ class Transformer(nn.Module):
         context_mask: Tensor | None = None,
         key_mask: Tensor | None = None,
         cross_kv: list[tuple[Tensor, Tensor]] | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
-        """`key_mask` (batch, tokens) hides tokens of x from self-attention (padding, invalid patches)."""
+        """`key_mask` (batch, tokens) hides tokens of x from self-attention (padding, invalid patches).
+
+        `rows` (batch, r): return these tokens only (batch, r, dim). Every token is needed
+        as a key up to the last block, so only the last block computes fewer rows: the
+        same values as the full output's rows, for less work (MaskGIT needs the tokens it
+        has yet to sample, about half of them over a decode)."""
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             kv = cross_kv[i] if cross_kv is not None else None
-            x = block(x, context=context, context_mask=context_mask, key_mask=key_mask, cross_kv=kv)
+            x = block(
+                x, context=context, context_mask=context_mask, key_mask=key_mask, cross_kv=kv,
+                rows=rows if i == last else None,
+            )
         return self.norm(x)
+
+
+def take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """x (b, n, d) at token positions rows (b, r) -> (b, r, d)."""
+    return x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def sinusoidal_embedding(positions: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 PRECISIONS = ("fp32", "bf16")
+# Which SDPA backend to try first ("auto": torch's own order). On an H200 at the paper's
+# shapes flash beat cuDNN for a 2-row batch and lost at 32 rows (docs/gpu.md).
+ATTENTION_ORDER = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+ATTENTION_FIRST = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 
 
 def padded_size(n: int, sizes: Sequence[int] = BATCH_SIZES) -> int:
@@ -185,6 +189,7 @@ class ResidentGenerator:
         graphs: bool = False,
         compile: bool = False,
         pad: bool | None = None,
+        attention: str = "auto",
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -193,17 +198,21 @@ class ResidentGenerator:
         self.device = generator.device
         if (kernels == "cupy" or graphs) and self.device.type != "cuda":
             raise ValueError("CuPy kernels and CUDA graphs need the generator on a CUDA device")
-        if compile and (kernels == "cupy" or graphs):
-            raise ValueError("compile is for the eager torch path (graphs already remove the overhead it would)")
+        if attention not in ATTENTION_FIRST:
+            raise ValueError(f"attention must be one of {tuple(ATTENTION_FIRST)}, got {attention!r}")
+        self.attention = attention
         self.preset: Preset = generator.preset
         self.name = generator.name
         self.tokenizer = _weights_in(generator.tokenizer, precision)
         self.ecg_encoder = _weights_in(generator.ecg_encoder, precision)
         self.transformer = _weights_in(generator.transformer, precision)
         self.critic = _weights_in(generator.critic, precision)
-        # The transformer body, optionally compiled (static shapes: one compile per batch size,
-        # about 35 s each on 2 cores, for about 10 % of the forward in bf16 there; off by default).
-        self.body = torch.compile(self.transformer.transformer, dynamic=False) if compile else self.transformer.transformer
+        # The transformer body, optionally compiled (about 10 % of the forward in bf16 on 2 CPU
+        # cores; off by default). Dynamic shapes: the rows sampled shrink every step and the
+        # batch varies, so one compile serves them all (one per key layout: their graphs differ).
+        # With graphs, the warm-up before capture compiles, and the capture records the
+        # compiled kernels: Inductor's fusions inside our graph, not its own graphs.
+        self.body = torch.compile(self.transformer.transformer, dynamic=True) if compile else self.transformer.transformer
         self.precision = precision
         self.kernel_kind = kernels
         self.kernels = None
@@ -255,12 +264,18 @@ class ResidentGenerator:
         return int(self.schedule.n_masked.shape[0])
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        # The weight-cast cache lives for one pipeline call (cleared when the outermost
-        # autocast exits), so under capture it is filled and used inside the graph: safe,
-        # and each weight is cast once per beat rather than once per decode step.
+        """bf16 autocast and the attention kernel preference, around every model call."""
+        stack = contextlib.ExitStack()
         if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        first = ATTENTION_FIRST[self.attention]
+        if first is not None:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            order = [getattr(SDPBackend, name) for name in (first, *(b for b in ATTENTION_ORDER if b != first))]
+            # a preference, not a restriction: a backend that refuses a shape or mask falls through
+            stack.enter_context(sdpa_kernel(order, set_priority=True))
+        return stack
 
     def buffers(self, batch: int, leads: int) -> StaticBuffers:
         """The static buffers of a (batch, leads) pipeline, allocated on first use."""
@@ -323,17 +338,28 @@ class ResidentGenerator:
     def decode_step(
         self, buf: StaticBuffers, step: int, ids: Tensor, unknown: Tensor, context2: Context, critic_context: Context | None
     ) -> tuple[Tensor, Tensor]:
-        """One MaskGIT step: transformer on the CFG pair, then sample + confidence + remask."""
+        """One MaskGIT step: transformer on the CFG pair, then sample + confidence + remask.
+
+        Only the tokens still unknown are sampled, so the last block and the output
+        projection run on those alone (`Transformer.forward(rows=)`). Their count at each
+        step is static (`unknown_counts`): over a decode that skips 40 % of the projection
+        and sampling work and half of the last block (tiny: 320 → 82 of 384 tokens)."""
         sch = self.schedule
         model = self.transformer
-        if self.kernels is not None:  # the kernel skips known tokens itself
-            logits2 = model(torch.cat([ids, ids]), context2)
+        positions = self.unknown_positions(unknown, step)
+        logits2 = self.unknown_logits(ids, positions, context2)
+        if self.kernels is not None:
             self.kernels.sample_confidence(
-                logits2, ids, unknown, buf.seeds, sch.cond_scale, sch.temperature, sch.noise, step, buf.sampled, buf.conf
+                logits2, ids, unknown, buf.seeds, sch.cond_scale, sch.temperature, sch.noise, step,
+                buf.sampled, buf.conf, positions=positions,
             )
             sampled, conf = buf.sampled, buf.conf
         else:
-            sampled, conf = self._sample_unknown(buf, step, ids, unknown, context2)
+            picked, picked_conf, _ = ref.sample_confidence(
+                logits2, ids, unknown, buf.seeds, sch.cond_scale, sch.temperature[step], sch.noise[step], step, positions
+            )
+            sampled = ids.scatter(1, positions, picked)
+            conf = torch.full(ids.shape, math.inf, device=ids.device).scatter(1, positions, picked_conf)
         if self.critic is not None:  # fixed per generator, not a branch on a tensor value
             critic_logits = self.critic(sampled, critic_context)
             conf = ref.critic_confidence(critic_logits, unknown, buf.seeds, sch.noise[step], step)
@@ -342,28 +368,21 @@ class ResidentGenerator:
             return ids, unknown
         return ref.remask(conf, sampled, sch.n_masked[step], model.mask_id)
 
-    def _sample_unknown(self, buf: StaticBuffers, step: int, ids: Tensor, unknown: Tensor, context2: Context) -> tuple[Tensor, Tensor]:
-        """Torch path: the output projection, sampling and confidence for the unknown tokens only.
+    def unknown_positions(self, unknown: Tensor, step: int) -> Tensor:
+        """(B, U) positions of the tokens unknown when `step` starts, ascending; U is static."""
+        # a stable sort puts the zeros of ~unknown (the unknown tokens) first, in order
+        # contiguous: the CuPy kernel reads it by raw pointer
+        return (~unknown).to(torch.uint8).argsort(dim=-1, stable=True)[:, : self.unknown_counts[step]].contiguous()
 
-        Their count at each step is static (`unknown_counts`), so this keeps fixed shapes
-        and skips 40 % of the projection and sampling work over a decode (tiny: 320 → 82 of 384)."""
-        sch = self.schedule
+    def unknown_logits(self, ids: Tensor, positions: Tensor, context2: Context) -> Tensor:
+        """The CFG pair's logits (2B, U, V) at `positions` (B, U): `MaskedTransformer.forward`
+        with rows, through `self.body` (compiled when asked)."""
         model = self.transformer
-        count = self.unknown_counts[step]
-        # positions of the unknown tokens, in order: a stable sort puts the zeros of ~unknown first
-        positions = (~unknown).to(torch.uint8).argsort(dim=-1, stable=True)[:, :count]
-        # MaskedTransformer.forward, with the output projection applied to `positions` only
         hidden = self.body(
-            model.embed_tokens(torch.cat([ids, ids])), context=context2.tokens, context_mask=context2.mask, cross_kv=context2.kv
+            model.embed_tokens(torch.cat([ids, ids])), context=context2.tokens, context_mask=context2.mask,
+            cross_kv=context2.kv, rows=torch.cat([positions, positions]),
         )
-        pos2 = torch.cat([positions, positions])
-        logits2 = model.to_out(hidden.gather(1, pos2[..., None].expand(-1, -1, hidden.shape[-1])))
-        picked, picked_conf, _ = ref.sample_confidence(
-            logits2, ids, unknown, buf.seeds, sch.cond_scale, sch.temperature[step], sch.noise[step], step, positions
-        )
-        sampled = ids.scatter(1, positions, picked)
-        conf = torch.full(ids.shape, math.inf, device=ids.device).scatter(1, positions, picked_conf)
-        return sampled, conf
+        return model.to_out(hidden)
 
     def decode_video(self, buf: StaticBuffers, ids: Tensor) -> None:
         """Tokens -> codes -> decoder -> uint8 frames 1..F into `buf.frames`."""
@@ -390,29 +409,37 @@ class ResidentGenerator:
         """One beat for every row of `buf`: reads its inputs, writes ids, frames, next_prime.
 
         `layout` must hold for the rows in `buf` (see `key_layout`)."""
-        model = self.transformer
-        hw = model.prime_tokens
         with self._autocast():
             context2, critic_context = self.contexts(buf, layout)
             if timer:
                 timer.mark("ecg_encode")
-            buf.ids[:, :hw] = buf.prime
-            buf.ids[:, hw:] = model.mask_id
-            buf.unknown.copy_(buf.ids == model.mask_id)
-            ids, unknown = buf.ids, buf.unknown
-            for step in range(self.steps):
-                ids, unknown = self.decode_step(buf, step, ids, unknown, context2, critic_context)
-                if timer:
-                    timer.mark(f"decode_step_{step}")
-            if ids is not buf.ids:  # the torch path makes new tensors each step
-                buf.ids.copy_(ids)
-                buf.unknown.copy_(unknown)
-            self.decode_video(buf, buf.ids)
+            self.decode(buf, context2, critic_context, timer)
+            self.finish(buf, timer)
+
+    def decode(self, buf: StaticBuffers, context2: Context, critic_context: Context | None, timer: StageTimer | None = None) -> None:
+        """The T MaskGIT steps from the prime frame: `buf.ids` holds the clip's tokens after."""
+        model = self.transformer
+        hw = model.prime_tokens
+        buf.ids[:, :hw] = buf.prime
+        buf.ids[:, hw:] = model.mask_id
+        buf.unknown.copy_(buf.ids == model.mask_id)
+        ids, unknown = buf.ids, buf.unknown
+        for step in range(self.steps):
+            ids, unknown = self.decode_step(buf, step, ids, unknown, context2, critic_context)
             if timer:
-                timer.mark("tokenizer_decode")
-            self.reprime(buf)
-            if timer:
-                timer.mark("reprime")
+                timer.mark(f"decode_step_{step}")
+        if ids is not buf.ids:  # the torch path makes new tensors each step
+            buf.ids.copy_(ids)
+            buf.unknown.copy_(unknown)
+
+    def finish(self, buf: StaticBuffers, timer: StageTimer | None = None) -> None:
+        """Frames from `buf.ids`, and the next beat's prime tokens from the last of them."""
+        self.decode_video(buf, buf.ids)
+        if timer:
+            timer.mark("tokenizer_decode")
+        self.reprime(buf)
+        if timer:
+            timer.mark("reprime")
 
     def _capturable(self, key: object) -> Callable[[], None]:
         batch, leads, layout = key  # type: ignore[misc]
@@ -432,6 +459,14 @@ class ResidentGenerator:
             self.graphs.get((buf.batch, buf.window.shape[1], layout)).replay()
         else:
             self.pipeline(buf, timer, layout)
+
+    def drop_graphs(self) -> None:
+        """Forget every captured graph, so their memory pools can return to the allocator;
+        the next beat of each (batch, leads, layout) captures again."""
+        if self.graphs is not None:
+            from ..kernels.cuda_graph import GraphCache
+
+            self.graphs = GraphCache(self._capturable)
 
     @torch.inference_mode()
     def warm_up(

@@ -235,9 +235,12 @@ class MaskedTransformer(nn.Module):
         transformer once per step on the same context, so they need computing only once."""
         return context._replace(kv=self.transformer.cross_keys_values(context.tokens))
 
-    def forward(self, ids: Tensor, context: Context) -> Tensor:
-        """(B, N) token ids -> (B, N, out_dim) logits."""
-        x = self.transformer(self.embed_tokens(ids), context=context.tokens, context_mask=context.mask, cross_kv=context.kv)
+    def forward(self, ids: Tensor, context: Context, rows: Tensor | None = None) -> Tensor:
+        """(B, N) token ids -> (B, N, out_dim) logits; with `rows` (B, R) token positions,
+        the logits of those tokens only (B, R, out_dim), computed for less (`Transformer.forward`)."""
+        x = self.transformer(
+            self.embed_tokens(ids), context=context.tokens, context_mask=context.mask, cross_kv=context.kv, rows=rows
+        )
         return self.to_out(x)
 
     def forward_with_cond_scale(self, ids: Tensor, context2: Context, cond_scale: Tensor | float) -> Tensor:

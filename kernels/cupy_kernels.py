@@ -3,7 +3,8 @@
 - `sample_confidence`: one warp per token reads the conditional and null logits once and
   does classifier-free guidance, Gumbel-max sampling (hash noise, see reference_steps),
   an online log-softmax for the sampled token's log-probability and the annealed
-  confidence noise. Known tokens skip their logits entirely.
+  confidence noise. Known tokens skip their logits entirely; given the positions of the
+  unknown tokens, it reads logits computed for those alone.
 - `remask`: one block per row sorts (confidence, position) in shared memory (bitonic,
   N padded to a power of two: 384 -> 512, 1536 -> 2048) and re-masks the first n_t, where
   n_t is read from the precomputed schedule in device memory. Ranking needs every token of
@@ -105,21 +106,38 @@ __device__ __forceinline__ void finish(Partial p, long long seed, int step, int 
     conf[t] = __fadd_rn(logp, __fmul_rn(nu, gc));
 }
 
+// Listed token `w` of logits2 (2B, U, V): its row *b, position *n; returns its index in (B, N).
+// Without positions every token is listed in order (U == N).
+__device__ __forceinline__ long long listed_token(long long w, const long long* positions, int U, int N, int* b, int* n) {
+    *b = (int)(w / U);
+    *n = positions ? (int)positions[w] : (int)(w - (long long)(*b) * U);
+    return (long long)(*b) * N + *n;
+}
+
+// Known tokens keep their id with +inf confidence (never re-masked); grid-stride over (B, N).
+__device__ __forceinline__ void keep_known(const long long* ids, const unsigned char* unknown, long long total,
+                                           long long first, long long stride, long long* sampled, float* conf) {
+    for (long long t = first; t < total; t += stride)
+        if (!unknown[t]) { sampled[t] = ids[t]; conf[t] = __int_as_float(0x7f800000); }
+}
+
 extern "C" __global__ void sample_confidence(
     const void* logits2, int is_bf16, const long long* ids, const unsigned char* unknown,
     const long long* seeds, const float* cond_scale, const float* temperature, const float* noise,
-    int step, int B, int N, int V, long long* sampled, float* conf)
+    int step, int B, int N, int V, const long long* positions, int U, long long* sampled, float* conf)
 {
-    long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;   // one warp per token
+    // logits2 is (2B, U, V): every token (positions == 0, U == N), or the U tokens of each
+    // row listed in positions (B, U), which must list every unknown token of its row.
+    long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    keep_known(ids, unknown, (long long)B * N, thread, (long long)gridDim.x * blockDim.x, sampled, conf);
+    long long warp = thread >> 5;                  // one warp per listed token
     int lane = threadIdx.x & 31;
-    if (warp >= (long long)B * N) return;          // whole warps leave together
-    int b = (int)(warp / N), n = (int)(warp - (long long)b * N);
-    if (!unknown[warp]) {                          // a known token keeps its id, never re-masked
-        if (lane == 0) { sampled[warp] = ids[warp]; conf[warp] = __int_as_float(0x7f800000); }
-        return;
-    }
+    if (warp >= (long long)B * U) return;          // whole warps leave together
+    int b, n;
+    long long t = listed_token(warp, positions, U, N, &b, &n);
+    if (!unknown[t]) return;                       // known: keep_known wrote it
     long long seed = seeds[b];
-    Partial p = lane_partial(logits2, is_bf16, warp * V, ((long long)(B + b) * N + n) * V,
+    Partial p = lane_partial(logits2, is_bf16, warp * V, (warp + (long long)B * U) * V,
                              cond_scale[0], temperature[step], row_key(seed, step, 0), n, V, lane);
     for (int off = 16; off > 0; off >>= 1) {
         Partial q;
@@ -130,7 +148,7 @@ extern "C" __global__ void sample_confidence(
         q.best_v = __shfl_xor_sync(FULL_MASK, p.best_v, off);
         p = merge(p, q);
     }
-    if (lane == 0) finish(p, seed, step, n, noise[step], sampled, conf, warp);
+    if (lane == 0) finish(p, seed, step, n, noise[step], sampled, conf, t);
 }
 
 extern "C" __global__ void remask(
@@ -274,26 +292,37 @@ class FusedKernels:
         step: int,
         sampled: Tensor,
         conf: Tensor,
+        positions: Tensor | None = None,
     ) -> None:
-        """Fill `sampled` (B, N) long and `conf` (B, N) float32 from logits (2B, N, V) f32/bf16."""
-        b2, n, v = logits2.shape
-        b = b2 // 2
+        """Fill `sampled` (B, N) long and `conf` (B, N) float32 from logits (2B, N, V) f32/bf16.
+
+        With `positions` (B, U) long, logits2 is (2B, U, V): the logits of those tokens
+        only, which must include every unknown token of the row (the rest keep their id
+        and get +inf, as known tokens do). The noise is a token's own, wherever it sits."""
+        b, n = ids.shape
+        b2, u, v = logits2.shape
+        if b2 != 2 * b:
+            raise ValueError(f"logits2: expected {2 * b} rows (the CFG pair of {b}), got {b2}")
         _check(logits2, "logits2", (torch.float32, torch.bfloat16))
         _check(ids, "ids", (torch.int64,), (b, n))
         _check(unknown, "unknown", (torch.bool,), (b, n))
         _check(seeds, "seeds", (torch.int64,), (b,))
+        if positions is None:
+            if u != n:
+                raise ValueError(f"logits2 holds {u} tokens per row, ids {n}: pass their positions")
+        else:
+            _check(positions, "positions", (torch.int64,), (b, u))
         for name, t in (("cond_scale", cond_scale), ("temperature", temperature), ("noise", noise)):
             _check(t, name, (torch.float32,))
         if not 0 <= step < temperature.numel():
             raise ValueError(f"step {step} outside the schedule of {temperature.numel()} steps")
         _check(sampled, "sampled", (torch.int64,), (b, n))
         _check(conf, "conf", (torch.float32,), (b, n))
-        tokens = b * n
-        grid = (tokens + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK
+        grid = max(1, (b * u + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK)
         args = (
             _ptr(logits2), np.int32(logits2.dtype == torch.bfloat16), _ptr(ids), _ptr(unknown), _ptr(seeds),
             _ptr(cond_scale), _ptr(temperature), _ptr(noise), np.int32(step), np.int32(b), np.int32(n),
-            np.int32(v), _ptr(sampled), _ptr(conf),
+            np.int32(v), np.uint64(0) if positions is None else _ptr(positions), np.int32(u), _ptr(sampled), _ptr(conf),
         )
         self._launch("sample_confidence", grid, WARPS_PER_BLOCK * 32, args)
 

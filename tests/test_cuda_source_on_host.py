@@ -48,14 +48,16 @@ HARNESS = r"""
 extern "C" void host_sample_confidence(
     const void* logits2, int is_bf16, const long long* ids, const unsigned char* unknown,
     const long long* seeds, const float* cond_scale, const float* temperature, const float* noise,
-    int step, int B, int N, int V, long long* sampled, float* conf)
+    int step, int B, int N, int V, const long long* positions, int U, long long* sampled, float* conf)
 {
-    for (long long t = 0; t < (long long)B * N; ++t) {
-        int b = (int)(t / N), n = (int)(t - (long long)b * N);
-        if (!unknown[t]) { sampled[t] = ids[t]; conf[t] = __int_as_float(0x7f800000); continue; }
+    keep_known(ids, unknown, (long long)B * N, 0, 1, sampled, conf);
+    for (long long w = 0; w < (long long)B * U; ++w) {  // the kernel's warps, one after another
+        int b, n;
+        long long t = listed_token(w, positions, U, N, &b, &n);
+        if (!unknown[t]) continue;
         Partial lanes[32], next[32];
         for (int l = 0; l < 32; ++l)
-            lanes[l] = lane_partial(logits2, is_bf16, t * V, ((long long)(B + b) * N + n) * V,
+            lanes[l] = lane_partial(logits2, is_bf16, w * V, (w + (long long)B * U) * V,
                                     cond_scale[0], temperature[step], row_key(seeds[b], step, 0), n, V, l);
         for (int off = 16; off > 0; off >>= 1) {         // the warp's xor butterfly, lane by lane
             for (int l = 0; l < 32; ++l) next[l] = merge(lanes[l], lanes[l ^ off]);
@@ -119,7 +121,7 @@ def test_sample_confidence_source_matches_the_reference(lib: ctypes.CDLL, b: int
         lib.host_sample_confidence(
             _p(raw), _i(int(bf16)), _p(ids.numpy()), _p(unknown.numpy().view(np.uint8)), _p(seeds.numpy()),
             _p(cond_scale.numpy()), _p(temperature.numpy()), _p(noise.numpy()), _i(step), _i(b), _i(n), _i(v),
-            _p(sampled), _p(conf),
+            None, _i(n), _p(sampled), _p(conf),
         )
         sampled_t, conf_t = torch.from_numpy(sampled), torch.from_numpy(conf)
         # host logf vs torch's vectorised log may differ in the last bit: near ties could flip
@@ -130,6 +132,41 @@ def test_sample_confidence_source_matches_the_reference(lib: ctypes.CDLL, b: int
         if step == 2:  # temperature 0: no log anywhere in the choice, so exactly the argmax
             assert torch.equal(sampled_t, want_s)
             assert (sampled_t[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sample_confidence_source_reads_logits_of_the_listed_tokens(lib: ctypes.CDLL, bf16: bool) -> None:
+    """Logits computed for the unknown tokens alone, at their positions: the same ids and
+    confidences as from the full logits, and the known tokens keep theirs."""
+    b, n, v = 2, 40, 96
+    g = torch.Generator().manual_seed(11)
+    full = torch.randn(2 * b, n, v, generator=g) * 2
+    ids = torch.randint(0, v, (b, n), generator=g)
+    unknown = torch.zeros(b, n, dtype=torch.bool)
+    unknown[0, [3, 4, 17, 30, 39]] = True
+    unknown[1, [0, 5, 6, 21, 22]] = True
+    positions = (~unknown).to(torch.uint8).argsort(dim=-1, stable=True)[:, :5].contiguous()
+    listed = full.gather(1, torch.cat([positions, positions])[..., None].expand(-1, -1, v)).contiguous()
+    if bf16:
+        full, listed = full.bfloat16(), listed.bfloat16()
+    raw = (lambda x: x.view(torch.int16).numpy() if bf16 else x.numpy())
+    seeds = torch.tensor([5, 2**33 + 1])
+    cond_scale, temperature, noise = torch.tensor([2.0]), torch.tensor([0.7]), torch.tensor([1.5])
+    outputs = []
+    for logits2, pos, u in ((full, None, n), (listed, positions, 5)):
+        sampled = np.full((b, n), -7, np.int64)
+        conf = np.full((b, n), np.nan, np.float32)
+        lib.host_sample_confidence(
+            _p(raw(logits2)), _i(int(bf16)), _p(ids.numpy()), _p(unknown.numpy().view(np.uint8)), _p(seeds.numpy()),
+            _p(cond_scale.numpy()), _p(temperature.numpy()), _p(noise.numpy()), _i(0), _i(b), _i(n), _i(v),
+            None if pos is None else _p(pos.numpy()), _i(u), _p(sampled), _p(conf),
+        )
+        outputs.append((sampled, conf))
+    (s_full, c_full), (s_listed, c_listed) = outputs
+    assert np.array_equal(s_listed, s_full) and np.array_equal(c_listed, c_full)
+    assert np.isinf(c_listed[~unknown.numpy()]).all() and np.isfinite(c_listed[unknown.numpy()]).all()
+    want_s, _, _ = ref.sample_confidence(listed, ids, unknown, seeds, cond_scale[0], temperature[0], noise[0], 0, positions)
+    assert np.array_equal(np.take_along_axis(s_listed, positions.numpy(), 1), want_s.numpy())
 
 
 @pytest.mark.parametrize("n", [7, 48, 384, 1536])

@@ -61,6 +61,38 @@ def test_sample_confidence_matches_the_reference(kernels: FusedKernels, b: int, 
         torch.testing.assert_close(conf[same], want_c[same], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("b,n,v", [(3, 384, 1024), (2, 1536, 8192)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sample_confidence_reads_logits_of_the_unknown_tokens_alone(
+    kernels: FusedKernels, b: int, n: int, v: int, dtype: torch.dtype
+) -> None:
+    """The resident generator's form: logits for the unknown tokens only, at their positions.
+    Same ids and confidences as from the full logits; known tokens keep theirs."""
+    logits2, ids, unknown, seeds = _step_inputs(b, n, v, dtype, seed=n + v)
+    count = int(unknown.sum(-1).min())
+    unknown[:] = False
+    g = torch.Generator(device=DEV).manual_seed(1)
+    for row in range(b):  # the same count of unknown tokens in every row, as in a decode
+        unknown[row, torch.randperm(n, device=DEV, generator=g)[:count]] = True
+    positions = (~unknown).to(torch.uint8).argsort(dim=-1, stable=True)[:, :count].contiguous()
+    listed = logits2.gather(1, torch.cat([positions, positions])[..., None].expand(-1, -1, v)).contiguous()
+    cond_scale = torch.tensor(3.0, device=DEV)
+    temperature = torch.tensor([0.9], device=DEV)
+    noise = torch.tensor([2.0], device=DEV)
+    out = []
+    for logits, pos in ((logits2, None), (listed, positions)):
+        sampled = torch.full((b, n), -7, dtype=torch.long, device=DEV)
+        conf = torch.full((b, n), float("nan"), device=DEV)
+        kernels.sample_confidence(logits, ids, unknown, seeds, cond_scale, temperature, noise, 0, sampled, conf, positions=pos)
+        out.append((sampled, conf))
+    torch.cuda.synchronize()
+    (s_full, c_full), (s_listed, c_listed) = out
+    assert torch.equal(s_listed, s_full) and torch.equal(c_listed, c_full)
+    assert torch.equal(s_listed[~unknown], ids[~unknown]) and torch.isinf(c_listed[~unknown]).all()
+    with pytest.raises(ValueError, match="positions"):
+        kernels.sample_confidence(listed, ids, unknown, seeds, cond_scale, temperature, noise, 0, s_full, c_full)
+
+
 @pytest.mark.parametrize("n", [48, 384, 1536])
 def test_remask_matches_the_stable_rank_reference(kernels: FusedKernels, n: int) -> None:
     b = 4

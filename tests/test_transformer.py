@@ -165,6 +165,27 @@ def test_keys_values_computed_once_give_the_same_logits() -> None:
         torch.testing.assert_close(model(ids2, hoisted), model(ids2, context), atol=1e-6, rtol=1e-6)
 
 
+def test_logits_of_chosen_rows_equal_those_rows_of_the_full_pass() -> None:
+    """Only the last block computes fewer rows; every token is still a key before it."""
+    _, _, model, ecg, ids, rr, ref, ref_valid = _inputs(b=2)
+    g = torch.Generator().manual_seed(3)
+    rows = torch.stack([torch.randperm(model.num_tokens, generator=g)[:9] for _ in range(2)])
+    with torch.no_grad():
+        context = model.with_keys_values(model.condition(ecg, rr, ref, ref_valid))
+        full = model(ids, context)
+        some = model(ids, context, rows=rows)
+    assert some.shape == (2, 9, full.shape[-1])
+    torch.testing.assert_close(some, full.gather(1, rows[..., None].expand(-1, -1, full.shape[-1])), atol=1e-5, rtol=1e-5)
+
+
+def test_rows_are_refused_for_causal_attention() -> None:
+    from echopulse.core.layers import Attention
+
+    attn = Attention(16, 2, 8, causal=True)
+    with pytest.raises(ValueError, match="bidirectional"):
+        attn(torch.randn(1, 5, 16), rows=torch.tensor([[1, 3]]))
+
+
 @pytest.mark.parametrize("upcasting", [False, True])
 def test_layer_norm_keeps_bf16_under_autocast_and_is_nn_layer_norm_otherwise(
     upcasting: bool, monkeypatch: pytest.MonkeyPatch
