@@ -510,8 +510,6 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
         cupy = {"precision": "bf16", "graphs": True, "kernels": "cupy"}
         variants += [
             ("graph bf16 + CuPy", cupy),
-            # the SDPA backend that won at 2 rows in the last run's attention rows
-            ("graph bf16 + CuPy, flash first", {**cupy, "attention": "flash"}),
             # Inductor's fusions recorded inside our graph (the warm-up compiles)
             ("graph bf16 + CuPy + compile", {**cupy, "compile": True}),
         ]
@@ -585,14 +583,6 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
             rows.append(_row("paper bf16 vs fp32 token agreement", report["token_agreement"], "fraction"))
             rows.append(_row("paper bf16 vs fp32 pixel MAE (end to end)", report["pixel_mae"], "grey levels"))
             rows.append(_row("paper bf16 vs fp32 pixel MAE (decoder alone)", report["decode_pixel_mae"], "grey levels"))
-    if cuda:  # the attention backends again where batches are large (cuDNN won at 32 rows)
-        for label in [lab for lab in built if "CuPy" in lab and "compile" not in lab]:
-            with _guarded(rows, raw, f"paper {label} batch 64"):
-                xs = beat_latencies(built[label], 64, 3 if quick else 10)
-                raw[f"paper_{label}_batch64_ms"] = xs
-                rows.append(_row(f"paper batch 64, {label}, per beat p50", _pct(xs)[0] / 64, "ms"))
-            built[label].drop_graphs()  # their memory pools, before the next variant's batch 64
-            torch.cuda.empty_cache()
     best = built[fastest]
     for label in [lab for lab in built if lab != fastest]:  # free their buffers and graphs before the big batches
         del built[label]

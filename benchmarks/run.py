@@ -47,11 +47,11 @@ def machine_info() -> dict:
             info[f"{name}_version"] = importlib.import_module(name).__version__
         except Exception:  # a missing peer is reported, not fatal
             info[f"{name}_version"] = None
-    try:  # which code was measured (a copy without .git, e.g. on a lent GPU box, says None)
+    try:  # which code was measured; a copy without .git (a lent GPU box) names it in ECHOPULSE_COMMIT
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                                         text=True, timeout=10, check=True).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
+        info["commit"] = os.environ.get("ECHOPULSE_COMMIT") or None
     try:
         import torch
 

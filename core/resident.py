@@ -150,6 +150,7 @@ class StaticBuffers:
     codes: Tensor       # (B, N, K) float32
     frames: Tensor      # (B, F, H, W) uint8
     next_prime: Tensor  # (B, h·w) long
+    positions: list[Tensor]  # per step (B, U_s) long: the unknown tokens (CuPy path; [0] is fixed)
 
     @property
     def batch(self) -> int:
@@ -308,6 +309,8 @@ class ResidentGenerator:
             codes=torch.zeros(b, n, tok.lfq_bits, device=dev),
             frames=torch.zeros(b, tok.frames - 1, size, size, dtype=torch.uint8, device=dev),
             next_prime=torch.zeros(b, hw, **long),
+            # step 0's unknown tokens are every token after the prime; the remask kernel writes the rest
+            positions=[torch.arange(hw, n, device=dev).repeat(b, 1), *(torch.zeros(b, u, **long) for u in self.unknown_counts[1:])],
         )
 
     # the pipeline (static shapes, no host sync: the same code runs eager or captured)
@@ -343,10 +346,13 @@ class ResidentGenerator:
         Only the tokens still unknown are sampled, so the last block and the output
         projection run on those alone (`Transformer.forward(rows=)`). Their count at each
         step is static (`unknown_counts`): over a decode that skips 40 % of the projection
-        and sampling work and half of the last block (tiny: 320 → 82 of 384 tokens)."""
+        and sampling work and half of the last block (tiny: 320 → 82 of 384 tokens).
+        Which they are: the CuPy remask, which sorts anyway, writes the next step's into
+        `buf.positions` (least confident first); the torch path sorts the unknown mask."""
         sch = self.schedule
         model = self.transformer
-        positions = self.unknown_positions(unknown, step)
+        # the CuPy remask wrote this step's unknown tokens; the torch path finds them by sorting
+        positions = buf.positions[step] if self.kernels is not None else self.unknown_positions(unknown, step)
         logits2 = self.unknown_logits(ids, positions, context2)
         if self.kernels is not None:
             self.kernels.sample_confidence(
@@ -364,7 +370,8 @@ class ResidentGenerator:
             critic_logits = self.critic(sampled, critic_context)
             conf = ref.critic_confidence(critic_logits, unknown, buf.seeds, sch.noise[step], step)
         if self.kernels is not None:
-            self.kernels.remask(conf, sampled, sch.n_masked, step, model.mask_id, ids, unknown)  # in place
+            following = buf.positions[step + 1] if step + 1 < self.steps else None
+            self.kernels.remask(conf, sampled, sch.n_masked, step, model.mask_id, ids, unknown, following)  # in place
             return ids, unknown
         return ref.remask(conf, sampled, sch.n_masked[step], model.mask_id)
 

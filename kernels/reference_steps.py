@@ -124,6 +124,12 @@ def remask(conf: Tensor, sampled: Tensor, n_masked: Tensor, mask_id: int) -> tup
     return torch.where(again, torch.full_like(sampled, mask_id), sampled), again
 
 
+def remasked_positions(conf: Tensor, n_masked: int) -> Tensor:
+    """Positions (B, n_masked) of the tokens `remask` re-masks, least confident first (ties by
+    position): the remask kernel's optional output, the next step's unknown tokens."""
+    return conf.argsort(dim=-1, stable=True)[:, :n_masked]
+
+
 # the step, with counter-based noise (what the resident generator and the kernels run)
 
 

@@ -3,7 +3,8 @@
 No GPU is needed: device intrinsics get host stand-ins, a block runs as one thread (every
 `for (i = threadIdx.x; ...; i += blockDim.x)` loop then covers the whole block, and
 `__syncthreads` orders nothing that is not already in order), and a warp's shuffle
-reduction is replayed lane by lane with the kernel's own `lane_partial`/`merge`/`finish`.
+reduction is replayed lane by lane with the kernel's own `lane_partial`/`merge`/`finish`
+(`warp_merge` itself, being shuffles, runs on GPU only).
 This checks the kernels' arithmetic, hashing, indexing, padding and tie-breaking; what it
 cannot check (launch geometry, shared-memory races, real shuffles) the GPU tests do.
 Skipped when no C++ compiler is installed.
@@ -51,25 +52,31 @@ extern "C" void host_sample_confidence(
     int step, int B, int N, int V, const long long* positions, int U, long long* sampled, float* conf)
 {
     keep_known(ids, unknown, (long long)B * N, 0, 1, sampled, conf);
-    for (long long w = 0; w < (long long)B * U; ++w) {  // the kernel's warps, one after another
+    for (long long w = 0; w < (long long)B * U; ++w) {  // the kernel's blocks, one after another
         int b, n;
         long long t = listed_token(w, positions, U, N, &b, &n);
         if (!unknown[t]) continue;
-        Partial lanes[32], next[32];
-        for (int l = 0; l < 32; ++l)
+        Partial lanes[TOKEN_THREADS], next[TOKEN_THREADS];
+        for (int l = 0; l < TOKEN_THREADS; ++l)
             lanes[l] = lane_partial(logits2, is_bf16, w * V, (w + (long long)B * U) * V,
-                                    cond_scale[0], temperature[step], row_key(seeds[b], step, 0), n, V, l);
-        for (int off = 16; off > 0; off >>= 1) {         // the warp's xor butterfly, lane by lane
-            for (int l = 0; l < 32; ++l) next[l] = merge(lanes[l], lanes[l ^ off]);
-            for (int l = 0; l < 32; ++l) lanes[l] = next[l];
+                                    cond_scale[0], temperature[step], row_key(seeds[b], step, 0), n, V, l, TOKEN_THREADS);
+        for (int off = 16; off > 0; off >>= 1) {         // each warp's xor butterfly, lane by lane
+            for (int l = 0; l < TOKEN_THREADS; ++l) next[l] = merge(lanes[l], lanes[l ^ off]);
+            for (int l = 0; l < TOKEN_THREADS; ++l) lanes[l] = next[l];
         }
-        finish(lanes[0], seeds[b], step, n, noise[step], sampled, conf, t);
+        Partial total = lanes[0];                        // then thread 0 merges the warps in order
+        for (int i = 1; i < TOKEN_THREADS / 32; ++i) total = merge(total, lanes[32 * i]);
+        finish(total, seeds[b], step, n, noise[step], sampled, conf, t);
     }
 }
 
 extern "C" void host_remask(const float* conf, const long long* sampled, const long long* n_masked, int step,
-                            int B, int N, int NP, long long mask_id, long long* ids_out, unsigned char* unknown_out) {
-    for (int b = 0; b < B; ++b) { blockIdx.x = b; remask(conf, sampled, n_masked, step, N, NP, mask_id, ids_out, unknown_out); }
+                            int B, int N, int NP, long long mask_id, long long* ids_out, unsigned char* unknown_out,
+                            long long* positions_out) {
+    for (int b = 0; b < B; ++b) {
+        blockIdx.x = b;
+        remask(conf, sampled, n_masked, step, N, NP, mask_id, ids_out, unknown_out, positions_out);
+    }
     blockIdx.x = 0;
 }
 """
@@ -183,10 +190,13 @@ def test_remask_source_matches_the_stable_rank(lib: ctypes.CDLL, n: int) -> None
         want_ids, want_unknown = ref.remask(conf, sampled, n_masked[step], 1000)
         ids = np.full((b, n), -3, np.int64)
         unknown = np.full((b, n), 9, np.uint8)
+        count = int(n_masked[step])
+        positions = np.full((b, count), -5, np.int64)
         lib.host_remask(_p(conf.numpy()), _p(sampled.numpy()), _p(n_masked.numpy()), _i(step), _i(b), _i(n), _i(padded),
-                        _ll(1000), _p(ids), _p(unknown))
+                        _ll(1000), _p(ids), _p(unknown), _p(positions) if count else None)
         assert torch.equal(torch.from_numpy(ids), want_ids)
         assert torch.equal(torch.from_numpy(unknown).bool(), want_unknown) and unknown.max() <= 1
+        assert torch.equal(torch.from_numpy(positions), ref.remasked_positions(conf, count))
 
 
 def test_lfq_codes_source_matches_the_reference(lib: ctypes.CDLL) -> None:
