@@ -413,15 +413,15 @@ def stage_functions(res: ResidentGenerator, buf: StaticBuffers, layout: str) -> 
     held: dict[str, tuple] = {}
 
     def contexts() -> None:
-        with res._autocast():
+        with res._numerics():
             held["contexts"] = res.contexts(buf, layout)
 
     def steps() -> None:
-        with res._autocast():
+        with res._numerics():
             res.decode(buf, *held["contexts"])
 
     def finish() -> None:
-        with res._autocast():
+        with res._numerics():
             res.finish(buf)
 
     return {"ecg_encode_and_contexts": contexts, "decode_steps": steps, "tokenizer_decode_and_reprime": finish}

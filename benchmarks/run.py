@@ -47,11 +47,15 @@ def machine_info() -> dict:
             info[f"{name}_version"] = importlib.import_module(name).__version__
         except Exception:  # a missing peer is reported, not fatal
             info[f"{name}_version"] = None
-    try:  # which code was measured; a copy without .git (a lent GPU box) names it in ECHOPULSE_COMMIT
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                        text=True, timeout=10, check=True).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = os.environ.get("ECHOPULSE_COMMIT") or None
+    # which code was measured: ECHOPULSE_COMMIT when set (a copy of the tree on a lent GPU box
+    # has no .git, or a stale one), else git's HEAD
+    info["commit"] = os.environ.get("ECHOPULSE_COMMIT") or None
+    if info["commit"] is None:
+        try:
+            info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                            text=True, timeout=10, check=True).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
     try:
         import torch
 

@@ -95,14 +95,14 @@ class Attention(nn.Module):
         """`kv`: this layer's `keys_values(context)`, computed beforehand (context is then unused).
         `rows` (b, r): only these tokens ask (queries and output are theirs); in
         self-attention every token is still a key."""
+        if self.causal and rows is not None:
+            raise ValueError("rows are for bidirectional attention: causal queries need their own positions")
         h = self.norm(x)
         q = self._heads(self.to_q(h if rows is None else take_rows(h, rows)))
         k, v = kv if kv is not None else self.keys_values(h if context is None else context)
         attn_mask = None
         if key_mask is not None:
             attn_mask = key_mask[:, None, None, :]  # (b, 1, 1, keys), broadcast over heads and queries
-        if self.causal and rows is not None:
-            raise ValueError("rows are for bidirectional attention: causal queries need their own positions")
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=self.causal and context is None and kv is None
         )

@@ -264,8 +264,8 @@ class ResidentGenerator:
     def steps(self) -> int:
         return int(self.schedule.n_masked.shape[0])
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast and the attention kernel preference, around every model call."""
+    def _numerics(self) -> contextlib.AbstractContextManager:
+        """What every model call runs under: bf16 autocast, and the attention backend preference."""
         stack = contextlib.ExitStack()
         if self.precision == "bf16":
             stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
@@ -378,8 +378,7 @@ class ResidentGenerator:
     def unknown_positions(self, unknown: Tensor, step: int) -> Tensor:
         """(B, U) positions of the tokens unknown when `step` starts, ascending; U is static."""
         # a stable sort puts the zeros of ~unknown (the unknown tokens) first, in order
-        # contiguous: the CuPy kernel reads it by raw pointer
-        return (~unknown).to(torch.uint8).argsort(dim=-1, stable=True)[:, : self.unknown_counts[step]].contiguous()
+        return (~unknown).to(torch.uint8).argsort(dim=-1, stable=True)[:, : self.unknown_counts[step]]
 
     def unknown_logits(self, ids: Tensor, positions: Tensor, context2: Context) -> Tensor:
         """The CFG pair's logits (2B, U, V) at `positions` (B, U): `MaskedTransformer.forward`
@@ -416,7 +415,7 @@ class ResidentGenerator:
         """One beat for every row of `buf`: reads its inputs, writes ids, frames, next_prime.
 
         `layout` must hold for the rows in `buf` (see `key_layout`)."""
-        with self._autocast():
+        with self._numerics():
             context2, critic_context = self.contexts(buf, layout)
             if timer:
                 timer.mark("ecg_encode")
@@ -507,7 +506,7 @@ class ResidentGenerator:
         if frames.ndim != 3 or frames.shape[0] != self.preset.tokenizer.frames:
             raise ValueError(f"a beat-locked reference loop has {self.preset.tokenizer.frames} frames, got {frames.shape}")
         video = self._video(frames)
-        with self._autocast():
+        with self._numerics():
             ref_ids = self.tokenizer.encode(video).flatten(1)[0]
             prime = self.tokenizer.encode(video[:, :, -1:]).flatten(1)[0]
         return DeviceState(prime=prime, ref_ids=ref_ids, ref_valid=True, seed=int(seed))
@@ -516,7 +515,7 @@ class ResidentGenerator:
     def prime_image(self, frame: np.ndarray, seed: int) -> DeviceState:
         """A device primed with one frame (uint8 H×W) and no reference loop."""
         video = self._video(np.asarray(frame)[None])
-        with self._autocast():
+        with self._numerics():
             prime = self.tokenizer.encode(video).flatten(1)[0]
         n = self.transformer.num_tokens
         return DeviceState(prime=prime, ref_ids=torch.zeros(n, dtype=torch.long, device=self.device), ref_valid=False, seed=int(seed))
@@ -576,7 +575,7 @@ class ResidentGenerator:
         """Frames 1..F (B, F, H, W) uint8 of clips given as tokens (B, N): the tokenizer alone."""
         ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
         buf = self.buffers(padded_size(ids.shape[0]) if self.pad else ids.shape[0], 1)
-        with self._autocast():
+        with self._numerics():
             self.decode_video(buf, torch.cat([ids, ids[:1].expand(buf.batch - ids.shape[0], -1)]))
         return buf.frames[: ids.shape[0]].to("cpu", copy=True).numpy()
 

@@ -155,7 +155,7 @@ def default_backend() -> str:
     return "model" if shipped_model() else "sim"
 
 
-BATCHING_OPTIONS = ("precision", "batch_window_ms", "cuda_graphs", "kernels")
+BATCHING_OPTIONS = ("precision", "batch_window_ms", "cuda_graphs", "kernels", "compile", "warm_up_batch")
 
 
 def _torch_device(name: str | None) -> str:
@@ -170,7 +170,8 @@ def make_backend(name: str | None = None, **options: Any) -> Backend:
     generator exists, OSError for a checkpoint that cannot be read.
 
     Model options: `checkpoint`, `device`, `batching` (None: on for CUDA, off for CPU), and
-    with batching `precision` ("fp32", "bf16"), `batch_window_ms`, `cuda_graphs`, `kernels`."""
+    with batching `precision` ("fp32", "bf16"), `batch_window_ms`, `cuda_graphs`, `kernels`, `compile`,
+    `warm_up_batch`."""
     name = name or default_backend()
     for key in ("checkpoint", "batching", *BATCHING_OPTIONS):
         if options.get(key) is None:

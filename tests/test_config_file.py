@@ -67,8 +67,10 @@ def test_model_backend_options_and_numbers(tmp_path):
 
 def test_model_batching_options(tmp_path):
     config = load_config(write(tmp_path, MINIMAL + '[backend]\nname = "model"\nbatching = true\nbatch_window_ms = 2\n'
-                                                  'precision = "bf16"\ncuda_graphs = false\n'))
-    assert config.backend_options == {"batching": True, "batch_window_ms": 2.0, "precision": "bf16", "cuda_graphs": False}
+                                                  'precision = "bf16"\ncuda_graphs = false\ncompile = true\n'
+                                                  'warm_up_batch = 8\n'))
+    assert config.backend_options == {"batching": True, "batch_window_ms": 2.0, "precision": "bf16", "cuda_graphs": False,
+                                      "compile": True, "warm_up_batch": 8}
 
 
 @pytest.mark.parametrize("text, words", [

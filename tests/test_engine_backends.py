@@ -64,6 +64,7 @@ def test_model_backend_renders_a_detected_beat():
     ({"batch_window_ms": 2.0, "batching": False}, "only apply with batching"),
     ({"batching": True, "cuda_graphs": True}, "need the generator on a CUDA device"),
     ({"batching": True, "batch_window_ms": -1.0}, "batch window"),
+    ({"compile": True}, "only apply with batching"),
 ])
 def test_model_options_that_do_not_fit_are_value_errors(options, words):
     with pytest.raises(ValueError, match=words):
@@ -95,3 +96,26 @@ def test_batched_model_backend_matches_the_resident_generator_and_serves_the_eng
     finally:
         batched.close()
     assert not backends.make_backend("model", device="cpu").__class__ is BatchingBackend  # CPU default: unbatched
+
+
+def test_compile_reaches_the_resident_generator():
+    """`compile = true` in [backend] compiles the transformer body (lazily: at the first beat)."""
+    backend = backends.make_backend("model", device="cpu", batching=True, compile=True)
+    try:
+        assert backend.resident.body is not backend.resident.transformer.transformer
+        assert backend.resident.body._orig_mod is backend.resident.transformer.transformer
+    finally:
+        backend.close()
+
+
+def test_warm_up_batch_makes_those_batch_sizes_ready_before_the_first_beat():
+    backend = backends.make_backend("model", device="cpu", batching=True, warm_up_batch=4)
+    try:
+        assert backend.warm_sizes == (1, 2, 4)
+        backend.warm_up()
+        assert sorted(backend.resident._buffers) == [(1, 1), (2, 1), (4, 1)]
+    finally:
+        backend.close()
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match="warm_up_batch"):
+            backends.make_backend("model", device="cpu", batching=True, warm_up_batch=bad)
