@@ -178,6 +178,17 @@ def test_decoder_only_training_keeps_every_token(tmp_path, one_thread, capsys) -
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # a refused run writes nothing
 
 
+def test_lfq_bits_sets_the_codebook_of_a_run_from_scratch(tmp_path, one_thread, capsys) -> None:
+    out = tmp_path / "bits"
+    common = ["--data", "synthetic", "--batch", "2", "--threads", "1", "--perceptual-weight", "0.2", "--gan-weight", "0"]
+    assert main(["train", "tokenizer", "--steps", "1", "--lfq-bits", "6", "--out", str(out), *common]) == 0
+    model, saved = load_tokenizer(out)
+    assert saved.tokenizer.lfq_bits == 6 and model.config.codebook_size == 64
+    assert main(["train", "tokenizer", "--steps", "1", "--lfq-bits", "8", "--init", str(out),
+                 "--out", str(tmp_path / "again"), *common]) == 2
+    assert "--lfq-bits changes the codebook" in capsys.readouterr().err
+
+
 def test_vgg_perceptual_loss_loads_a_local_file(tmp_path) -> None:
     from safetensors.torch import save_file
 

@@ -26,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-width", type=ranged(int, 0, 512, "refine width"), metavar="W",
                    help="the per-frame conv refiner after the patch head, W channels wide (grafted onto an --init without one); "
                    "0: none, the paper's linear head (default: the preset's)")
+    p.add_argument("--lfq-bits", type=ranged(int, 1, 18, "lfq bits"), metavar="K",
+                   help="a codebook of 2**K codes, K bits per token (default: the preset's; not with --init: "
+                   "its tokens are fixed)")
     p.add_argument("--data", help="folder of .npz clips, or 'synthetic' (default: simulator on the fly)")
     p.add_argument("--cache", type=int, default=0, metavar="N", help="cycle through N clips kept in memory (0: a new clip every time)")
     p.add_argument("--seed", type=int, default=0, help="first training clip index (evaluate on seeds beyond the run)")
@@ -58,12 +61,16 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--decoder-only needs --init (the tokenizer whose tokens it keeps)")
     if args.decoder_only and args.lora:
         raise CliError("choose --lora or --decoder-only, not both")
+    if args.lfq_bits is not None and args.init:
+        raise CliError("--lfq-bits changes the codebook: train from scratch (no --init)")
     try:
         chosen = Preset.from_dict(load_json(Path(args.init) / "tokenizer.json")["preset"]) if args.init else preset(args.preset)
     except ValueError as err:
         raise CliError(str(err)) from None
     if args.refine_width is not None:
         chosen.tokenizer.refine_width = args.refine_width
+    if args.lfq_bits is not None:
+        chosen.tokenizer.lfq_bits = args.lfq_bits
     recipe = TokenizerRecipe(
         steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
         perceptual_weight=args.perceptual_weight, gan_weight=args.gan_weight, gan_start=args.gan_start,
