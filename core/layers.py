@@ -134,10 +134,15 @@ class Block(nn.Module):
         key_mask: Tensor | None = None,
         cross_kv: tuple[Tensor, Tensor] | None = None,
         rows: Tensor | None = None,
+        copies: int = 1,
     ) -> Tensor:
-        """`rows` (b, r): the output holds these tokens only (b, r, dim); they still attend to all."""
-        attended = self.attn(x, key_mask=key_mask, rows=rows)
-        x = (x if rows is None else take_rows(x, rows)) + attended
+        """`rows` (b, r): the output holds these tokens only (b, r, dim); they still attend to all.
+        `copies`: x holds one of `copies` identical stacks of the batch (see `Transformer.forward`)."""
+        own_rows = None if rows is None else rows[: x.shape[0]]  # the stacks' rows are the same too
+        attended = self.attn(x, key_mask=key_mask, rows=own_rows)
+        x = (x if rows is None else take_rows(x, own_rows)) + attended
+        if copies > 1:  # from here on the stacks differ: each meets its own context
+            x = x.repeat(copies, 1, 1)
         if self.cross is not None:
             x = x + self.cross(x, context=context, key_mask=context_mask, kv=cross_kv)
         return x + self.ff(x)
@@ -175,19 +180,28 @@ class Transformer(nn.Module):
         key_mask: Tensor | None = None,
         cross_kv: list[tuple[Tensor, Tensor]] | None = None,
         rows: Tensor | None = None,
+        copies: int = 1,
     ) -> Tensor:
         """`key_mask` (batch, tokens) hides tokens of x from self-attention (padding, invalid patches).
 
         `rows` (batch, r): return these tokens only (batch, r, dim). Every token is needed
         as a key up to the last block, so only the last block computes fewer rows: the
         same values as the full output's rows, for less work (MaskGIT needs the tokens it
-        has yet to sample, about half of them over a decode)."""
+        has yet to sample, about half of them over a decode).
+
+        `copies` > 1: the batch is `copies` identical stacks of x (a classifier-free
+        guidance pair: the same tokens, conditional and null contexts), and x holds one.
+        The first block's self-attention sees x alone, so it runs once for all stacks;
+        the stacks part at its cross-attention. `context`, `rows` and the result cover
+        the whole batch (copies · b rows)."""
+        if copies > 1 and key_mask is not None:
+            raise ValueError("copies: the stacks share x and need no key mask of their own")
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             kv = cross_kv[i] if cross_kv is not None else None
             x = block(
                 x, context=context, context_mask=context_mask, key_mask=key_mask, cross_kv=kv,
-                rows=rows if i == last else None,
+                rows=rows if i == last else None, copies=copies if i == 0 else 1,
             )
         return self.norm(x)
 

@@ -208,12 +208,18 @@ class ResidentGenerator:
         self.ecg_encoder = _weights_in(generator.ecg_encoder, precision)
         self.transformer = _weights_in(generator.transformer, precision)
         self.critic = _weights_in(generator.critic, precision)
-        # The transformer body, optionally compiled (about 10 % of the forward in bf16 on 2 CPU
-        # cores; off by default). Dynamic shapes: the rows sampled shrink every step and the
-        # batch varies, so one compile serves them all (one per key layout: their graphs differ).
-        # With graphs, the warm-up before capture compiles, and the capture records the
-        # compiled kernels: Inductor's fusions inside our graph, not its own graphs.
-        self.body = torch.compile(self.transformer.transformer, dynamic=True) if compile else self.transformer.transformer
+        # The beat's models, optionally compiled (off by default): the transformer body, the
+        # ECG encoder and the tokenizer's decode and encode. Dynamic shapes: the rows sampled
+        # shrink every step and the batch varies, so one compile serves them all (the body
+        # compiles once per key layout: their graphs differ). With graphs, the warm-up before
+        # capture compiles, and the capture records the compiled kernels: Inductor's fusions
+        # inside our graph, not its own graphs. Priming runs outside the beat, uncompiled.
+        self.compiled = compile
+        maybe = (lambda fn: torch.compile(fn, dynamic=True)) if compile else (lambda fn: fn)
+        self.body = maybe(self.transformer.transformer)
+        self._encode_ecg = maybe(self.ecg_encoder.encode)
+        self._decode_video = maybe(self.tokenizer.decode)
+        self._encode_video = maybe(self.tokenizer.encode)
         self.precision = precision
         self.kernel_kind = kernels
         self.kernels = None
@@ -321,7 +327,7 @@ class ResidentGenerator:
         Same as `MaskedTransformer.guidance_context`, with the drop mask taken from a
         device buffer (that method builds it on the host, which a capture cannot do).
         `layout` is the batch's key layout (`key_layout`, decided on the host)."""
-        ecg = EcgFeatures(*self.ecg_encoder.encode(buf.window, buf.valid, buf.lead_ids))
+        ecg = EcgFeatures(*self._encode_ecg(buf.window, buf.valid, buf.lead_ids))
         ecg2 = EcgFeatures(*(torch.cat([x, x]) for x in ecg))
 
         def two(x: Tensor) -> Tensor:
@@ -382,11 +388,13 @@ class ResidentGenerator:
 
     def unknown_logits(self, ids: Tensor, positions: Tensor, context2: Context) -> Tensor:
         """The CFG pair's logits (2B, U, V) at `positions` (B, U): `MaskedTransformer.forward`
-        with rows, through `self.body` (compiled when asked)."""
+        on the pair, through `self.body` (compiled when asked). Both halves of the pair hold
+        the same tokens, so they are embedded once and share the first self-attention
+        (`Transformer.forward(copies=2)`)."""
         model = self.transformer
         hidden = self.body(
-            model.embed_tokens(torch.cat([ids, ids])), context=context2.tokens, context_mask=context2.mask,
-            cross_kv=context2.kv, rows=torch.cat([positions, positions]),
+            model.embed_tokens(ids), context=context2.tokens, context_mask=context2.mask,
+            cross_kv=context2.kv, rows=torch.cat([positions, positions]), copies=2,
         )
         return model.to_out(hidden)
 
@@ -400,7 +408,7 @@ class ResidentGenerator:
             codes = buf.codes
         else:
             codes = ref.lfq_codes(ids, bits)
-        video = self.tokenizer.decode(codes.view(b, t, h, w, bits))
+        video = self._decode_video(codes.view(b, t, h, w, bits))
         if self.kernels is not None:
             self.kernels.frames_uint8(video.contiguous(), buf.frames)
         else:
@@ -409,7 +417,7 @@ class ResidentGenerator:
     def reprime(self, buf: StaticBuffers) -> None:
         """The last emitted frame, re-encoded causally: the next beat's prime tokens."""
         last = from_uint8(buf.frames[:, -1:])  # (B, 1, 1, H, W)
-        buf.next_prime.copy_(self.tokenizer.encode(last).flatten(1))
+        buf.next_prime.copy_(self._encode_video(last).flatten(1))
 
     def pipeline(self, buf: StaticBuffers, timer: StageTimer | None = None, layout: str = "masked") -> None:
         """One beat for every row of `buf`: reads its inputs, writes ids, frames, next_prime.

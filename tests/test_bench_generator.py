@@ -23,6 +23,8 @@ def test_the_gpu_comparison_runs_end_to_end_on_cpu() -> None:
     for label in ("eager fp32", "eager bf16"):
         assert f"paper beat, GPU batch 1, {label} p50" in metrics
     assert any("image-primed (no_ref)" in m for m in metrics) and any("gap-primed (masked)" in m for m in metrics)
+    lap = raw["paper_overlapped_replays"]
+    assert lap["lanes"] == 2 and lap["beats_per_s"] > 0 and lap["together_p50_ms"] > 0
     trials = raw["paper_load_tests"]
     assert trials and all(t["latency_ends"] == "last frame published" for t in trials)
     assert all(t["frames_received"] == t["frames_expected"] > 0 for t in trials)

@@ -99,7 +99,7 @@ def test_batched_model_backend_matches_the_resident_generator_and_serves_the_eng
 
 
 def test_compile_reaches_the_resident_generator():
-    """`compile = true` in [backend] compiles the transformer body (lazily: at the first beat)."""
+    """`compile = true` in [backend] compiles the beat's models (lazily: at the first beat)."""
     backend = backends.make_backend("model", device="cpu", batching=True, compile=True)
     try:
         assert backend.resident.body is not backend.resident.transformer.transformer

@@ -73,13 +73,13 @@ def test_captured_equals_eager_with_flash_attention_first(generator: Generator, 
 
 # Inductor suggests TF32 for fp32 matmuls; fp32 here is kept exact on purpose (configure_backends)
 @pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning")
-def test_compiled_body_inside_the_graph_agrees_with_the_eager_path(generator: Generator) -> None:
+def test_compiled_models_inside_the_graph_agree_with_the_eager_path(generator: Generator) -> None:
     """Inductor's kernels recorded in our capture: the same beats up to its fused rounding."""
     plain = ResidentGenerator(generator)
     compiled = ResidentGenerator(generator, graphs=True, compile=True)
     report = precision_report(plain, compiled, _requests(plain, 2, seed=12))
     assert report["token_agreement"] >= 0.9, report
-    assert report["decode_pixel_max"] == 0, report  # the tokenizer is not compiled
+    assert report["decode_pixel_max"] <= 1, report  # the compiled decoder: rounding, one grey level at most
 
 
 @needs_cupy

@@ -126,7 +126,7 @@ def test_attention_preference_is_a_speed_choice_only() -> None:
 
 
 def test_compiled_body_gives_the_same_beats_with_rows_shrinking_every_step() -> None:
-    """torch.compile of the transformer body: the sampled rows change shape every step, and
+    """torch.compile of the beat's models: the sampled rows change shape every step, and
     one dynamic-shape compile serves every step; the greedy beats do not change."""
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -137,11 +137,12 @@ def test_compiled_body_gives_the_same_beats_with_rows_shrinking_every_step() -> 
     gen = Generator.untrained(_greedy("small"), device="cpu", seed=2)
     want = _greedy_beats(ResidentGenerator(gen), count=2)
     got = _greedy_beats(ResidentGenerator(gen, compile=True), count=2)
-    # one compile serves the shrinking rows; here a second, because the first step's 32 rows
-    # equal the model width and duck sizing makes them one static size (paper, tiny: no clash)
-    assert counters["stats"]["unique_graphs"] <= 2
+    # ECG encoder, tokenizer decode and encode once each, the body once for all the
+    # shrinking rows; here twice, because the first step's 32 rows equal the model width
+    # and duck sizing makes them one static size (paper, tiny: no clash)
+    assert counters["stats"]["unique_graphs"] <= 5
     for a, b in zip(got, want):
-        assert (a.tokens == b.tokens).mean() >= 0.95  # Inductor's fused arithmetic rounds differently
+        assert (a.tokens == b.tokens).mean() >= 0.95  # Inductor's fused arithmetic may round differently
         assert np.abs(a.frames.astype(int) - b.frames).mean() < 8
 
 

@@ -178,6 +178,27 @@ def test_logits_of_chosen_rows_equal_those_rows_of_the_full_pass() -> None:
     torch.testing.assert_close(some, full.gather(1, rows[..., None].expand(-1, -1, full.shape[-1])), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_a_guidance_pair_shares_its_first_self_attention(depth: int) -> None:
+    """Both halves of a CFG pair hold the same tokens: one stack through the first
+    self-attention, then two, gives the pair's output (with rows too, also when the first
+    block is the last)."""
+    from echopulse.core.layers import Transformer
+
+    torch.manual_seed(depth)
+    body = Transformer(16, depth, 2, 8, context_dim=16).eval()
+    x = torch.randn(2, 10, 16)
+    context = torch.randn(4, 7, 16)  # conditional rows, then null rows
+    rows = torch.tensor([[1, 4, 9], [0, 2, 3]])
+    with torch.no_grad():
+        want = body(torch.cat([x, x]), context=context)
+        torch.testing.assert_close(body(x, context=context, copies=2), want, atol=1e-6, rtol=1e-6)
+        some = body(x, context=context, rows=torch.cat([rows, rows]), copies=2)
+    torch.testing.assert_close(some, want.gather(1, torch.cat([rows, rows])[..., None].expand(-1, -1, 16)), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="key mask"):
+        body(x, context=context, key_mask=torch.ones(2, 10, dtype=torch.bool), copies=2)
+
+
 def test_rows_are_refused_for_causal_attention() -> None:
     from echopulse.core.layers import Attention
 
