@@ -229,9 +229,9 @@ def batched_model_backend(
     """The `model` backend with multi-stream batching over one `ResidentGenerator`.
 
     On CUDA the pipeline is captured in graphs and runs the CuPy kernels by default (when
-    CuPy imports); on CPU it runs eagerly. `compile` puts the transformer body through
-    torch.compile first (on an H200: 23.5 → 22.6 ms a beat, for about 20 s of compiling per
-    key layout at the first beats; docs/gpu.md). `warm_up_batch`: the batch sizes up to this
+    CuPy imports); on CPU it runs eagerly. `compile` puts the beat's models through
+    torch.compile first (on an H200: 22.8 → 21.4 ms a beat, for about 40 s of compiling at
+    start; docs/gpu.md). `warm_up_batch`: the batch sizes up to this
     one are captured (or run once) at start, in every key layout, so no beat waits for a
     capture; each is a graph and its memory. Raises ValueError for settings the device
     cannot honour (graphs or CuPy kernels on CPU, an unknown precision)."""

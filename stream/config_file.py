@@ -15,7 +15,7 @@ typo never passes silently; deploy/echopulse.toml is a commented example)::
     batch_window_ms = 4.0         # model + batching: longest a beat waits for company
     precision = "bf16"            # model + batching: "fp32" or "bf16"
     cuda_graphs = true            # model + batching on CUDA: replay captured graphs (default true)
-    compile = false               # model + batching: torch.compile the transformer (slow start, ~4 % on GPU)
+    compile = false               # model + batching: torch.compile the models (slow start, ~6 % on GPU)
     warm_up_batch = 8             # model + batching: batch sizes up to this one made ready at start (default 1)
     size = 64                     # sim only: frame side in pixels
     frames_per_beat = 10          # sim only
