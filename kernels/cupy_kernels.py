@@ -7,8 +7,10 @@
   unknown tokens, it reads logits computed for those alone.
 - `remask`: one block per row sorts (confidence, position) in shared memory (bitonic,
   N padded to a power of two: 384 -> 512, 1536 -> 2048) and re-masks the first n_t, where
-  n_t is read from the precomputed schedule in device memory. Ranking needs every token of
-  a row, so it is a second launch; inside a CUDA graph the two cost no launch overhead.
+  n_t is read from the precomputed schedule in device memory; given a buffer, it also
+  writes the re-masked tokens' positions, the next step's unknown tokens. Ranking needs
+  every token of a row, so it is a second launch; inside a CUDA graph the two cost no
+  launch overhead.
 - `lfq_codes`: token indices -> ±scale code vectors (most significant bit first).
 - `frames_uint8`: decoder output -> clipped, rounded uint8 frames 1..T-1, ready to publish.
 

@@ -231,22 +231,23 @@ def batched_model_backend(
     On CUDA the pipeline is captured in graphs and runs the CuPy kernels by default (when
     CuPy imports); on CPU it runs eagerly. `compile` puts the beat's models through
     torch.compile first (on an H200: 22.8 → 21.4 ms a beat, for about 40 s of compiling at
-    start; docs/gpu.md). `warm_up_batch`: the batch sizes up to this
-    one are captured (or run once) at start, in every key layout, so no beat waits for a
-    capture; each is a graph and its memory. Raises ValueError for settings the device
-    cannot honour (graphs or CuPy kernels on CPU, an unknown precision)."""
+    start; docs/gpu.md). `warm_up_batch`: the batch sizes up to this one are captured (or
+    run once) at start, in every key layout, so no beat waits for a capture; each is a
+    graph and its memory. Raises ValueError for settings the device cannot honour (graphs
+    or CuPy kernels on CPU, an unknown precision) or out of range."""
     from ..core.generator import Generator
 
+    # settings first: a wrong one fails before the model loads
+    if batch_window_ms < 0:
+        raise ValueError(f"batch window must be >= 0 ms, got {batch_window_ms}")
+    if not 1 <= warm_up_batch <= max(BATCH_SIZES):
+        raise ValueError(f"warm_up_batch must be 1..{max(BATCH_SIZES)}, got {warm_up_batch}")
     generator = Generator.load(checkpoint, device=device) if checkpoint else Generator.default(device=device)
     on_cuda = generator.device.type == "cuda"
     if kernels is None:
         kernels = "cupy" if on_cuda and _cupy_imports() else "torch"
     resident = ResidentGenerator(generator, precision=precision, kernels=kernels,
                                  graphs=on_cuda if cuda_graphs is None else cuda_graphs, compile=compile)
-    if batch_window_ms < 0:
-        raise ValueError(f"batch window must be >= 0 ms, got {batch_window_ms}")
-    if not 1 <= warm_up_batch <= max(BATCH_SIZES):
-        raise ValueError(f"warm_up_batch must be 1..{max(BATCH_SIZES)}, got {warm_up_batch}")
     log.info("model backend: batching within %.1f ms on %s (%s, kernels %s, graphs %s, compiled %s)", batch_window_ms,
              generator.device, precision, kernels, resident.graphs is not None, compile)
     return BatchingBackend(resident, BatchPolicy(window_s=batch_window_ms / 1000.0), warm_up_batch=warm_up_batch)
