@@ -137,10 +137,10 @@ def test_compiled_body_gives_the_same_beats_with_rows_shrinking_every_step() -> 
     gen = Generator.untrained(_greedy("small"), device="cpu", seed=2)
     want = _greedy_beats(ResidentGenerator(gen), count=2)
     got = _greedy_beats(ResidentGenerator(gen, compile=True), count=2)
-    # ECG encoder, tokenizer decode and encode once each, the body once for all the
-    # shrinking rows; here twice, because the first step's 32 rows equal the model width
-    # and duck sizing makes them one static size (paper, tiny: no clash)
-    assert counters["stats"]["unique_graphs"] <= 5
+    # on CPU the body alone (the GPU test covers the rest), once for all the shrinking rows;
+    # here twice, because the first step's 32 rows equal the model width and duck sizing
+    # makes them one static size (paper, tiny: no clash)
+    assert counters["stats"]["unique_graphs"] <= 2
     for a, b in zip(got, want):
         assert (a.tokens == b.tokens).mean() >= 0.95  # Inductor's fused arithmetic may round differently
         assert np.abs(a.frames.astype(int) - b.frames).mean() < 8
