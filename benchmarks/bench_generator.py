@@ -393,19 +393,6 @@ def attention_kernels(batch_rows: int, queries: int, keys: int, heads: int, dim_
     return out
 
 
-def kernel_profile(res: ResidentGenerator, top: int = 15) -> list[dict]:
-    """The CUDA kernels of one eager beat at batch 1, by total time (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    requests = _requests(res, 1)
-    res.generate(requests)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        res.generate(requests)
-        torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
-    return [{"kernel": e.key[:90], "calls": e.count, "ms": e.device_time_total / 1000} for e in events[:top]]
-
-
 def stage_functions(res: ResidentGenerator, buf: StaticBuffers, layout: str) -> dict[str, Callable[[], None]]:
     """The beat pipeline cut in three, each a function over `buf` that can be captured on
     its own: ECG encode + contexts, the MaskGIT steps, tokenizer decode + re-prime.
@@ -413,15 +400,15 @@ def stage_functions(res: ResidentGenerator, buf: StaticBuffers, layout: str) -> 
     held: dict[str, tuple] = {}
 
     def contexts() -> None:
-        with res._numerics():
+        with res.numerics():
             held["contexts"] = res.contexts(buf, layout)
 
     def steps() -> None:
-        with res._numerics():
+        with res.numerics():
             res.decode(buf, *held["contexts"])
 
     def finish() -> None:
-        with res._numerics():
+        with res.numerics():
             res.finish(buf)
 
     return {"ecg_encode_and_contexts": contexts, "decode_steps": steps, "tokenizer_decode_and_reprime": finish}
@@ -454,13 +441,14 @@ def graph_stages(res: ResidentGenerator, repeats: int) -> dict[str, float]:
     return out
 
 
-def graph_replay_profile(res: ResidentGenerator, top: int = 12) -> dict:
-    """The kernels inside one replay of the batch-1 beat graph (torch.profiler sees them
-    through CUPTI): how many, their summed time against the replay's wall time, the top ones."""
+def kernel_profile(res: ResidentGenerator, top: int = 15) -> dict:
+    """The CUDA kernels of one batch-1 beat, eager or a graph replay (torch.profiler sees a
+    graph's kernels through CUPTI): how many, their summed time against the beat's wall
+    time, and the `top` ones by time."""
     from torch.profiler import ProfilerActivity, profile
 
     requests = _requests(res, 1)
-    res.generate(requests)  # captured before profiling
+    res.generate(requests)  # warm, and captured when graphs are on
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
@@ -569,7 +557,7 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
     if cuda and "eager bf16" in built:
         with _guarded(rows, raw, "paper eager bf16 kernel profile"):
             raw["paper_eager bf16_kernels"] = kernel_profile(built["eager bf16"])
-            for entry in raw["paper_eager bf16_kernels"][:6]:
+            for entry in raw["paper_eager bf16_kernels"]["top"][:6]:
                 rows.append(_row(f"paper eager bf16 kernel {entry['kernel'][:40]}", entry["ms"], "ms/beat", f"{entry['calls']} calls"))
     if cuda:
         with _guarded(rows, raw, "paper attention kernels"):
@@ -602,7 +590,7 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
             rows.append(_row(f"paper {fastest}, batch 1, {name} {'(own graph)' if cuda else ''}".rstrip(), ms, "ms"))
     if cuda:
         with _guarded(rows, raw, f"paper {fastest} replay profile"):
-            prof = graph_replay_profile(built[fastest])
+            prof = kernel_profile(built[fastest], top=12)
             raw[f"paper_{fastest}_replay_profile"] = prof
             rows.append(_row(f"paper {fastest}: kernels in one beat's replay", prof["kernels"], "kernels",
                              f"{prof['kernel_ms']:.1f} ms of kernel time in {prof['wall_ms']:.1f} ms"))

@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 PRECISIONS = ("fp32", "bf16")
-# Which SDPA backend to try first ("auto": torch's own order). On an H200 at the paper's
-# shapes flash beat cuDNN for a 2-row batch and lost at 32 rows (docs/gpu.md).
+# Which SDPA backend to try first ("auto": torch's own order). On an H200 flash beat cuDNN
+# on one 2-row attention call, yet the whole paper beat ran slower with flash first, at
+# batch 1 and at 64 (docs/gpu.md): so "auto", and the others are there to measure elsewhere.
 ATTENTION_ORDER = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 ATTENTION_FIRST = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 
@@ -216,7 +217,6 @@ class ResidentGenerator:
         # (the body compiles once per key layout: their graphs differ). With graphs, the
         # warm-up before capture compiles, and the capture records the compiled kernels:
         # Inductor's fusions inside our graph, not its own graphs. Priming runs uncompiled.
-        self.compiled = compile
         whole_beat = compile and self.device.type == "cuda"
         self.body = torch.compile(self.transformer.transformer, dynamic=True) if compile else self.transformer.transformer
         self._encode_ecg = torch.compile(self.ecg_encoder.encode, dynamic=True) if whole_beat else self.ecg_encoder.encode
@@ -272,7 +272,7 @@ class ResidentGenerator:
     def steps(self) -> int:
         return int(self.schedule.n_masked.shape[0])
 
-    def _numerics(self) -> contextlib.AbstractContextManager:
+    def numerics(self) -> contextlib.AbstractContextManager:
         """What every model call runs under: bf16 autocast, and the attention backend preference."""
         stack = contextlib.ExitStack()
         if self.precision == "bf16":
@@ -425,7 +425,7 @@ class ResidentGenerator:
         """One beat for every row of `buf`: reads its inputs, writes ids, frames, next_prime.
 
         `layout` must hold for the rows in `buf` (see `key_layout`)."""
-        with self._numerics():
+        with self.numerics():
             context2, critic_context = self.contexts(buf, layout)
             if timer:
                 timer.mark("ecg_encode")
@@ -516,7 +516,7 @@ class ResidentGenerator:
         if frames.ndim != 3 or frames.shape[0] != self.preset.tokenizer.frames:
             raise ValueError(f"a beat-locked reference loop has {self.preset.tokenizer.frames} frames, got {frames.shape}")
         video = self._video(frames)
-        with self._numerics():
+        with self.numerics():
             ref_ids = self.tokenizer.encode(video).flatten(1)[0]
             prime = self.tokenizer.encode(video[:, :, -1:]).flatten(1)[0]
         return DeviceState(prime=prime, ref_ids=ref_ids, ref_valid=True, seed=int(seed))
@@ -525,7 +525,7 @@ class ResidentGenerator:
     def prime_image(self, frame: np.ndarray, seed: int) -> DeviceState:
         """A device primed with one frame (uint8 H×W) and no reference loop."""
         video = self._video(np.asarray(frame)[None])
-        with self._numerics():
+        with self.numerics():
             prime = self.tokenizer.encode(video).flatten(1)[0]
         n = self.transformer.num_tokens
         return DeviceState(prime=prime, ref_ids=torch.zeros(n, dtype=torch.long, device=self.device), ref_valid=False, seed=int(seed))
@@ -585,7 +585,7 @@ class ResidentGenerator:
         """Frames 1..F (B, F, H, W) uint8 of clips given as tokens (B, N): the tokenizer alone."""
         ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
         buf = self.buffers(padded_size(ids.shape[0]) if self.pad else ids.shape[0], 1)
-        with self._numerics():
+        with self.numerics():
             self.decode_video(buf, torch.cat([ids, ids[:1].expand(buf.batch - ids.shape[0], -1)]))
         return buf.frames[: ids.shape[0]].to("cpu", copy=True).numpy()
 
