@@ -12,6 +12,7 @@
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]        # default: $OUT if set, else benchmarks/results
 #   QUICK=1 bash benchmarks/gpu.sh          # CI-sized repeats and load tests (about 2 minutes less)
+#   ECHOPULSE_COMMIT=abc1234 bash ...        # the commit the JSON names, for a copy of the tree without .git
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
