@@ -52,9 +52,10 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 PRECISIONS = ("fp32", "bf16")
-# Which SDPA backend to try first ("auto": torch's own order). On an H200 flash beat cuDNN
-# on one 2-row attention call, yet the whole paper beat ran slower with flash first, at
-# batch 1 and at 64 (docs/gpu.md): so "auto", and the others are there to measure elsewhere.
+# Which SDPA backend to try first ("auto": torch's own order). On an H200, single 2-row
+# attention calls put flash and cuDNN within each other's run-to-run spread, yet the whole
+# paper beat ran slower with flash first, at batch 1 and at 64 (docs/gpu.md): so "auto",
+# and the others are there to measure on other GPUs.
 ATTENTION_ORDER = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 ATTENTION_FIRST = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
 
