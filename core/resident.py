@@ -152,7 +152,7 @@ class StaticBuffers:
     codes: Tensor       # (B, N, K) float32
     frames: Tensor      # (B, F, H, W) uint8
     next_prime: Tensor  # (B, h·w) long
-    positions: list[Tensor]  # per step (B, U_s) long: the unknown tokens (CuPy path; [0] is fixed)
+    positions: list[Tensor]  # per step (B, U_s) long: the unknown tokens (CuPy path, else empty; [0] is fixed)
 
     @property
     def batch(self) -> int:
@@ -318,8 +318,10 @@ class ResidentGenerator:
             codes=torch.zeros(b, n, tok.lfq_bits, device=dev),
             frames=torch.zeros(b, tok.frames - 1, size, size, dtype=torch.uint8, device=dev),
             next_prime=torch.zeros(b, hw, **long),
-            # step 0's unknown tokens are every token after the prime; the remask kernel writes the rest
-            positions=[torch.arange(hw, n, device=dev).repeat(b, 1), *(torch.zeros(b, u, **long) for u in self.unknown_counts[1:])],
+            # CuPy path only: step 0's unknown tokens are every token after the prime; the remask
+            # kernel writes the rest (the torch path sorts the unknown mask instead)
+            positions=[torch.arange(hw, n, device=dev).repeat(b, 1), *(torch.zeros(b, u, **long) for u in self.unknown_counts[1:])]
+            if self.kernels is not None else [],
         )
 
     # the pipeline (static shapes, no host sync: the same code runs eager or captured)
