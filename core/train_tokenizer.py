@@ -100,8 +100,13 @@ def build_model(preset: Preset, recipe: TokenizerRecipe, init: Path | None) -> C
     return model
 
 
-def train_tokenizer(preset: Preset, recipe: TokenizerRecipe, paths: RunPaths, resume: bool = False, device: str = "auto") -> dict[str, float]:
-    """Run (or resume) training; returns the last logged losses."""
+def train_tokenizer(
+    preset: Preset, recipe: TokenizerRecipe, paths: RunPaths, resume: bool = False, device: str = "auto", workers: int = 0
+) -> dict[str, float]:
+    """Run (or resume) training; returns the last logged losses. `workers` > 0 (with a
+    cache): make the whole clip pool first, in that many processes."""
+    if workers and not recipe.cache:
+        raise ValueError("workers fill the clip cache: set a cache size")
     dev = select_device(device)
     out = paths.out
     state = TrainingState(out)
@@ -124,6 +129,8 @@ def train_tokenizer(preset: Preset, recipe: TokenizerRecipe, paths: RunPaths, re
     source = clip_source(paths.data, preset.tokenizer.frames, preset.tokenizer.image_size)
     if recipe.cache:
         source = CachedClips(source, recipe.cache, first=recipe.seed)
+        if workers:
+            source.fill(workers)
     config = {"recipe": asdict(recipe), "data": paths.data or "simulator", "init": str(paths.init) if paths.init else None, **paths.extra}
     log.info("training tokenizer %s on %s, %d parameters trainable, perceptual=%s, device %s",
              preset.name, config["data"], sum(p.numel() for p in trainable), getattr(perceptual, "name", "?"), dev)
@@ -147,7 +154,7 @@ def train_tokenizer(preset: Preset, recipe: TokenizerRecipe, paths: RunPaths, re
             model.train()
             first = recipe.seed + step * recipe.batch
             aug_gen.manual_seed(recipe.seed * 1_000_003 + step)
-            video = contrast_augment(batch(source, range(first, first + recipe.batch)), aug_gen, recipe.augment_prob).to(dev)
+            video = contrast_augment(batch(source, range(first, first + recipe.batch), dev), aug_gen, recipe.augment_prob)
             set_lr(opt, warmup_cosine(step, recipe.lr, recipe.warmup, recipe.steps, recipe.min_lr_ratio))
 
             gan_on = recipe.gan_weight > 0 and step >= recipe.gan_start

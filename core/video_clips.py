@@ -9,14 +9,18 @@ evaluation names its held-out clips by seed:
   `video` array (T, H, W) uint8; clip i is file i mod n, at a window chosen from i.
 - `SyntheticClips`: moving, pulsing ellipses with multiplicative noise; no simulator
   needed (smoke tests, quick checks).
-- `CachedClips`: a fixed pool of another source's clips, kept in memory and cycled.
+- `CachedClips`: a fixed pool of another source's clips, kept in memory and cycled;
+  `fill(workers)` makes the whole pool up front in parallel processes (a GPU trains
+  faster than one core simulates).
 
-`batch(source, indices)` stacks clips into a float video (B, 1, T, H, W) in [0, 1].
+`batch(source, indices, device)` stacks clips into a float video (B, 1, T, H, W) in [0, 1].
 `contrast_augment` is the random contrast augmentation of the paper.
 """
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -107,6 +111,26 @@ class CachedClips:
             self._clips[key] = self.source.clip(key)
         return self._clips[key]
 
+    def fill(self, workers: int, desc: str = "clips") -> None:
+        """Make every clip of the pool now, in `workers` processes (1: here). Clip i is the
+        source's clip i wherever it is made, so a filled pool equals one filled on demand."""
+        from .training import progress
+
+        missing = [k for k in range(self.first, self.first + self.capacity) if k not in self._clips]
+        if not missing:
+            return
+        if workers <= 1:
+            for key in progress(missing, total=len(missing), desc=desc):
+                self._clips[key] = self.source.clip(key)
+            return
+        # spawn: the workers need numpy and the simulator only, never a copy of a parent
+        # that may hold CUDA state or torch's thread pools
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            made = pool.map(self.source.clip, missing, chunksize=max(1, min(64, len(missing) // (4 * workers))))
+            for key, clip in zip(missing, progress(made, total=len(missing), desc=desc)):
+                self._clips[key] = clip
+
 
 def clip_source(data: str | None, frames: int, size: int) -> ClipSource:
     """None -> the simulator; 'synthetic' -> SyntheticClips; anything else is a folder of .npz."""
@@ -117,17 +141,20 @@ def clip_source(data: str | None, frames: int, size: int) -> ClipSource:
     return NpzClips(data, frames, size)
 
 
-def batch(source: ClipSource, indices: Sequence[int]) -> Tensor:
-    """Clips at `indices` -> float video (B, 1, T, H, W) in [0, 1]."""
-    clips = np.stack([source.clip(int(i)) for i in indices])
-    return torch.from_numpy(clips).float().div_(255.0)[:, None]
+def batch(source: ClipSource, indices: Sequence[int], device: torch.device | str | None = None) -> Tensor:
+    """Clips at `indices` -> float video (B, 1, T, H, W) in [0, 1], on `device` (the uint8
+    clips travel there, a quarter of the float bytes)."""
+    clips = torch.from_numpy(np.stack([source.clip(int(i)) for i in indices]))
+    if device is not None:
+        clips = clips.to(device)
+    return clips.float().div_(255.0)[:, None]
 
 
 def contrast_augment(video: Tensor, generator: torch.Generator, prob: float = 0.5) -> Tensor:
     """Per clip, with probability `prob`: random gamma in [0.7, 1.4], gain in [0.8, 1.25], offset ±0.05."""
     b = video.shape[0]
     shape = (b,) + (1,) * (video.ndim - 1)
-    u = torch.rand(4, b, generator=generator)
+    u = torch.rand(4, b, generator=generator).to(video.device)  # drawn on the CPU: the same draws on any device
     apply = (u[0] < prob).view(shape)
     gamma = (0.7 * (2.0 ** (u[1] * 1.0))).view(shape)   # log-uniform 0.7 .. 1.4
     gain = (0.8 * (1.5625 ** u[2])).view(shape)          # log-uniform 0.8 .. 1.25

@@ -57,6 +57,24 @@ def test_sources_and_batch(tmp_path) -> None:
     assert clip.shape == (11, 64, 64) and clip.dtype == np.uint8
 
 
+def test_cache_filled_by_worker_processes_equals_one_filled_on_demand() -> None:
+    synthetic = SyntheticClips(11, 32)
+    filled = CachedClips(synthetic, 6, first=100)
+    filled.fill(workers=2)
+    assert sorted(filled._clips) == list(range(100, 106))  # the whole pool, before any use
+    on_demand = CachedClips(synthetic, 6, first=100)
+    for index in range(100, 112):
+        assert np.array_equal(filled.clip(index), on_demand.clip(index))
+    here = CachedClips(synthetic, 3)
+    here.fill(workers=1)
+    assert all(np.array_equal(here.clip(i), synthetic.clip(i)) for i in range(3))
+
+
+def test_batch_on_a_device_equals_the_host_batch() -> None:
+    synthetic = SyntheticClips(11, 32)
+    assert torch.equal(batch(synthetic, [4, 5], "cpu"), batch(synthetic, [4, 5]))
+
+
 def test_simulator_source() -> None:
     pytest.importorskip("echopulse.core.simulate.paired")
     from echopulse.core.video_clips import SimulatorClips

@@ -189,6 +189,17 @@ def test_lfq_bits_sets_the_codebook_of_a_run_from_scratch(tmp_path, one_thread, 
     assert "--lfq-bits changes the codebook" in capsys.readouterr().err
 
 
+def test_workers_fill_the_pool_and_train_exactly_as_without(tmp_path, one_thread, capsys) -> None:
+    common = ["--data", "synthetic", "--batch", "2", "--threads", "1", "--perceptual-weight", "0.2", "--gan-weight", "0",
+              "--steps", "2", "--cache", "4"]
+    assert main(["train", "tokenizer", *common, "--out", str(tmp_path / "serial")]) == 0
+    assert main(["train", "tokenizer", *common, "--workers", "2", "--out", str(tmp_path / "parallel")]) == 0
+    a, b = load_tokenizer(tmp_path / "serial")[0], load_tokenizer(tmp_path / "parallel")[0]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert main(["train", "tokenizer", *common[:-2], "--workers", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "--workers fills the clip pool" in capsys.readouterr().err
+
+
 def test_vgg_perceptual_loss_loads_a_local_file(tmp_path) -> None:
     from safetensors.torch import save_file
 

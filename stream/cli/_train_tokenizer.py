@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "its tokens are fixed)")
     p.add_argument("--data", help="folder of .npz clips, or 'synthetic' (default: simulator on the fly)")
     p.add_argument("--cache", type=int, default=0, metavar="N", help="cycle through N clips kept in memory (0: a new clip every time)")
+    p.add_argument("--workers", type=positive_int("workers"), metavar="N",
+                   help="make the whole --cache pool before training, in N processes (for a GPU that trains faster than one core simulates)")
     p.add_argument("--seed", type=int, default=0, help="first training clip index (evaluate on seeds beyond the run)")
     p.add_argument("--vgg", help="local VGG16 weights (safetensors) for the perceptual loss; default: gradient+SSIM fallback")
     p.add_argument("--perceptual-weight", type=ranged(float, 0.0, 100.0, "perceptual weight"), default=1.0)
@@ -61,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--decoder-only needs --init (the tokenizer whose tokens it keeps)")
     if args.decoder_only and args.lora:
         raise CliError("choose --lora or --decoder-only, not both")
+    if args.workers and not args.cache:
+        raise CliError("--workers fills the clip pool: give --cache N")
     if args.lfq_bits is not None and args.init:
         raise CliError("--lfq-bits changes the codebook: train from scratch (no --init)")
     try:
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     )
     paths = RunPaths(out=Path(args.out), init=Path(args.init) if args.init else None, data=args.data)
     try:
-        train_tokenizer(chosen, recipe, paths, resume=args.resume, device=args.device)
+        train_tokenizer(chosen, recipe, paths, resume=args.resume, device=args.device, workers=args.workers or 0)
     except (FileExistsError, RuntimeError, ValueError) as err:
         raise CliError(str(err)) from None
     return 0
