@@ -197,9 +197,7 @@ def hr_tracking(gen: Generator, segmenter: LvSegmenter, seed: int, beats_each: i
             eds.append(float(times[int(np.argmax(vol))]))
             rrs.append(rr)
             t_offset += rr
-    periods = np.diff(eds)
-    frame_dt = np.asarray(rrs[1:]) / f
-    ok = np.abs(periods - np.asarray(rrs[:-1])) <= frame_dt + 1e-9
+    periods, ok = ed_periods_within_one_frame(np.asarray(eds), np.asarray(rrs), f)
     switch = beats_each - 1  # period index spanning the first 120 bpm beat
     following = ok[switch:]
     beats_to_follow = int(np.argmax(following)) if following.any() else -1
@@ -208,6 +206,17 @@ def hr_tracking(gen: Generator, segmenter: LvSegmenter, seed: int, beats_each: i
         "beats_to_follow_after_switch": beats_to_follow,
         "follows_within_one_beat": bool(following.any() and beats_to_follow <= 1 and following[beats_to_follow:].all()),
     }
+
+
+def ed_periods_within_one_frame(ed_times: np.ndarray, rrs: np.ndarray, frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Intervals between consecutive beats' ED times, and whether each equals its beat's RR
+    within one frame. Beat k's frames are rr_k / frames apart, so ED moving by one frame
+    between beats k and k + 1 changes the interval by one frame of either beat: the
+    tolerance is the longer of the two (the shorter would fail a one-frame move whenever
+    the rhythm slows or speeds up)."""
+    periods = np.diff(ed_times)
+    frame = np.maximum(rrs[:-1], rrs[1:]) / frames
+    return periods, np.abs(periods - rrs[:-1]) <= frame + 1e-9
 
 
 HR_SUBJECTS = 5  # subjects taken through the 60 -> 120 bpm jump (each 8 beats)

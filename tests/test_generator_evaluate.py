@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from echopulse.core.config import EcgEncoderConfig, Preset, TokenizerConfig, TransformerConfig
-from echopulse.core.evaluate_generator import _ef, _regression, evaluate_generator, subject_figure
+from echopulse.core.evaluate_generator import _ef, _regression, ed_periods_within_one_frame, evaluate_generator, subject_figure
 from echopulse.core.generator import Generator
 from echopulse.core.lv_segmenter import LvSegmenter, dice
 
@@ -52,3 +52,16 @@ def test_metric_helpers() -> None:
     a = np.zeros((4, 4), bool)
     a[:2] = True
     assert dice(a, a) == 1.0 and dice(a, ~a) == 0.0
+
+
+def test_ed_periods_allow_one_frame_of_either_beat() -> None:
+    frames = 10
+    rrs = np.array([1.0, 1.0, 0.5, 0.5, 0.48])
+    starts = np.concatenate([[0.0], np.cumsum(rrs[:-1])])
+    ed_frame = np.array([0, 1, 1, 1, 0])  # ED one frame late in beats 1-3, on time in beat 4
+    periods, ok = ed_periods_within_one_frame(starts + ed_frame * rrs / frames, rrs, frames)
+    assert np.allclose(periods, [1.1, 0.95, 0.5, 0.45])
+    # beat 3 -> 4: ED moves back one frame of beat 3 (0.05 s), longer than a frame of beat 4 (0.048 s)
+    assert ok.tolist() == [True, True, True, True]
+    late = starts + np.array([0, 2, 1, 1, 0]) * rrs / frames  # two frames late in beat 1: a missed step
+    assert ed_periods_within_one_frame(late, rrs, frames)[1].tolist() == [False, False, True, True]
