@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .training import progress
+
 log = logging.getLogger(__name__)
 
 
@@ -114,8 +116,6 @@ class CachedClips:
     def fill(self, workers: int, desc: str = "clips") -> None:
         """Make every clip of the pool now, in `workers` processes (1: here). Clip i is the
         source's clip i wherever it is made, so a filled pool equals one filled on demand."""
-        from .training import progress
-
         missing = [k for k in range(self.first, self.first + self.capacity) if k not in self._clips]
         if not missing:
             return
