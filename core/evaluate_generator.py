@@ -219,7 +219,7 @@ def ed_periods_within_one_frame(ed_times: np.ndarray, rrs: np.ndarray, frames: i
     return periods, np.abs(periods - rrs[:-1]) <= frame + 1e-9
 
 
-HR_SUBJECTS = 5  # subjects taken through the 60 -> 120 bpm jump (each 8 beats)
+HR_SUBJECTS = 20  # subjects taken through the 60 -> 120 bpm jump (each 8 beats)
 FLOOR_FIRST_SEED, FLOOR_SUBJECTS = 3_000_000, 2000  # a population for the one-frame EF floor (nothing trains on it)
 
 
