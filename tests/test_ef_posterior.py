@@ -65,3 +65,28 @@ def test_floor_report_scores_a_reference_and_measurement_errors() -> None:
 def test_floor_report_without_any_measured_reference_scores_the_simulator_only() -> None:
     result = one_frame_ef_floor(range(3), [float("nan")] * 3, measurement_errors=[1.0])
     assert "mae_vs_reference" not in result and result["subjects"] == 3
+
+
+def test_sampler_floor_is_the_expected_error_of_a_posterior_draw() -> None:
+    seeds = range(300, 340)
+    report = one_frame_ef_floor(seeds)
+    rng = np.random.default_rng(0)
+    drawn = []
+    for seed in seeds:
+        subject = sample_subject(seed)
+        draws = rng.choice(EF_GRID, size=4000, p=ef_posterior(subject))
+        drawn.append(np.abs(draws - subject.ef).mean())
+    assert report["draw_mae_vs_simulator"] == pytest.approx(np.mean(drawn), rel=0.03)
+    # a draw strays further than the median, which minimises the expected absolute error
+    assert report["draw_mae_vs_simulator"] > 1.15 * report["mae_vs_simulator"]
+
+
+def test_sampler_floor_scores_a_reference_and_measurement_errors() -> None:
+    seeds = range(200, 230)
+    truth = [sample_subject(s).ef for s in seeds]
+    plain = one_frame_ef_floor(seeds)
+    same = one_frame_ef_floor(seeds, truth, measurement_errors=[0.0])
+    assert same["draw_mae_vs_reference"] == pytest.approx(plain["draw_mae_vs_simulator"])
+    assert same["draw_mae_vs_reference_measured"] == pytest.approx(plain["draw_mae_vs_simulator"])
+    noisy = one_frame_ef_floor(seeds, truth, measurement_errors=[-6.0, 6.0])
+    assert noisy["draw_mae_vs_reference_measured"] > plain["draw_mae_vs_simulator"]

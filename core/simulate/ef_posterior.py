@@ -15,6 +15,11 @@ follows from the sampler's own distributions. Its median is the EF guess with th
 smallest mean absolute error that any method can make from one frame. Its error is the
 floor under the one-frame EF figure of `evaluate generator`.
 
+A generator does not guess the median: it samples a plausible heart. The best sampler
+draws its EF from this posterior, and a draw strays from the truth more than the median
+does (for a Gaussian posterior, √2 times as far on average). `one_frame_ef_floor`
+reports that sampler's floor beside the median's.
+
 The likelihoods mirror `sample_subject` through the constants that module names;
 tests/test_ef_posterior.py checks that every simulated subject lies inside them and that
 no fitted guess beats this one.
@@ -118,13 +123,18 @@ def one_frame_ef_floor(
     video, as the evaluation scores), against that too. With `measurement_errors` (how
     far a measurement of a rendered video strays, e.g. the tokenizer round trip's EF
     minus the true video's, one per subject), also the MAE if each guess were rendered
-    and measured with those errors: every guess meets every error, assumed independent."""
+    and measured with those errors: every guess meets every error, assumed independent.
+
+    The `draw_` keys score the best sampler instead of the best guess: each subject's EF
+    drawn from its posterior, the expected absolute error computed exactly."""
     subjects = [sample_subject(int(seed)) for seed in seeds]
-    guesses = np.array([best_one_frame_guess(subj) for subj in subjects])
+    posteriors = np.stack([ef_posterior(subj) for subj in subjects]) if subjects else np.zeros((0, len(EF_GRID)))
+    guesses = EF_GRID[np.argmax(np.cumsum(posteriors, axis=1) >= 0.5, axis=1)]  # = best_one_frame_guess
     truth = np.array([subj.ef for subj in subjects])
     result: dict[str, Any] = {
         "subjects": len(subjects),
         "mae_vs_simulator": float(np.abs(guesses - truth).mean()),
+        "draw_mae_vs_simulator": float(_draw_errors(posteriors, truth).mean()),
         "share_without_remodelling": float(np.mean(truth >= s.SICK_EF_NORMAL)),
         "visible": list(ONE_FRAME_VISIBLE),
     }
@@ -134,10 +144,19 @@ def one_frame_ef_floor(
         if not known.any():  # no measured reference (e.g. an untrained segmenter): nothing to score
             return result
         result["mae_vs_reference"] = float(np.abs(guesses[known] - ref[known]).mean())
+        result["draw_mae_vs_reference"] = float(_draw_errors(posteriors[known], ref[known]).mean())
         if measurement_errors is not None:
             errors = np.asarray(measurement_errors, dtype=float)
             errors = errors[np.isfinite(errors)]
             if len(errors):
                 spread = guesses[known][:, None] + errors[None, :] - ref[known][:, None]
                 result["mae_vs_reference_measured"] = float(np.abs(spread).mean())
+                result["draw_mae_vs_reference_measured"] = float(
+                    np.mean([_draw_errors(posteriors[known], ref[known] - e).mean() for e in errors])
+                )
     return result
+
+
+def _draw_errors(posteriors: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Per subject, E|X − target| for X drawn from its posterior over `EF_GRID`."""
+    return (posteriors * np.abs(EF_GRID[None, :] - targets[:, None])).sum(axis=1)
