@@ -6,10 +6,13 @@ clip (batched, after a warm-up). Beside them, low-pass references, the same metr
 - Gaussian-blurred copies of the clips at several widths σ (pixels), and
 - the token-grid copy: each frame averaged over the p×p patches and bilinearly
   upsampled (one 8-bit value per patch per frame: 16 bits per 2-frame tubelet, more
-  than a 10-bit token holds).
+  than a 10-bit token holds);
+- a transform code at the tokenizer's rate, given every advantage: the clip's K largest
+  3D-DCT coefficients, kept exactly, their positions free, with K = the bits of the
+  clip's tokens / 8 (as many 8-bit numbers as the tokens' bits would buy).
 Speckle is random texture at the 1–2 pixel scale that a few bits per 128-pixel tubelet
 cannot carry; these copies show how much error remains for a reconstruction that keeps
-everything except that detail.
+everything except that detail, or that spends the same bits on the best linear basis.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy.fft import dctn, idctn
 
 from .metrics import codebook_stats, gaussian_blur, reconstruction_metrics, video_frames
 from .tokenizer import CViViT, to_uint8
@@ -39,13 +43,29 @@ def _per_frame(video: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) 
     return fn(video_frames(video)).view(b, t, c, h, w).transpose(1, 2)
 
 
-def lowpass_copies(video: torch.Tensor, patch: int) -> dict[str, torch.Tensor]:
-    """The low-pass references of the module docstring, by name."""
+def lowpass_copies(video: torch.Tensor, patch: int, dct_terms: int | None = None) -> dict[str, torch.Tensor]:
+    """The references of the module docstring, by name (the DCT one when `dct_terms` is given)."""
     copies = {f"sigma_{s:g}": _per_frame(video, lambda f, s=s: gaussian_blur(f, s)) for s in LOWPASS_SIGMAS}
     copies["token_grid"] = _per_frame(
         video, lambda f: F.interpolate(F.avg_pool2d(f, patch), scale_factor=patch, mode="bilinear", align_corners=False)
     )
+    if dct_terms:
+        copies[f"dct_best_{dct_terms}"] = best_dct_terms(video, dct_terms)
     return copies
+
+
+def best_dct_terms(video: torch.Tensor, terms: int) -> torch.Tensor:
+    """Each clip (B, C, T, H, W) rebuilt from its `terms` largest orthonormal 3D-DCT
+    coefficients: the best `terms`-term approximation in that basis (least squared error)."""
+    clips = video.detach().cpu().double().numpy()
+    out = np.empty_like(clips)
+    for i, clip in enumerate(clips):
+        coeffs = dctn(clip, axes=(-3, -2, -1), norm="ortho")
+        keep = np.argsort(np.abs(coeffs), axis=None)[-terms:]
+        kept = np.zeros_like(coeffs)
+        kept.flat[keep] = coeffs.flat[keep]
+        out[i] = idctn(kept, axes=(-3, -2, -1), norm="ortho")
+    return torch.from_numpy(out).to(video.device, video.dtype)
 
 
 @torch.inference_mode()
@@ -58,6 +78,7 @@ def evaluate_tokenizer(model: CViViT, source: ClipSource, seeds: Sequence[int], 
     all_indices = []
     encode_s = decode_s = 0.0
     model.decode_indices(model.encode(batch(source, seeds[:1]).to(device)))  # warm-up
+    dct_terms = model.config.num_tokens * model.config.lfq_bits // 8  # the clip's token bits as 8-bit numbers
     for start in range(0, len(seeds), batch_size):
         video = batch(source, seeds[start:start + batch_size]).to(device)
         _sync(device)
@@ -72,7 +93,7 @@ def evaluate_tokenizer(model: CViViT, source: ClipSource, seeds: Sequence[int], 
         all_indices.append(indices.cpu())
         for name, values in reconstruction_metrics(recon, video).items():
             sums[name] = sums.get(name, 0.0) + float(values.sum())
-        for copy_name, copy in lowpass_copies(video, model.config.patch).items():
+        for copy_name, copy in lowpass_copies(video, model.config.patch, dct_terms).items():
             totals = lowpass.setdefault(copy_name, {})
             for name, values in reconstruction_metrics(copy, video).items():
                 totals[name] = totals.get(name, 0.0) + float(values.sum())

@@ -108,3 +108,20 @@ def test_fresh_noise_draws_differ_in_noise_alone() -> None:
     assert 0 < floor["mse"] < floor["oracle"]["mse"] < 2e-3 and floor["oracle"]["ssim"] > 0.9
     with pytest.raises(ValueError, match="at least 2"):
         noise_floor([7], 11, 64, draws=1)
+
+
+def test_best_dct_terms_is_exact_with_every_term_and_beats_a_fixed_low_pass() -> None:
+    from scipy.fft import dctn, idctn
+
+    from echopulse.core.evaluate_tokenizer import best_dct_terms
+
+    video = torch.rand(2, 1, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.allclose(best_dct_terms(video, video[0].numel()), video, atol=1e-12)
+    errors = [float(((best_dct_terms(video, k) - video) ** 2).mean()) for k in (8, 32, 96)]
+    assert errors[0] > errors[1] > errors[2] > 0
+    # the lowest 4x4x2 frequencies (32 terms) of each clip do worse than its 32 largest
+    coeffs = dctn(video.numpy(), axes=(-3, -2, -1), norm="ortho")
+    low = np.zeros_like(coeffs)
+    low[..., :2, :4, :4] = coeffs[..., :2, :4, :4]
+    low_error = float(((idctn(low, axes=(-3, -2, -1), norm="ortho") - video.numpy()) ** 2).mean())
+    assert errors[1] <= low_error

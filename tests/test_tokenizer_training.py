@@ -146,6 +146,8 @@ def test_cli_train_lora_and_evaluate(tmp_path, capsys) -> None:
     for key in ("mse", "mae", "ssim", "psnr", "codebook_usage", "codebook_perplexity", "encode_ms_per_clip", "decode_ms_per_clip"):
         assert key in result
     assert "sigma_1" in result["lowpass_reference"]
+    bits = TokenizerConfig().num_tokens * TokenizerConfig().lfq_bits
+    assert result["lowpass_reference"][f"dct_best_{bits // 8}"]["mse"] > 0  # the transform code at the tokens' rate
     assert main(["evaluate", "tokenizer", "--checkpoint", str(base), "--n", "2", "--noise-floor", "3", "--out", str(report)]) == 0
     simulated = json.loads(report.read_text())
     floor = simulated["noise_floor"]
