@@ -110,8 +110,12 @@ def ef_posterior(subject: Subject) -> np.ndarray:
 
 def best_one_frame_guess(subject: Subject) -> float:
     """The posterior median: the EF guess with the least expected absolute error."""
-    cumulative = np.cumsum(ef_posterior(subject))
-    return float(EF_GRID[np.searchsorted(cumulative, 0.5)])
+    return float(_medians(ef_posterior(subject)[None])[0])
+
+
+def _medians(posteriors: np.ndarray) -> np.ndarray:
+    """(n, grid) posterior weights -> (n,) their medians on `EF_GRID`."""
+    return EF_GRID[np.argmax(np.cumsum(posteriors, axis=1) >= 0.5, axis=1)]
 
 
 def one_frame_ef_floor(
@@ -129,7 +133,7 @@ def one_frame_ef_floor(
     drawn from its posterior, the expected absolute error computed exactly."""
     subjects = [sample_subject(int(seed)) for seed in seeds]
     posteriors = np.stack([ef_posterior(subj) for subj in subjects]) if subjects else np.zeros((0, len(EF_GRID)))
-    guesses = EF_GRID[np.argmax(np.cumsum(posteriors, axis=1) >= 0.5, axis=1)]  # = best_one_frame_guess
+    guesses = _medians(posteriors)
     truth = np.array([subj.ef for subj in subjects])
     result: dict[str, Any] = {
         "subjects": len(subjects),
