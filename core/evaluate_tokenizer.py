@@ -77,10 +77,10 @@ def evaluate_tokenizer(model: CViViT, source: ClipSource, seeds: Sequence[int], 
     lowpass: dict[str, dict[str, float]] = {}
     all_indices = []
     encode_s = decode_s = 0.0
-    model.decode_indices(model.encode(batch(source, seeds[:1]).to(device)))  # warm-up
+    model.decode_indices(model.encode(batch(source, seeds[:1], device)))  # warm-up
     dct_terms = model.config.num_tokens * model.config.lfq_bits // 8  # the clip's token bits as 8-bit numbers
     for start in range(0, len(seeds), batch_size):
-        video = batch(source, seeds[start:start + batch_size]).to(device)
+        video = batch(source, seeds[start:start + batch_size], device)
         _sync(device)
         t0 = time.perf_counter()
         indices = model.encode(video)
@@ -118,7 +118,7 @@ def evaluate_tokenizer(model: CViViT, source: ClipSource, seeds: Sequence[int], 
 def comparison_png(model: CViViT, source: ClipSource, seeds: Sequence[int], path: str | Path, frames: Sequence[int] = (0, 2, 4, 6, 8, 10), scale: int = 2) -> None:
     """Rows: original and reconstruction of each clip (and |error|×4), columns: frames. Grey PNG."""
     device = next(model.parameters()).device
-    video = batch(source, seeds).to(device)
+    video = batch(source, seeds, device)
     recon = model.decode_indices(model.encode(video)).clamp(0, 1)
     rows = []
     for i in range(len(seeds)):
