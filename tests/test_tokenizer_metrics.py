@@ -110,6 +110,24 @@ def test_fresh_noise_draws_differ_in_noise_alone() -> None:
         noise_floor([7], 11, 64, draws=1)
 
 
+def test_fresh_speckle_draws_keep_the_heart_and_change_the_pattern() -> None:
+    from echopulse.core.noise_floor import noise_floor
+    from echopulse.core.simulate.paired import simulate_pair
+
+    plain, a, b = simulate_pair(7), simulate_pair(7, fresh_speckle_seed=0), simulate_pair(7, fresh_speckle_seed=1)
+    for key in ("lv_mask", "ecg", "lv_volume", "video_t"):
+        assert np.array_equal(a[key], b[key]) and np.array_equal(a[key], plain[key])
+    assert np.array_equal(simulate_pair(7, fresh_speckle_seed=1)["video"], b["video"])  # still deterministic
+    video = [x["video"].astype(np.float32) / 255 for x in (plain, a, b)]
+    # another pattern changes pixels everywhere in tissue, but the anatomy's local means stay
+    assert np.mean((video[1] - video[2]) ** 2) > 10 * np.mean((plain["video"] - simulate_pair(7, fresh_noise_seed=0)["video"]) ** 2 / 255**2)
+    local = [x.reshape(11, 8, 8, 8, 8).mean(axis=(2, 4)) for x in video]
+    assert np.mean((local[1] - local[2]) ** 2) < 0.1 * np.mean((video[1] - video[2]) ** 2)
+    noise, speckle = noise_floor([7, 8], 11, 64, draws=3), noise_floor([7, 8], 11, 64, draws=3, speckle=True)
+    assert speckle["redrawn"] == "noise and speckle" and noise["redrawn"] == "noise"
+    assert speckle["mse"] > 5 * noise["mse"] and speckle["oracle"]["ssim"] < noise["oracle"]["ssim"]
+
+
 def test_best_dct_terms_is_exact_with_every_term_and_beats_a_fixed_low_pass() -> None:
     from scipy.fft import dctn, idctn
 

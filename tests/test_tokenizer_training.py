@@ -148,11 +148,16 @@ def test_cli_train_lora_and_evaluate(tmp_path, capsys) -> None:
     assert "sigma_1" in result["lowpass_reference"]
     bits = TokenizerConfig().num_tokens * TokenizerConfig().lfq_bits
     assert result["lowpass_reference"][f"dct_best_{bits // 8}"]["mse"] > 0  # the transform code at the tokens' rate
-    assert main(["evaluate", "tokenizer", "--checkpoint", str(base), "--n", "2", "--noise-floor", "3", "--out", str(report)]) == 0
+    assert main(["evaluate", "tokenizer", "--checkpoint", str(base), "--n", "2", "--noise-floor", "3", "--speckle-floor", "2",
+                 "--out", str(report)]) == 0
     simulated = json.loads(report.read_text())
-    floor = simulated["noise_floor"]
+    floor, speckle = simulated["noise_floor"], simulated["speckle_floor"]
     assert floor["draws"] == 3 and floor["clips"] == 2 and 0 < floor["mse"] < simulated["mse"]
-    assert main(["evaluate", "tokenizer", "--checkpoint", str(base), "--noise-floor", "3", "--data", "synthetic"]) == 2
+    assert speckle["draws"] == 2 and speckle["redrawn"] == "noise and speckle" and speckle["mse"] > 5 * floor["mse"]
+    for flag in ("--noise-floor", "--speckle-floor"):
+        assert main(["evaluate", "tokenizer", "--checkpoint", str(base), flag, "3", "--data", "synthetic"]) == 2
+        assert main(["evaluate", "tokenizer", "--checkpoint", str(base), flag, "1"]) == 2
+        assert flag in capsys.readouterr().err
     assert main(["train", "tokenizer", "--steps", "2", "--out", str(tuned), "--lora", "2"]) == 2
     assert "--init" in capsys.readouterr().err
 

@@ -72,7 +72,8 @@ class EchoRenderer:
     """Renders one subject's apical view at `size`×`size`; holds anatomy, scatterers and clutter
     so successive calls (beats) stay continuous."""
 
-    def __init__(self, subject: Subject, size: int = 64, rng: np.random.Generator | None = None) -> None:
+    def __init__(self, subject: Subject, size: int = 64, rng: np.random.Generator | None = None,
+                 speckle_rng: np.random.Generator | None = None) -> None:
         if size not in SIZES:
             raise ValueError(f"size must be one of {SIZES}, got {size}")
         self.subject = subject
@@ -90,14 +91,18 @@ class EchoRenderer:
         self.r = r
         rr, tt = np.meshgrid(r, th, indexing="ij")
         self.pa, self.pv = self.anat.to_heart(rr * np.sin(tt), rr * np.cos(tt))
-        self._build_material(rng)
+        self._build_material(rng, speckle_rng)
         self._build_scan_conversion()
         self._build_beam(rng)
 
     # -- set-up -----------------------------------------------------------------------------
 
-    def _build_material(self, rng: np.random.Generator) -> None:
-        """Echogenicity × complex scatterers on a material grid covering the sector."""
+    def _build_material(self, rng: np.random.Generator, speckle_rng: np.random.Generator | None) -> None:
+        """Echogenicity × complex scatterers on a material grid covering the sector.
+
+        With `speckle_rng` the scatterers come from it instead: the same heart, tissue and
+        motion under another speckle pattern. `rng` is drawn from either way, so every
+        later draw (clutter, gain, noise, leaflets) stays the same."""
         h = 0.8 * self.depth / self.nr
         a0, a1 = self.pa.min() - 1.0, self.pa.max() + 1.0
         v0, v1 = self.pv.min() - 1.5, self.pv.max() + 1.5
@@ -108,6 +113,9 @@ class EchoRenderer:
         refl = self._echogenicity(A, V, h, rng)
         scat = (rng.standard_normal(A.shape, dtype=np.float32)
                 + 1j * rng.standard_normal(A.shape, dtype=np.float32)).astype(np.complex64)
+        if speckle_rng is not None:
+            scat = (speckle_rng.standard_normal(A.shape, dtype=np.float32)
+                    + 1j * speckle_rng.standard_normal(A.shape, dtype=np.float32)).astype(np.complex64)
         self.material = (refl * scat).astype(np.complex64)
 
     def _echogenicity(self, A: np.ndarray, V: np.ndarray, h: float, rng: np.random.Generator) -> np.ndarray:

@@ -65,11 +65,14 @@ def simulate_pair(
     noise: float = 1.0,
     pvc_rate: float = 0.0,
     fresh_noise_seed: int | None = None,
+    fresh_speckle_seed: int | None = None,
 ) -> dict[str, Any]:
     """One paired ECG + echo sample, deterministic for `seed`.
 
     `fresh_noise_seed` redraws only the per-frame electronic noise: calls that differ in it
     alone return the same clip under different noise (the tokenizer's noise floor).
+    `fresh_speckle_seed` redraws only the tissue scatterers: the same heart, moving the
+    same way, under another speckle pattern (the tokenizer's speckle floor).
 
     Keys: video (uint8 T×H×W), video_t (s), ecg (float32 leads×n, mV), ecg_fs, r_peaks (s),
     p_on, t_end (s, per beat inside the recording), beat_kind (0 sinus, 1 PVC), lv_mask
@@ -109,7 +112,8 @@ def simulate_pair(
     log.debug("seed %d: EF %.1f %%, HR %.0f bpm, beat %d, frames at %.3f..%.3f s", seed, subject.ef, subject.hr, k, times[0], times[-1])
     heart = HeartCycle(beats, subject.edv, subject.esv)
     volume_true = heart.volume(times)
-    renderer = EchoRenderer(subject, size, rng=np.random.default_rng([int(seed), 0xEC40]))
+    speckle_rng = None if fresh_speckle_seed is None else np.random.default_rng([int(seed), 0x5BEC, int(fresh_speckle_seed)])
+    renderer = EchoRenderer(subject, size, rng=np.random.default_rng([int(seed), 0xEC40]), speckle_rng=speckle_rng)
     noise_rng = rng if fresh_noise_seed is None else np.random.default_rng([int(seed), 0xF4E5, int(fresh_noise_seed)])
     video, masks = renderer.render(volume_true, heart.mitral_open(times), rng=noise_rng)
     lv_volume = disc_volumes(masks, renderer.pixel_cm)

@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="write the JSON here (default: stdout)")
     p.add_argument("--noise-floor", type=int, default=0, metavar="DRAWS",
                    help="also measure the simulator's fresh-noise floor: render each clip DRAWS times (>= 2), noise redrawn")
+    p.add_argument("--speckle-floor", type=int, default=0, metavar="DRAWS",
+                   help="also measure the speckle floor: render each clip DRAWS times (>= 2), speckle pattern and noise redrawn")
     p.add_argument("--png", help="also save originals / reconstructions / |error|x4 of the first 3 clips as a PNG")
     p.set_defaults(handler=run)
 
@@ -41,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.noise_floor and (args.noise_floor < 2 or args.data is not None):
-        raise CliError("--noise-floor needs at least 2 draws and the simulator (no --data)")
+    for flag, draws in (("--noise-floor", args.noise_floor), ("--speckle-floor", args.speckle_floor)):
+        if draws and (draws < 2 or args.data is not None):
+            raise CliError(f"{flag} needs at least 2 draws and the simulator (no --data)")
     if not (Path(args.checkpoint) / "tokenizer.json").is_file():
         raise CliError(f"--checkpoint {args.checkpoint}: no tokenizer.json there")
     try:
@@ -56,11 +59,14 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
     result = evaluate_tokenizer(model, source, range(args.seed, args.seed + args.n), batch_size=args.batch)
     result = {"checkpoint": args.checkpoint, "preset": preset.name, "seed": args.seed, "data": args.data or "simulator", **result}
-    if args.noise_floor:
+    if args.noise_floor or args.speckle_floor:
         from echopulse.core.noise_floor import noise_floor
 
-        tok = preset.tokenizer
-        result["noise_floor"] = noise_floor(range(args.seed, args.seed + args.n), tok.frames, tok.image_size, args.noise_floor)
+        tok, seeds = preset.tokenizer, range(args.seed, args.seed + args.n)
+        if args.noise_floor:
+            result["noise_floor"] = noise_floor(seeds, tok.frames, tok.image_size, args.noise_floor)
+        if args.speckle_floor:
+            result["speckle_floor"] = noise_floor(seeds, tok.frames, tok.image_size, args.speckle_floor, speckle=True)
     if args.png:
         comparison_png(model, source, range(args.seed, args.seed + min(3, args.n)), args.png)
     write_report(result, args.out)
