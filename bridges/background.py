@@ -11,11 +11,14 @@ Iterating without `async with` starts the task on the first `__anext__`; then ca
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from . import status
 from .queue import DropOldestQueue
 from .status import SourceStatus, new_counters
+
+log = logging.getLogger(__name__)
 
 
 class BackgroundSource:
@@ -60,6 +63,8 @@ class BackgroundSource:
                 await asyncio.wait_for(self._task, timeout)
             except (asyncio.CancelledError, asyncio.TimeoutError):
                 pass
+            except Exception as exc:  # the task had died; `__anext__` raised it to the consumer
+                log.warning("%s had stopped: %s: %s", self._name, type(exc).__name__, exc)
             self._task = None
 
     def __aiter__(self) -> Any:
@@ -75,4 +80,17 @@ class BackgroundSource:
             self._reported_drops = self._queue.dropped
             self.counters["dropped"] += n
             return SourceStatus(self._overflow_device, status.OVERFLOW, f"queue full: dropped the {n} oldest item(s)")
-        return self._convert(await self._queue.get())
+        if len(self._queue):
+            return self._convert(await self._queue.get())
+        # Wait for the next item or for the task's end, whichever comes first: a connection
+        # loop that died must reach the consumer as an error, not as a wait that never ends.
+        task = self._task
+        assert task is not None
+        get = asyncio.ensure_future(self._queue.get())
+        await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+        if get.done():
+            return self._convert(get.result())
+        get.cancel()  # nothing was taken: `get` pops only once it stops waiting
+        if task.cancelled() or task.exception() is None:
+            raise StopAsyncIteration
+        raise RuntimeError(f"{self._name} stopped: {type(task.exception()).__name__}: {task.exception()}") from task.exception()

@@ -30,7 +30,8 @@ class Backoff:
 
     def next_delay(self) -> float:
         base = min(self.maximum, self.initial * self.factor**self.attempt)
-        self.attempt += 1
+        if base < self.maximum:  # past the cap the exponent stops growing (factor**1024 overflows a float)
+            self.attempt += 1
         return base * (1.0 - self.jitter * self._rng.random())
 
     def reset(self) -> None:

@@ -148,6 +148,10 @@ class MqttSource(BackgroundSource):
         except PayloadError as exc:
             self._emit(SourceStatus(device, exc.code, str(exc)))
             return
+        except Exception as exc:  # a decoder gap must cost one message, not the broker connection
+            log.exception("mqtt %s: payload the decoder did not foresee", device)
+            self._emit(SourceStatus(device, status.MALFORMED, f"undecodable payload: {type(exc).__name__}: {exc}"))
+            return
         n = decoded.samples.shape[1]
         seq = decoded.seq
         if seq is None:

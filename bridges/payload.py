@@ -62,7 +62,7 @@ def decode_payload(payload: bytes, max_payload: int = 262144, max_leads: int = M
     if not (math.isfinite(fs) and fs > 0):
         raise PayloadError(status.BAD_FIELD, f"fs must be a positive finite number, got {fs!r}")
     unit = msg.get("unit")
-    if unit not in UNIT_TO_MV:
+    if not isinstance(unit, str) or unit not in UNIT_TO_MV:
         raise PayloadError(status.UNKNOWN_UNIT, f"unknown unit {unit!r}; known: {', '.join(UNIT_TO_MV)}")
     t0 = _number(msg, "t0", required=False)
     if t0 is not None and not math.isfinite(t0):
@@ -81,6 +81,8 @@ def _parse(payload: bytes) -> Any:
             return json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PayloadError(status.MALFORMED, f"bad JSON: {exc}") from None
+        except RecursionError:  # nesting deeper than the interpreter's stack, well under max_payload
+            raise PayloadError(status.MALFORMED, "bad JSON: nested too deeply") from None
     try:
         # strict_map_key=False: keys are checked below; raw=False: str keys and values.
         return msgpack.unpackb(payload, raw=False, strict_map_key=False)
@@ -96,7 +98,10 @@ def _number(msg: dict, key: str, required: bool) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PayloadError(status.BAD_FIELD, f"{key} must be a number, got {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer of hundreds of digits
+        raise PayloadError(status.BAD_FIELD, f"{key} is out of range") from None
 
 
 def _samples(msg: dict, max_leads: int) -> np.ndarray:
@@ -108,7 +113,7 @@ def _samples(msg: dict, max_leads: int) -> np.ndarray:
     elif isinstance(raw, list):
         try:
             arr = np.asarray(raw, dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise PayloadError(status.BAD_SHAPE, "samples must be numbers, or lists of numbers of equal length") from None
     else:
         raise PayloadError(status.BAD_SHAPE, f"samples of type {type(raw).__name__}")

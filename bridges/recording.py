@@ -57,7 +57,7 @@ def read_recording(path: str | Path, fs: float | None = None, lead: str | int | 
         elif suffix == ".npz":
             rec = _read_npz(path, fs, unit)
         elif suffix in (".hea", ".dat") or (not path.exists() and path.with_name(path.name + ".hea").exists()):
-            rec = _read_wfdb(path, fs)
+            return _read_wfdb(path, fs, lead)  # picks the lead itself, before unit conversion
         else:
             from .textfiles import read_text  # local: text parsing is the biggest reader
 
@@ -75,16 +75,21 @@ def select_lead(rec: Recording, lead: str | int | None, where: str = "") -> Reco
         raise ReplayError(f"{where}: {rec.samples.shape[0]} channels; pick one with --lead ({_names(rec.leads)})")
     if lead is None:
         return rec
-    if isinstance(lead, str) and not lead.lstrip("-").isdigit():
-        matches = [i for i, name in enumerate(rec.leads) if name.lower() == lead.lower()]
-        if not matches:
-            raise ReplayError(f"{where}: no lead {lead!r}; leads: {_names(rec.leads)}")
-        i = matches[0]
-    else:
-        i = int(lead)
-        if not 0 <= i < len(rec.leads):
-            raise ReplayError(f"{where}: lead index {i} out of range 0..{len(rec.leads) - 1}")
+    i = lead_index(rec.leads, lead, where)
     return Recording(rec.samples[i : i + 1], rec.fs, [rec.leads[i]])
+
+
+def lead_index(leads: list[str], lead: str | int, where: str = "") -> int:
+    """The index of `lead` (a name, case-insensitive, or an index) among `leads`."""
+    if isinstance(lead, str) and not lead.lstrip("-").isdigit():
+        matches = [i for i, name in enumerate(leads) if name.lower() == lead.lower()]
+        if not matches:
+            raise ReplayError(f"{where}: no lead {lead!r}; leads: {_names(leads)}")
+        return matches[0]
+    i = int(lead)
+    if not 0 <= i < len(leads):
+        raise ReplayError(f"{where}: lead index {i} out of range 0..{len(leads) - 1}")
+    return i
 
 
 def resolve_fs(given: float | None, found: float | None, where: str) -> float:
@@ -144,7 +149,10 @@ def _read_npz(path: Path, fs: float | None, unit: str | None) -> Recording:
     return Recording(to_mv(arr, unit or file_unit or "mV", path.name), resolve_fs(fs, found_fs, path.name), names)
 
 
-def _read_wfdb(path: Path, fs: float | None) -> Recording:
+def _read_wfdb(path: Path, fs: float | None, lead: str | int | None) -> Recording:
+    """A WFDB record's ECG channels in mV. Clinical records mix in other signals (ABP in
+    mmHg, PLETH and RESP in NU): with `lead` only that channel is read; without, only the
+    channels in volts, and the others are named in a warning."""
     import wfdb  # local: wfdb pulls in pandas, slow to import for other formats
 
     name = path.with_suffix("") if path.suffix.lower() in (".hea", ".dat") else path
@@ -152,12 +160,23 @@ def _read_wfdb(path: Path, fs: float | None) -> Recording:
     if record.p_signal is None:
         raise ReplayError(f"{path.name}: WFDB record has no physical signal")
     arr = record.p_signal.T  # (leads, n), physical units per channel
-    units = list(record.units or ["mV"] * arr.shape[0])
-    out = np.empty(arr.shape, np.float32)
-    for i, u in enumerate(units):
-        out[i] = to_mv(arr[i], {"uv": "uV", "mv": "mV", "v": "V"}.get(str(u).lower(), str(u)), path.name)
     names = [str(s) for s in (record.sig_name or default_names(arr.shape[0]))]
-    return Recording(out, resolve_fs(fs, record.fs, path.name), names)
+    units = [_VOLTS.get(str(u).lower(), str(u)) for u in (record.units or ["mV"] * arr.shape[0])]
+    if lead is not None:
+        keep = [lead_index(names, lead, path.name)]
+    else:
+        keep = [i for i, u in enumerate(units) if u in UNIT_TO_MV]
+        others = [f"{names[i]} ({units[i]})" for i in range(len(names)) if i not in keep]
+        if not keep:
+            raise ReplayError(f"{path.name}: no channel in volts, so no ECG: {_names(others)}")
+        if others:
+            log.warning("%s: leaving out the channels not in volts: %s", path.name, _names(others))
+    out = np.stack([to_mv(arr[i], units[i], f"{path.name}, channel {names[i]}") for i in keep])
+    rec = Recording(out, resolve_fs(fs, record.fs, path.name), [names[i] for i in keep])
+    return select_lead(rec, None, path.name)  # the lead count check
+
+
+_VOLTS = {"uv": "uV", "µv": "µV", "mv": "mV", "v": "V"}  # WFDB headers write units in any case
 
 
 def _names(names: list[str]) -> str:

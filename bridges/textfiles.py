@@ -246,8 +246,12 @@ def _read_opensignals(name: str, lines: list[str], fs: float | None, lead: str |
         raise ReplayError(f"{name}: no samples with {len(columns)} columns")
     out = []
     for i in chosen:
-        adc = data[:, columns.index(labels[i])]
-        bits = int(resolution[i]) if i < len(resolution) else 10
+        column = columns.index(labels[i])
+        adc = data[:, column]
+        # OpenSignals writes one resolution per column ([4, 1, 1, 1, 1, 10] for nSeq, the
+        # four digital lines and A2); a shorter list is read as one per label.
+        per_column = len(resolution) == len(columns)
+        bits = int(resolution[column] if per_column else resolution[i] if i < len(resolution) else 10)
         volts = (adc / 2**bits - 0.5) * BITALINO_VCC / BITALINO_ECG_GAIN
         out.append(volts)
     samples = to_mv(np.asarray(out), "V", name)

@@ -140,11 +140,13 @@ class ChunkChecker:
         fs, n, leads = float(chunk.fs), x.shape[1], x.shape[0]
         tol = max(self.gap_tolerance_s, 1.0 / fs)
         end = self._expected_end
+        # A redelivered chunk (MQTT QoS 1, a BLE retry): same seq, same time, same samples.
+        # Matched before the time tests, which cannot tell a chunk shorter than `tol` from new data.
+        seen = self._seen.get(chunk.seq)
+        if seen is not None and abs(seen[0] - chunk.t0) <= min(tol, 0.5 * n / fs) and seen[1] == _crc(x):
+            issues.append(Issue(DUPLICATE, f"seq {chunk.seq} at t0 {chunk.t0:.3f} s again", 1))
+            return result(Decision.DROP, None)
         if end is not None and chunk.t0 < end - tol and chunk.t0 + n / fs <= end + tol:  # nothing new in it
-            seen = self._seen.get(chunk.seq)
-            if seen is not None and abs(seen[0] - chunk.t0) <= tol and seen[1] == _crc(x):
-                issues.append(Issue(DUPLICATE, f"seq {chunk.seq} at t0 {chunk.t0:.3f} s again", 1))
-                return result(Decision.DROP, None)
             # Late, or the device restarted its clock: drop, unless it has gone on for
             # resync_s of ECG, which no reordering does; then start afresh from here.
             self._backward_s += n / fs

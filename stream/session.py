@@ -31,7 +31,7 @@ from . import protocol
 Event = tuple[str, str]  # (status code, message)
 
 # Checker issues after which the detector starts afresh.
-_RESTART_DETECTOR = {validate.GAP, validate.FS_CHANGE, validate.LEADS_CHANGE, validate.SEQ_RESET}
+_RESTART_DETECTOR = {validate.GAP, validate.FS_CHANGE, validate.LEADS_CHANGE, validate.SEQ_RESET, validate.TIME_RESET}
 # Status codes that mark a state change: always published, never rate-limited.
 _ALWAYS_REPORTED = {"signal_lost", "signal_restored", "stopped"}
 

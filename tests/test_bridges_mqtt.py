@@ -112,6 +112,10 @@ async def test_three_devices_all_payload_forms(running_broker) -> None:
         (js(unit="mV", samples=[1.0]), status.BAD_FIELD),
         (b"[1, 2]", status.MALFORMED),
         (js(fs=250, unit="mV", samples=[0.0] * 40000), status.OVERSIZED),
+        (js(fs=250, unit=["mV"], samples=[1.0]), status.UNKNOWN_UNIT),  # unhashable: once a TypeError
+        (b'{"fs": 1' + b"0" * 400 + b', "unit": "mV", "samples": [1.0]}', status.BAD_FIELD),  # once an OverflowError
+        (b'{"fs": 250, "unit": "mV", "samples": [1' + b"0" * 400 + b"]}", status.BAD_SHAPE),
+        (b'{"a": ' + b"[" * 30000 + b"]" * 30000 + b"}", status.MALFORMED),  # once a RecursionError
     ],
 )
 async def test_bad_payloads_become_status_and_count(running_broker, payload: bytes, code: str) -> None:
@@ -126,6 +130,7 @@ async def test_bad_payloads_become_status_and_count(running_broker, payload: byt
         chunk = await next_where(src, is_chunk)
         assert chunk.device == "dev1" and chunk.n_samples == 2
         assert src.counters[code] == 1 and src.counters["chunks"] == 1
+        assert src.counters[status.DISCONNECTED] == 0  # one bad message never costs the connection
 
 
 async def test_missing_seq_and_t0_are_filled_in(running_broker) -> None:

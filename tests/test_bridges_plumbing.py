@@ -30,6 +30,38 @@ def test_backoff_without_jitter_is_exact() -> None:
     assert [b.next_delay() for _ in range(4)] == [0.5, 1.0, 2.0, 3.0]
 
 
+def test_backoff_stays_at_its_cap_for_ever() -> None:
+    b = Backoff(initial=0.001, maximum=0.002, jitter=0.0)
+    assert max(b.next_delay() for _ in range(5000)) == 0.002  # factor**attempt once overflowed after ~1024 failures
+
+
+async def test_background_source_whose_task_dies_raises_instead_of_hanging() -> None:
+    from echopulse.bridges.background import BackgroundSource
+
+    class Dying(BackgroundSource):
+        async def _run(self) -> None:
+            self._queue.put_nowait("last words")
+            await asyncio.sleep(0.01)
+            raise OverflowError("a bug in the connection loop")
+
+    source = Dying(8, "dying")
+    assert await asyncio.wait_for(source.__anext__(), 1) == "last words"  # what was queued still arrives
+    with pytest.raises(RuntimeError, match="dying stopped: OverflowError"):
+        await asyncio.wait_for(source.__anext__(), 1)
+    await source.aclose()
+
+    class Quiet(BackgroundSource):
+        async def _run(self) -> None:
+            await asyncio.sleep(3600)
+
+    quiet = Quiet(8, "quiet")
+    waiter = asyncio.ensure_future(quiet.__anext__())
+    await asyncio.sleep(0.01)
+    await quiet.aclose()  # closing while the consumer waits ends its iteration
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(waiter, 1)
+
+
 async def test_queue_drops_oldest_and_counts() -> None:
     q: DropOldestQueue[int] = DropOldestQueue(3)
     assert [q.put_nowait(i) for i in range(5)] == [False, False, False, True, True]
@@ -70,12 +102,22 @@ def test_payload_msgpack_list_of_lists_in_uv() -> None:
         ({"fs": 100, "unit": None, "samples": [1]}, status.UNKNOWN_UNIT),
         ({"fs": 100, "unit": "mV", "samples": []}, status.BAD_SHAPE),
         ({"fs": 100, "unit": "mV", "samples": ["a"]}, status.BAD_SHAPE),
+        ({"fs": 100, "unit": ["mV"], "samples": [1]}, status.UNKNOWN_UNIT),
+        ({"fs": 10**400, "unit": "mV", "samples": [1]}, status.BAD_FIELD),
+        ({"fs": 100, "t0": -(10**400), "unit": "mV", "samples": [1]}, status.BAD_FIELD),
+        ({"fs": 100, "unit": "mV", "samples": [10**400]}, status.BAD_SHAPE),
     ],
 )
 def test_payload_rejections(msg: dict, code: str) -> None:
     with pytest.raises(PayloadError) as info:
         decode_payload(json.dumps(msg).encode())
     assert info.value.code == code
+
+
+def test_payload_nested_past_the_stack_is_malformed() -> None:
+    with pytest.raises(PayloadError) as info:
+        decode_payload(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert info.value.code == status.MALFORMED
 
 
 def test_payload_size_limit_configurable() -> None:

@@ -154,7 +154,7 @@ def test_apple_health_other_locale(tmp_path: Path) -> None:
 # -- OpenSignals ---------------------------------------------------------------------------
 
 
-def opensignals(adc: np.ndarray, fs: int = 1000) -> str:
+def opensignals(adc: np.ndarray, fs: int = 1000, resolution: list[int] | None = None) -> str:
     header = {
         "00:07:80:0F:2F:EB": {
             "sensor": ["RAW", "ECG"],
@@ -162,7 +162,7 @@ def opensignals(adc: np.ndarray, fs: int = 1000) -> str:
             "column": ["nSeq", "I1", "I2", "O1", "O2", "A1", "A2"],
             "sampling rate": fs,
             "label": ["A1", "A2"],
-            "resolution": [10, 10],
+            "resolution": resolution or [4, 1, 1, 1, 1, 10, 10],  # one per column, as OpenSignals writes it
             "device": "bitalino_rev",
         }
     }
@@ -172,10 +172,11 @@ def opensignals(adc: np.ndarray, fs: int = 1000) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_opensignals_bitalino_transfer_function(tmp_path: Path) -> None:
+@pytest.mark.parametrize("resolution", [None, [10, 10]])  # per column (OpenSignals), per label
+def test_opensignals_bitalino_transfer_function(tmp_path: Path, resolution: list[int] | None) -> None:
     adc = np.array([0, 256, 512, 768, 1023] * 40)
     p = tmp_path / "opensignals_000780.txt"
-    p.write_text(opensignals(adc))
+    p.write_text(opensignals(adc, resolution=resolution))
     rec = read_recording(p)
     assert rec.fs == 1000 and rec.leads == ["A2"]
     # (ADC/2^10 - 0.5) * 3.3 V / 1100, in mV: 512 -> 0, full scale -> about ±1.5 mV
@@ -226,6 +227,31 @@ def test_wfdb_record_written_by_wfdb(tmp_path: Path) -> None:
         assert rec.fs == fs and rec.leads == ["MLII", "V5"]
         np.testing.assert_allclose(rec.samples, x.T, atol=0.01)  # 16-bit quantisation
     assert read_recording(tmp_path / "rec100", lead="V5").samples.shape == (1, fs * 3)
+
+
+def test_wfdb_clinical_record_with_pressure_and_plethysmogram(tmp_path: Path, caplog) -> None:
+    import wfdb
+
+    fs = 125
+    ecg = wave(fs * 4, fs, leads=1)[0].astype(np.float64)
+    abp, pleth = 80 + 40 * np.abs(np.sin(np.arange(fs * 4) / 40)), np.linspace(0, 1, fs * 4)
+    wfdb.wrsamp("icu", fs=fs, units=["mmHg", "mV", "NU"], sig_name=["ABP", "II", "PLETH"], p_signal=np.stack([abp, ecg, pleth], 1),
+                fmt=["16"] * 3, adc_gain=[100, 200, 1000], baseline=[0, 0, 0], write_dir=str(tmp_path))
+    path = tmp_path / "icu.hea"
+    for lead in ("II", "ii", 1, "1"):  # the chosen lead alone is converted: ABP's mmHg no longer fails the file
+        rec = read_recording(path, lead=lead)
+        assert rec.leads == ["II"] and np.allclose(rec.samples[0], ecg, atol=0.01)
+    with caplog.at_level("WARNING"):
+        rec = read_recording(path)  # no lead: the channels in volts, the others named
+    assert rec.leads == ["II"] and "ABP (mmHg)" in caplog.text and "PLETH (NU)" in caplog.text
+    with pytest.raises(ReplayError, match="channel ABP.*unknown unit 'mmHg'"):
+        read_recording(path, lead="ABP")
+    with pytest.raises(ReplayError, match="no lead 'V5'"):
+        read_recording(path, lead="V5")
+    wfdb.wrsamp("bp", fs=fs, units=["mmHg"], sig_name=["ABP"], p_signal=abp[:, None], fmt=["16"], adc_gain=[100], baseline=[0],
+                write_dir=str(tmp_path))
+    with pytest.raises(ReplayError, match="no channel in volts"):
+        read_recording(tmp_path / "bp.hea")
 
 
 # -- FileSource -----------------------------------------------------------------------------

@@ -80,6 +80,18 @@ def test_duplicate_dropped() -> None:
     assert c.check(chunk(3)).decision is Decision.ACCEPT  # state not disturbed by the drop
 
 
+@pytest.mark.parametrize("again", [4, 2])  # the last chunk, an earlier one
+def test_duplicate_of_a_chunk_shorter_than_the_tolerance_is_dropped(again: int) -> None:
+    fs, n = 500.0, 10  # 20 ms chunks: no longer than the 20 ms gap tolerance
+    short = [EcgChunk("d", ecg_like(n, s * n), fs, s * n / fs, s) for s in range(6)]
+    c = ChunkChecker()
+    for x in short[:5]:
+        assert c.check(x).decision is Decision.ACCEPT
+    r = c.check(short[again])  # redelivered (MQTT QoS 1): once taken as new data, after a seq_reset
+    assert r.decision is Decision.DROP and r.codes == [v.DUPLICATE]
+    assert c.check(short[5]).issues == ()  # and the stream goes on as before
+
+
 def test_out_of_order_dropped() -> None:
     c = ChunkChecker()
     c.check(chunk(0))

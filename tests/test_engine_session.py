@@ -92,6 +92,20 @@ def test_gap_restarts_the_detector_and_no_rr_spans_it():
     assert not any(b.r_time < 8.0 < b.next_r_time for b in beats)
 
 
+def test_device_clock_reset_restarts_the_detector_on_the_new_time_base():
+    first, second = ecg(12, seed=1), ecg(12, seed=3)
+    s = fresh()
+    _, seq = feed(s, first.signal, t0=1000.0)
+    before = len(s.take_all())
+    events, _ = feed(s, second.signal, t0=0.0, seq0=0)  # the device rebooted: its clock and seq start again
+    assert "bad_input:time_reset" in codes(events) and s.counters["detector_restarts"] == 1
+    beats = [p.beat for p in s.take_all()]
+    assert before > 0 and beats
+    assert all(b.r_time < 12.0 for b in beats)  # on the new clock; none joins the two recordings
+    rr = np.diff(second.r_peaks)
+    assert rr.min() - 0.02 <= min(b.rr for b in beats) and max(b.rr for b in beats) <= rr.max() + 0.02
+
+
 @pytest.mark.parametrize("kind", ["duplicate", "out_of_order"])
 def test_duplicate_and_out_of_order_chunks_are_dropped(kind):
     rec = ecg(4)
