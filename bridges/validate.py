@@ -12,7 +12,7 @@ keeps the original), DROP (nothing to use). Issues and what happens:
 
 | code          | when                                               | decision            |
 |---------------|----------------------------------------------------|---------------------|
-| bad_shape     | not leads×n, no samples, > max_leads, bad fs/t0    | drop                |
+| bad_shape     | not leads×n, no samples, > max_leads, non-finite t0, fs outside MIN_FS..MAX_FS | drop |
 | duplicate     | the same seq, t0 and samples as a recent chunk     | drop                |
 | out_of_order  | an older seq for a time already covered            | drop (buffers only append) |
 | overlap       | a new seq whose start overlaps what we have        | trim the overlap (repaired), drop if all of it overlaps |
@@ -57,6 +57,11 @@ NON_FINITE = "non_finite"
 SATURATION = "saturation"
 FLAT_LINE = "flat_line"
 TIME_RESET = "time_reset"
+
+# Sample rates an ECG stream may have: the beat detector needs 50 Hz (QRS energy lies up to
+# ~25 Hz), and 20 kHz is past any ECG recorder; a rate outside is a unit or field mistake,
+# and accepting it would fail the detector on every chunk or size its buffers by the rate.
+MIN_FS, MAX_FS = 50.0, 20_000.0
 
 
 class Decision(str, Enum):
@@ -232,6 +237,8 @@ class ChunkChecker:
             return f"samples of dtype {x.dtype}"
         if not (math.isfinite(chunk.fs) and chunk.fs > 0):
             return f"fs {chunk.fs!r} is not a positive number"
+        if not MIN_FS <= chunk.fs <= MAX_FS:
+            return f"fs {chunk.fs:g} Hz outside {MIN_FS:g}..{MAX_FS:g} Hz"
         if not math.isfinite(chunk.t0):
             return f"t0 {chunk.t0!r} is not finite"
         return None

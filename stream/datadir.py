@@ -1,6 +1,8 @@
 """Raw ECG persistence: every chunk of every device is appended to disk as it arrives.
 
-Layout, one folder per device (the id percent-encoded where it is not a safe file name)::
+Layout, one folder per device (the id percent-encoded where it is not a safe file name;
+an id whose encoding passes MAX_DIRNAME bytes is cut and given a hash, and the id itself
+is written in the folder's device.txt)::
 
     DATA_DIR/<device>/ecg.f32      float32 little-endian samples, appended chunk after chunk;
                                    within a chunk, time-major (n × leads interleaved)
@@ -12,13 +14,16 @@ Layout, one folder per device (the id percent-encoded where it is not a safe fil
 Samples are stored exactly as received (units as the chunk says, NaN included), valid
 or not: this is the record of what came in. Both files are flushed to the OS after every
 chunk, so a crash of the process loses nothing received; ``fsync=True`` also survives a
-power cut at a cost per chunk. A restart appends to the same files. A reader that meets
-a half-written last index line (a crash mid-write) ignores it.
+power cut at a cost per chunk. A restart appends to the same files, after cutting both
+back to the last chunk written whole (a crash mid-write leaves a torn tail). A reader
+that meets a half-written last index line ignores it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +39,20 @@ INDEX_FILE = "index.jsonl"
 _DTYPE = np.dtype("<f4")
 
 
+MAX_DIRNAME = 200  # bytes; file systems allow 255, and percent-encoding triples non-ASCII ids
+ID_FILE = "device.txt"  # the id itself, for folders whose name had to be shortened
+
+
 def device_dirname(device: str) -> str:
-    """A file-system-safe folder name for a device id (reversible: see list_devices)."""
+    """A file-system-safe folder name for a device id: the id percent-encoded, or when that
+    is too long, its head and a hash (the id then also lies in the folder's ID_FILE)."""
     name = quote(device, safe="-_:@+=,")
-    return "%2E" + name[1:] if name.startswith(".") else name
+    name = "%2E" + name[1:] if name.startswith(".") else name
+    if len(name) > MAX_DIRNAME:
+        digest = hashlib.sha256(device.encode()).hexdigest()[:16]
+        head = re.sub(r"%[0-9A-F]?$", "", name[: MAX_DIRNAME - 18])  # no escape cut in half
+        name = f"{head}~~{digest}"
+    return name
 
 
 class RawEcgWriter:
@@ -47,7 +62,10 @@ class RawEcgWriter:
         self.device = device
         self.folder = Path(data_dir) / device_dirname(device)
         self.folder.mkdir(parents=True, exist_ok=True)
+        if unquote(self.folder.name) != device:
+            (self.folder / ID_FILE).write_text(device, encoding="utf-8")
         self._fsync = fsync
+        _cut_torn_tail(self.folder)
         self._samples = open(self.folder / SAMPLES_FILE, "ab")
         self._index = open(self.folder / INDEX_FILE, "a", encoding="utf-8")
         self._offset = self._samples.tell() // _DTYPE.itemsize
@@ -75,6 +93,31 @@ class RawEcgWriter:
             if not handle.closed:
                 handle.flush()
                 handle.close()
+
+
+def _cut_torn_tail(folder: Path) -> None:
+    """After a crash mid-write, cut both files back to the last chunk written whole.
+
+    Appending after a torn tail would put every later chunk at the wrong offset (samples
+    cut mid-float) or behind an index line no reader gets past."""
+    samples, index = folder / SAMPLES_FILE, folder / INDEX_FILE
+    have = samples.stat().st_size if samples.exists() else 0
+    keep_index = keep_floats = 0
+    if index.exists():
+        with open(index, "rb") as lines:
+            for line in lines:
+                try:
+                    entry = json.loads(line)
+                    end = int(entry["offset"]) + int(entry["n"]) * int(entry["leads"])
+                except (ValueError, KeyError, TypeError):
+                    break
+                if not line.endswith(b"\n") or end * _DTYPE.itemsize > have:
+                    break
+                keep_index, keep_floats = keep_index + len(line), end
+        if index.stat().st_size > keep_index:
+            os.truncate(index, keep_index)
+    if have > keep_floats * _DTYPE.itemsize:
+        os.truncate(samples, keep_floats * _DTYPE.itemsize)
 
 
 class DataDir:
@@ -111,7 +154,12 @@ def list_devices(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(unquote(p.name) for p in root.iterdir() if (p / INDEX_FILE).is_file())
+    return sorted(_device_of(p) for p in root.iterdir() if (p / INDEX_FILE).is_file())
+
+
+def _device_of(folder: Path) -> str:
+    named = folder / ID_FILE
+    return named.read_text(encoding="utf-8") if named.is_file() else unquote(folder.name)
 
 
 def read_chunks(root: str | Path, device: str) -> Iterator[RawChunk]:

@@ -162,7 +162,11 @@ class Engine:
         if session is None:
             return
         if self.data is not None:
-            self.data.append(chunk)  # before any check: the record of what came in
+            try:
+                self.data.append(chunk)  # before any check: the record of what came in
+            except (OSError, ValueError, IndexError) as err:  # disk full, a read-only mount, a chunk of bad shape
+                session.counters["raw_store_errors"] += 1
+                self._report(session, "error", f"raw ECG store: {type(err).__name__}: {err}; the chunk is still used live")
         for code, message in session.ingest(chunk):
             self._report(session, code, message)
 

@@ -93,6 +93,17 @@ def test_bad_arguments_give_one_line_and_status_2(argv, words, tmp_path, csv_fil
     assert len(err.splitlines()) == 1 and words in err and "error" in err
 
 
+def test_replay_of_a_file_below_the_detectors_rate_is_a_cli_error(tmp_path, capsys):
+    slow = tmp_path / "slow.npz"
+    np.savez(slow, ecg=np.zeros((1, 400), np.float32), fs=40.0)  # once a traceback from the band-pass design
+    assert main(["replay", str(slow), "--out", str(tmp_path / "o.npz"), "--backend", "sim"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "40 Hz outside 50..20000 Hz" in err
+    with pytest.raises(SystemExit) as info:  # argparse's own refusal of --fs
+        main(["replay", str(slow), "--out", str(tmp_path / "o.npz"), "--fs", "41.67"])
+    assert info.value.code == 2 and "fs must be between 50 and 20000" in capsys.readouterr().err
+
+
 def test_replay_unreadable_file_is_a_cli_error(tmp_path, capsys):
     bad = tmp_path / "bad.npy"
     bad.write_bytes(b"not numpy at all")

@@ -55,6 +55,43 @@ def test_half_written_last_line_is_ignored(tmp_path):
     assert len(entries) == 3 and samples.shape == (2, 21)
 
 
+@pytest.mark.parametrize("torn", ["samples", "index", "both"])
+def test_restart_after_a_torn_write_cuts_back_to_the_last_whole_chunk(tmp_path, torn):
+    d = datadir.DataDir(tmp_path)
+    for i in range(3):
+        d.append(chunk("dev", i))
+    d.close()
+    folder = tmp_path / "dev"
+    if torn in ("samples", "both"):  # the crash came mid-way through a chunk's samples: 5 bytes, not whole floats
+        with open(folder / datadir.SAMPLES_FILE, "ab") as f:
+            f.write(b"\x01\x02\x03\x04\x05")
+    if torn in ("index", "both"):  # or mid-way through its index line
+        with open(folder / datadir.INDEX_FILE, "a") as f:
+            f.write('{"seq": 3, "t0"')
+    d = datadir.DataDir(tmp_path)  # the restart
+    later = [chunk("dev", i) for i in (3, 4)]
+    for c in later:
+        d.append(c)
+    d.close()
+    samples, entries = datadir.read_device(tmp_path, "dev")
+    assert [e["seq"] for e in entries] == [0, 1, 2, 3, 4]  # once: chunks 3 and 4 lost behind the torn line
+    np.testing.assert_array_equal(samples[:, 21:], np.concatenate([c.samples for c in later], axis=1))  # once garbage
+
+
+@pytest.mark.parametrize("device", ["Patient-Müller-" + "é" * 60, "x" * 128, "%" * 100])
+def test_long_device_ids_get_a_short_folder_and_keep_their_name(tmp_path, device):
+    folder = datadir.device_dirname(device)
+    assert len(folder.encode()) <= datadir.MAX_DIRNAME
+    d = datadir.DataDir(tmp_path)  # "Müller-ééé…" is 375 bytes percent-encoded: once ENAMETOOLONG
+    d.append(chunk(device, 0))
+    d.append(chunk("short", 0))
+    d.close()
+    assert datadir.list_devices(tmp_path) == sorted([device, "short"])
+    samples, _ = datadir.read_device(tmp_path, device)
+    assert samples.shape == (2, 7)
+    assert datadir.device_dirname(device + "!") != folder  # the hash keeps ids with a common head apart
+
+
 def test_lead_change_needs_read_chunks(tmp_path):
     d = datadir.DataDir(tmp_path)
     d.append(chunk("dev", 0, leads=1))

@@ -106,6 +106,16 @@ def test_device_clock_reset_restarts_the_detector_on_the_new_time_base():
     assert rr.min() - 0.02 <= min(b.rr for b in beats) and max(b.rr for b in beats) <= rr.max() + 0.02
 
 
+@pytest.mark.parametrize("fs", [0.1, 40.0, 1e12])
+def test_sample_rate_outside_the_detectors_range_is_bad_input_not_an_error(fs):
+    s = fresh()
+    events = s.ingest(EcgChunk("dev", ecg(2).signal[:, :100], fs, 0.0, 0))  # once a ValueError per chunk, or 125 TiB
+    assert codes(events) == ["bad_input:bad_shape"] and "outside 50..20000 Hz" in events[0][1]
+    assert s.counters["chunks_dropped"] == 1 and s.segmenter is None
+    good, _ = feed(s, ecg(6).signal, t0=10.0, seq0=1)  # the device's next, sane chunks still work
+    assert s.take_all()
+
+
 @pytest.mark.parametrize("kind", ["duplicate", "out_of_order"])
 def test_duplicate_and_out_of_order_chunks_are_dropped(kind):
     rec = ecg(4)

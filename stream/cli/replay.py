@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ...bridges.validate import MAX_FS, MIN_FS
 from .args import CliError, ranged
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="ECG recording: CSV/TXT, Apple Health CSV, OpenSignals, NPY/NPZ, WFDB")
     p.add_argument("--out", required=True, help="output file, .npz or .mp4")
     p.add_argument("--publish", default=None, help="also publish the frames on this ZeroMQ endpoint")
-    p.add_argument("--fs", type=ranged(float, 1.0, 100_000.0, "fs"), default=None,
+    p.add_argument("--fs", type=ranged(float, MIN_FS, MAX_FS, "fs"), default=None,
                    help="sample rate in Hz, where the file does not say")
     p.add_argument("--lead", default=None, help="lead to use (name or index), where the file has several")
     p.add_argument("--backend", choices=("sim", "model"), default=None, help="frame backend (default: model if installed, else sim)")
@@ -133,6 +134,8 @@ def handle(args: argparse.Namespace) -> int:
         rec = read_recording(args.path, args.fs, lead)
     except ReplayError as err:
         raise CliError(str(err)) from None
+    if not MIN_FS <= rec.fs <= MAX_FS:  # the engine would drop every chunk as bad input
+        raise CliError(f"{args.path}: sample rate {rec.fs:g} Hz outside {MIN_FS:g}..{MAX_FS:g} Hz (the beat detector needs >= {MIN_FS:g} Hz)")
     try:
         backend = backends.make_backend(args.backend, checkpoint=args.checkpoint)
     except (ValueError, RuntimeError, OSError) as err:
