@@ -44,6 +44,8 @@ prefixes): filter on ``header["device"]`` when that matters.
 """
 from __future__ import annotations
 
+import json
+
 import math
 import re
 from dataclasses import dataclass, field
@@ -224,6 +226,12 @@ def beat_ecg_fields(window: np.ndarray, valid: np.ndarray, fs: float, pre_r_s: f
     stop = min(start + int(round(rr * fs)), window.shape[-1])
     trace = np.where(valid[start:stop], window[0, start:stop], np.nan).astype("<f4")
     return {"ecg": trace.tobytes(), "ecg_fs": float(fs)}
+
+
+def header_json(header: dict[str, Any]) -> str:
+    """A header as JSON text, for saving beside its frames. Binary fields (the beat's
+    "ecg") are left out: JSON has no bytes, and every frame of a beat repeats them."""
+    return json.dumps({k: v for k, v in header.items() if not isinstance(v, (bytes, bytearray, memoryview))})
 
 
 def decode_ecg(header: dict[str, Any]) -> np.ndarray | None:

@@ -9,6 +9,7 @@
 Layout under the output folder::
 
     <device>/<device>_<UTC start, YYYYmmddTHHMMSSZ>_<n>.mp4   frames as video (H.264, fragmented)
+                                                              (<device>: the id as `datadir` names folders)
     <device>/<device>_<UTC start>_<n>.npz                     frames and every header field
     segments.jsonl                                            one line per closed segment
     statuses.jsonl                                            every status message received
@@ -39,7 +40,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .protocol import FrameMessage, Message, StatusMessage
+from .datadir import device_dirname
+from .protocol import FrameMessage, Message, StatusMessage, header_json
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +66,6 @@ class RotatePolicy:
             raise ValueError("rotate_s must be > 0 and rotate_frames >= 1")
 
 
-def _json_safe(header: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in header.items() if not isinstance(v, (bytes, bytearray, memoryview))})
-
-
 def _video_fps(header: dict[str, Any]) -> float:
     """The beat's own frame rate (frames per RR interval), the rate the MP4 plays at."""
     return float(min(max(header["frames"] / header["rr"], 1.0), 120.0))
@@ -80,7 +78,9 @@ class Segment:
                  wall: float, fps: float | None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(wall))
-        self.stem = folder / f"{device}_{stamp}_{index:04d}"
+        # Names from `device_dirname`, built whole: a device id may hold dots (with_suffix
+        # would cut "ward3.bed12" at the first one) or be "..", and may be too long.
+        self.folder, self.base = folder, f"{device_dirname(device)}_{stamp}_{index:04d}"
         self.device, self.index, self.opened, self.started = device, index, opened, wall
         self.shape = first.pixels.shape
         self.fps = fps or _video_fps(first.header)
@@ -95,9 +95,12 @@ class Segment:
 
         # Fragmented MP4: readable up to the last fragment even if the recorder is killed.
         return imageio.get_writer(
-            self.stem.with_suffix(".mp4"), format="FFMPEG", fps=self.fps, codec="libx264", pixelformat="yuv420p",
+            self.path(".mp4"), format="FFMPEG", fps=self.fps, codec="libx264", pixelformat="yuv420p",
             macro_block_size=2, ffmpeg_log_level="error", output_params=["-movflags", "+frag_keyframe+empty_moov"],
         )
+
+    def path(self, suffix: str) -> Path:
+        return self.folder / (self.base + suffix)
 
     @property
     def last_seq(self) -> int:
@@ -117,17 +120,17 @@ class Segment:
         """Finish the MP4, write the NPZ (atomically), and return the segment's index line."""
         self._writer.close()
         meta = {"device": self.device, "segment": self.index, "opened": self.opened, "closed": reason,
-                "mp4": self.stem.with_suffix(".mp4").name, "fps": self.fps, "started": self.started}
+                "mp4": self.path(".mp4").name, "fps": self.fps, "started": self.started}
         columns = {name: np.array([h[key] for h in self.headers], dtype=dtype) for name, key, dtype in _COLUMNS}
-        partial = self.stem.with_suffix(".partial.npz")
+        partial = self.path(".partial.npz")
         np.savez(
             partial, frames=np.stack(self.frames), recv=np.array(self.recv), gap=np.array(self.gaps, dtype=np.int64),
             model=np.array([h["model"] for h in self.headers], dtype=str),
-            headers=np.array([_json_safe(h) for h in self.headers], dtype=str), meta=np.array(json.dumps(meta)),
+            headers=np.array([header_json(h) for h in self.headers], dtype=str), meta=np.array(json.dumps(meta)),
             **columns,
         )
-        os.replace(partial, self.stem.with_suffix(".npz"))  # a reader never sees half an NPZ
-        return {**meta, "npz": self.stem.with_suffix(".npz").name, "frames": len(self.frames),
+        os.replace(partial, self.path(".npz"))  # a reader never sees half an NPZ
+        return {**meta, "npz": self.path(".npz").name, "frames": len(self.frames),
                 "seq": [self.headers[0]["seq"], self.last_seq], "t": [self.headers[0]["t"], self.headers[-1]["t"]],
                 "lost": int(sum(self.gaps))}
 
@@ -163,7 +166,7 @@ class Recorder:
         if segment is None:
             index = self._count.get(device, 0)
             self._count[device] = index + 1
-            segment = Segment(self.out / device, device, index, msg, reason, now, self.fps)
+            segment = Segment(self.out / device_dirname(device), device, index, msg, reason, now, self.fps)
             self.open[device] = segment
             log.info("%s: segment %d opened (%s)", device, index, reason)
         segment.add(msg, now)

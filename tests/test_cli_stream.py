@@ -115,6 +115,7 @@ def test_replay_unreadable_file_is_a_cli_error(tmp_path, capsys):
 def test_subscribe_prints_lines_and_saves(tmp_path, capsys):
     out = tmp_path / "got.npz"
     frames = np.arange(3 * 16 * 16, dtype=np.uint8).reshape(3, 16, 16)
+    ecg = protocol.beat_ecg_fields(np.ones((1, 400), np.float32), np.ones(400, bool), 250.0, 0.5, 0.8)
     with Publisher("tcp://127.0.0.1:0") as pub:
         result = {}
         thread = threading.Thread(target=lambda: result.setdefault(
@@ -125,7 +126,7 @@ def test_subscribe_prints_lines_and_saves(tmp_path, capsys):
         while thread.is_alive() and time.monotonic() < deadline:  # slow joiner: keep sending
             pub.publish_status("dev", "overload", f"round {beat}", {"beats_dropped": beat})
             pub.publish_frames("dev", frames, times=[1.0, 1.1, 1.2], beat=beat, r_time=1.0, rr=0.8, model="sim",
-                               capture=time.time())
+                               capture=time.time(), extra=ecg)  # binary, as the engine sends: once a TypeError at save
             beat += 1
             time.sleep(0.05)
         thread.join(timeout=5)

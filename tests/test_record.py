@@ -113,6 +113,24 @@ def test_rotate_on_time_and_gaps_are_marked_not_split(tmp_path):
         assert list(z["recv"]) == [clock.now - 2.5] * 2
 
 
+@pytest.mark.parametrize("device", ["ward3.bed12", "..", ".hidden", "Patient-Müller-" + "é" * 60])
+def test_device_ids_with_dots_or_too_long_keep_every_segment_inside_out(tmp_path, device):
+    out = tmp_path / "out"
+    rec = Recorder(out, RotatePolicy(rotate_frames=4))
+    for s in range(12):
+        rec.add(frame_msg(device, s))
+    rec.close()
+    segments = _segments(out)
+    assert len(segments) == 3 and len({s["npz"] for s in segments}) == 3  # "ward3.bed12" once overwrote one file
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert all(p.is_relative_to(out) for p in files) and not (tmp_path / "out_").exists()
+    npz = sorted(p for p in files if p.suffix == ".npz")
+    assert [p.name for p in npz] == sorted(s["npz"] for s in segments)
+    for path, first in zip(npz, (0, 4, 8)):
+        with np.load(path) as z:
+            assert list(z["seq"]) == list(range(first, first + 4))
+
+
 def test_statuses_go_to_jsonl(tmp_path):
     rec = Recorder(tmp_path)
     status = {"v": 1, "device": "a", "code": "signal_lost", "message": "flat", "counters": {"x": 1}, "time": 5.0}

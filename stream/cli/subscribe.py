@@ -98,6 +98,8 @@ def handle(args: argparse.Namespace) -> int:
 
 
 def save(out: Path, frames: list[np.ndarray], headers: list[dict], statuses: list[dict]) -> None:
+    from ..protocol import header_json
+
     shapes = {f.shape for f in frames}
     if len(shapes) > 1:
         raise CliError(f"frames of several shapes {sorted(shapes)} cannot be saved in one array; use --topic")
@@ -112,7 +114,7 @@ def save(out: Path, frames: list[np.ndarray], headers: list[dict], statuses: lis
         frame=column("frame", np.int64),
         t=column("t", np.float64),
         hr=column("hr", np.float64),
-        headers=np.array([json.dumps(h) for h in headers], dtype=str),
+        headers=np.array([header_json(h) for h in headers], dtype=str),  # the beat's binary ECG left out
         statuses=np.array([json.dumps(s) for s in statuses], dtype=str),
     )
     log.info("saved %d frames to %s", len(headers), out)
