@@ -156,6 +156,7 @@ def default_backend() -> str:
 
 
 BATCHING_OPTIONS = ("precision", "batch_window_ms", "cuda_graphs", "kernels", "compile", "warm_up_batch")
+_SETTINGS = {"sim": {"size", "frames_per_beat"}, "model": {"checkpoint", "device", "batching", *BATCHING_OPTIONS}}
 
 
 def _torch_device(name: str | None) -> str:
@@ -178,6 +179,12 @@ def make_backend(name: str | None = None, **options: Any) -> Backend:
             options.pop(key, None)
         elif name != "model":
             raise ValueError(f"{key} is for the model backend (--backend model)")
+    # Settings another backend takes (a config file's [backend] without a name is read
+    # before the default is known) are refused here with their names, not as a TypeError.
+    known = _SETTINGS.get(name, set())
+    foreign = sorted(key for key in options if key not in known)
+    if name in _SETTINGS and foreign:
+        raise ValueError(f"{', '.join(foreign)}: not settings of the {name} backend (it takes {', '.join(sorted(known))})")
     if name == "sim":
         try:
             return SimBackend(**options)

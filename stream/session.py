@@ -128,9 +128,9 @@ class Session:
         self.last_data = time.monotonic()
         capture = time.time()
         self.counters["chunks"] += 1
-        self.counters["samples"] += chunk.n_samples
         events: list[Event] = []
-        result = self.checker.check(chunk)
+        result = self.checker.check(chunk)  # first: a chunk of the wrong shape has no n_samples
+        self.counters["samples"] += chunk.n_samples if np.ndim(chunk.samples) == 2 else 0
         restart = flat = False
         for issue in result.issues:
             self.counters[f"issue_{issue.code}"] += 1

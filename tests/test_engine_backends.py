@@ -71,6 +71,22 @@ def test_model_options_that_do_not_fit_are_value_errors(options, words):
         backends.make_backend("model", device="cpu", **options)
 
 
+def test_another_backends_settings_are_named_not_a_type_error(tmp_path, capsys):
+    assert backends.default_backend() == "model"  # the shipped weights
+    with pytest.raises(ValueError, match="frames_per_beat: not settings of the model backend"):
+        backends.make_backend(None, frames_per_beat=10)  # once TypeError inside ModelBackend
+    with pytest.raises(ValueError, match="device: not settings of the sim backend"):
+        backends.make_backend("sim", device="cpu")
+    # the way a user meets it: a config whose [backend] has sim settings but no name
+    from echopulse.stream.cli import main
+
+    config = tmp_path / "echopulse.toml"
+    config.write_text(f'sources = ["synthetic://?devices=1"]\ndata_dir = "{tmp_path / "d"}"\n[backend]\nframes_per_beat = 10\n')
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "frames_per_beat" in err
+
+
 def test_batching_options_are_for_the_model_backend():
     with pytest.raises(ValueError, match="precision is for the model backend"):
         backends.make_backend("sim", precision="bf16")

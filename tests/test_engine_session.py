@@ -106,6 +106,12 @@ def test_device_clock_reset_restarts_the_detector_on_the_new_time_base():
     assert rr.min() - 0.02 <= min(b.rr for b in beats) and max(b.rr for b in beats) <= rr.max() + 0.02
 
 
+def test_samples_of_the_wrong_shape_are_bad_input_not_an_error():
+    s = fresh()
+    events = s.ingest(EcgChunk("dev", np.zeros(100, np.float32), FS, 0.0, 0))  # 1-D: once an IndexError
+    assert codes(events) == ["bad_input:bad_shape"] and s.counters["chunks_dropped"] == 1
+
+
 @pytest.mark.parametrize("fs", [0.1, 40.0, 1e12])
 def test_sample_rate_outside_the_detectors_range_is_bad_input_not_an_error(fs):
     s = fresh()

@@ -125,6 +125,16 @@ def test_iter_pairs_with_workers_matches_in_process() -> None:
         np.testing.assert_array_equal(a["video"], b["video"])
 
 
+@pytest.mark.parametrize("rr", [2.5, 0.25])  # 24 and 240 bpm: past the rates the heart model holds
+def test_beat_driven_frames_tile_time_at_any_rate(rr: float) -> None:
+    sim = BeatDrivenEcho(seed=5, size=64, frames_per_beat=10)
+    beats = [sim.render_beat(10.0 + k * rr, rr) for k in range(3)]
+    times = np.concatenate([t for _, t in beats])
+    steps = np.diff(times)  # once a 0.7 s hole before each R at 24 bpm, time going back at 240 bpm
+    np.testing.assert_allclose(steps, rr / 10)
+    assert all(f.shape == (10, 64, 64) for f, _ in beats)
+
+
 def test_beat_driven_renderer_is_continuous_across_beats() -> None:
     sim = BeatDrivenEcho(seed=5, size=64, frames_per_beat=10)
     f1, t1 = sim.render_beat(10.0, 0.8)

@@ -32,12 +32,17 @@ class BeatDrivenEcho:
         return self.renderer.size
 
     def render_beat(self, r_time: float, rr: float) -> tuple[np.ndarray, np.ndarray]:
-        """Frames (uint8 F×H×W) and their times (s) r_time + i·rr/F, i = 0..F−1."""
-        rr = float(np.clip(rr, 60.0 / HR_MAX, 60.0 / HR_MIN))
+        """Frames (uint8 F×H×W) and their times (s) r_time + i·rr/F, i = 0..F−1.
+
+        Outside HR_MIN..HR_MAX the heart beats at the nearest rate it models, but its frames
+        keep the true RR's times: consecutive beats tile the ECG's time, with no hole
+        before the next R and no frame past it."""
         f = self.frames_per_beat
-        times = r_time + np.arange(f) * rr / f
-        heart = HeartCycle(self._events(r_time, rr), self.subject.edv, self.subject.esv)
-        frames, _ = self.renderer.render(heart.volume(times), heart.mitral_open(times), rng=self.rng)
+        times = r_time + np.arange(f) * float(rr) / f
+        modelled = float(np.clip(rr, 60.0 / HR_MAX, 60.0 / HR_MIN))
+        phase = r_time + np.arange(f) * modelled / f  # the same phases of the modelled cycle
+        heart = HeartCycle(self._events(r_time, modelled), self.subject.edv, self.subject.esv)
+        frames, _ = self.renderer.render(heart.volume(phase), heart.mitral_open(phase), rng=self.rng)
         return frames, times
 
     def _events(self, r_time: float, rr: float) -> BeatEvents:
