@@ -43,7 +43,7 @@ BITALINO_VCC = 3.3
 BITALINO_ECG_GAIN = 1100.0
 DELIMITERS = (",", ";", "\t", None)  # None: runs of whitespace
 TIME_LABEL = re.compile(r"^\s*(t|time|times|timestamp|seconds|secs?|elapsed[\w ]*)\s*([\(\[]\s*(s|sec|ms)\s*[\)\]]|_(s|ms))?\s*$", re.I)
-INDEX_LABEL = re.compile(r"^\s*(nseq|index|idx|sample|samples|n|#)\s*$", re.I)
+INDEX_LABEL = re.compile(r"^\s*(nseq|index|idx|samples?(\s*(#|no\.?|nr\.?|num|number)|_?(index|idx|num))?|n|#)\s*$", re.I)
 HZ = re.compile(r"(\d+(?:[.,]\d+)?)\s*(?:hz|hertz)\b", re.I)
 UNIT_SMALL = re.compile(r"(?<![A-Za-z])(µV|μV|uV|mV)(?![A-Za-z0-9])")
 UNIT_VOLT = re.compile(r"(?<![A-Za-z])V(?![A-Za-z0-9])")
@@ -82,7 +82,7 @@ def _fields(line: str, delim: str | None) -> list[str]:
         parts = next(csv.reader([line], delimiter=delim))
     else:
         parts = line.split(delim)
-    return [f.strip().strip('"') for f in parts]
+    return [f.strip().strip("\"'") for f in parts]  # PhysioBank's CSV exports quote labels as 'MLII'
 
 
 def _number(field: str, decimal_comma: bool) -> float | None:

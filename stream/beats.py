@@ -15,7 +15,12 @@ window from whatever the ring holds now, for a caller that wants the longer view
 
 Time: sample i of the stream is at `t0 + i / fs`, t0 being the first chunk's; the
 segmenter treats chunks as contiguous. A caller that sees a gap or a change of rate
-starts a new segmenter (or calls `reset`).
+starts a new segmenter (or calls `reset`). A device whose true rate is a little off its
+nominal one (a 130 Hz strap running at 130.26 Hz) stamps its chunks by its own clock,
+and counting samples would drift from it (3.6 s in half an hour) with no gap ever
+showing: when a chunk's t0 and the count part by more than DRIFT_S, the timeline is
+re-anchored at that chunk (a piecewise map from sample index to time). Times then stay
+within DRIFT_S of the device's clock; RR, counted in samples, is not touched.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from .ring import SampleRing
 RING_S = 12.0  # raw history kept: the longest RR plus a window's lead-in and search-back
 PIECE_S = 1.0  # long chunks are taken in pieces so the ring still holds each beat's start
 N_HR = 8       # RR intervals the current heart rate is a median of
+DRIFT_S = 0.02  # re-anchor the timeline when chunk t0 and the sample count part by more (the checker's gap tolerance)
 
 
 @dataclass(frozen=True, eq=False)  # arrays inside: compare fields, not beats
@@ -75,7 +81,7 @@ class BeatSegmenter:
         """Forget the stream: the next push starts a new timeline."""
         self._detector = QrsDetector(self.fs, self._params, self._backend)
         self._ring = SampleRing(self.n_leads, int(math.ceil(RING_S * self.fs)) + 2 * self._support)
-        self._t0: float | None = None
+        self._anchors: list[tuple[int, float]] = []  # (absolute sample index, its time), by index
         self._last_r: int | None = None
         self._rr: deque[int] = deque(maxlen=N_HR)
         self._count = 0
@@ -89,7 +95,7 @@ class BeatSegmenter:
     @property
     def expected_t0(self) -> float | None:
         """t0 a contiguous next chunk would carry; None before the first push."""
-        return None if self._t0 is None else self._t0 + self._ring.end / self.fs
+        return self.time_of(self._ring.end) if self._anchors else None
 
     @property
     def heart_rate(self) -> float | None:
@@ -105,9 +111,17 @@ class BeatSegmenter:
 
     def time_of(self, index: float) -> float:
         """Stream time of a (fractional) absolute sample index."""
-        if self._t0 is None:
+        if not self._anchors:
             raise RuntimeError("no samples pushed yet")
-        return self._t0 + index / self.fs
+        start, t = next((a for a in reversed(self._anchors) if a[0] <= index), self._anchors[0])
+        return t + (index - start) / self.fs
+
+    def index_of(self, time: float) -> float:
+        """The (fractional) absolute sample index at stream time `time`."""
+        if not self._anchors:
+            raise RuntimeError("no samples pushed yet")
+        start, t = next((a for a in reversed(self._anchors) if a[1] <= time), self._anchors[0])
+        return start + (time - t) * self.fs
 
     # ---------------------------------------------------------------------------
     def push(self, samples: np.ndarray, t0: float) -> list[Beat]:
@@ -115,8 +129,7 @@ class BeatSegmenter:
         samples = np.asarray(samples, dtype=np.float32)
         if samples.ndim != 2 or samples.shape[0] != self.n_leads:
             raise ValueError(f"expected ({self.n_leads}, n) samples, got {samples.shape}")
-        if self._t0 is None:
-            self._t0 = float(t0)
+        self._anchor(float(t0))
         beats: list[Beat] = []
         piece = max(1, int(PIECE_S * self.fs))
         for i in range(0, samples.shape[1], piece):
@@ -134,10 +147,19 @@ class BeatSegmenter:
     def cut_window(self, r_time: float) -> tuple[np.ndarray, np.ndarray]:
         """The window around an R peak at `r_time` from what the ring holds now:
         (leads × window_samples float32, valid bool)."""
-        r = (r_time - self.time_of(0)) * self.fs
-        return self._window(r, self._ring.end)
+        return self._window(self.index_of(r_time), self._ring.end)
 
     # ---------------------------------------------------------------------------
+    def _anchor(self, t0: float) -> None:
+        start = self._ring.end
+        if self._anchors and abs(t0 - self.time_of(start)) <= DRIFT_S:
+            return
+        self._anchors.append((start, t0))
+        # anchors before the ring's oldest sample map nothing any beat still needs
+        oldest = min(self._ring.start, self._last_r if self._last_r is not None else start)
+        while len(self._anchors) > 1 and self._anchors[1][0] <= oldest:
+            self._anchors.pop(0)
+
     def _beat(self, r: int, r_next: int, det: int) -> Beat:
         window, valid = self._window(float(r), det + 1)
         beat = Beat(index=self._count, r_time=self.time_of(r), rr=(r_next - r) / self.fs,

@@ -85,6 +85,22 @@ def test_cut_window_sees_what_arrived_since():
     np.testing.assert_allclose(window[:, :edge], b.window[:, :edge], atol=1e-5)
 
 
+def test_times_follow_the_device_clock_when_its_rate_is_off_nominal():
+    true_fs, nominal = 130.26, 130.0  # a strap whose crystal runs 0.2 % fast, stamping chunks by its own clock
+    rec = simulate_ecg(600.0, fs=true_fs, hr=70, seed=5, noise=0.3)
+    seg = BeatSegmenter(nominal, 1)
+    beats = []
+    for i in range(0, rec.signal.shape[1], 73):  # Polar-sized frames
+        beats += seg.push(rec.signal[:, i:i + 73], T0 + i / true_fs)
+    late = [b for b in beats if b.r_time > T0 + 500]
+    truth = rec.r_peaks + T0
+    error = [min(abs(truth - b.r_time)) for b in late]
+    assert late and max(error) < 0.05  # counting samples alone drifts 1.2 s by then
+    assert np.median([b.rr for b in late]) == pytest.approx(np.median(np.diff(rec.r_peaks)) * true_fs / nominal, rel=0.01)
+    assert seg.expected_t0 == pytest.approx(T0 + rec.signal.shape[1] / true_fs, abs=0.03)
+    assert len(seg._anchors) < 10  # re-anchored now and then, the old anchors let go
+
+
 def test_chunking_does_not_change_beats():
     fs = 360.0
     rec = simulate_ecg(15.0, fs=fs, hr=90, leads=2, seed=4, noise=1.0)

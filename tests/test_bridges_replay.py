@@ -76,6 +76,16 @@ def test_headerless_time_and_index_columns_detected(tmp_path: Path) -> None:
     assert rec.samples.shape == (1, 200)  # the index column is dropped
 
 
+def test_physiobank_csv_export_with_quoted_labels_and_sample_numbers(tmp_path: Path) -> None:
+    x = (wave(720, 360.0, leads=2) * 200 + 1000).round()  # ADC units, as the export writes them
+    p = tmp_path / "100.csv"
+    p.write_text("'sample #','MLII','V5'\n" + "\n".join(f"{i},{a:.0f},{b:.0f}" for i, (a, b) in enumerate(x.T)))
+    rec = read_recording(p, fs=360)
+    assert rec.leads == ["MLII", "V5"]  # once "'sample #'" as lead 0, a ramp with no beats
+    np.testing.assert_allclose(rec.samples, x)
+    assert read_recording(p, fs=360, lead="MLII").leads == ["MLII"]  # once refused: the label kept its quotes
+
+
 def test_lead_by_index_and_bad_lead(tmp_path: Path) -> None:
     p = tmp_path / "m.csv"
     p.write_text("a,b,c\n" + "\n".join(f"{i},{2 * i},{3 * i}" for i in range(10)))
