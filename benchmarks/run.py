@@ -2,6 +2,7 @@
 
 Each `benchmarks/bench_<stage>.py` exposes ``run(quick: bool) -> dict`` returning
 ``{"rows": [{"metric": str, "value": float, "unit": str, "target": str | None}], ...}``
+(and optionally ``"skipped": [str]``: parts not measured here, and why)
 plus any raw figures it wants kept. `--quick` sizes every stage for CI.
 
     python benchmarks/run.py [--quick] [--only simulate,beats] [--out results.json] [--gpu-only]
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         results["stages"][stage] = result
         for row in result["rows"]:
             print(f"{stage:<12} {row['metric']:<58} {row['value']:>14.4g}  {row['unit']:<10} {row.get('target') or ''}", flush=True)
+        for note in result.get("skipped", ()):
+            print(f"{stage:<12} (skipped: {note})", flush=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -34,13 +35,17 @@ def test_the_gpu_comparison_runs_end_to_end_on_cpu() -> None:
 def test_gpu_only_skips_stages_without_a_gpu_part(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--gpu-only", "--only", "simulate,tokenizer",
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--gpu-only", "--only", "simulate,tokenizer,generator",
          "--out", str(out)],
         capture_output=True, text=True, timeout=300, check=True,
     )
     assert "no GPU part: skipped with --gpu-only" in proc.stdout
     result = json.loads(out.read_text())
     assert result["gpu_only"] is True
-    assert list(result["stages"]) == ["tokenizer"]
+    assert list(result["stages"]) == ["tokenizer", "generator"]
+    if not torch.cuda.is_available():  # what was not measured is a note, never a row with a value
+        generator = result["stages"]["generator"]
+        assert generator["rows"] == [] and "no CUDA device" in generator["skipped"][0]
+        assert "(skipped: paper GPU rows: no CUDA device" in proc.stdout
     # no CPU timing rows on a --gpu-only run: they would describe the GPU box's CPU
     assert not any("CPU" in r["metric"] for r in result["stages"]["tokenizer"]["rows"])
