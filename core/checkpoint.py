@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from .config import Preset
+from .errors import CheckpointError
 
 
 # helpers
@@ -44,7 +48,10 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    return load_file(str(path), device=str(device))
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as err:  # truncated by a full disk or a copy cut short
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
 
 
 def save_json(data: Mapping[str, Any], path: str | Path) -> None:
@@ -59,7 +66,24 @@ def load_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint config at {path}")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def load_preset(path: str | Path, kind: str | None = None) -> Preset:
+    """The preset a model's JSON carries; with `kind`, refuse a JSON of another kind of model."""
+    data = load_json(path)
+    if kind is not None and data.get("kind", kind) != kind:
+        raise CheckpointError(f"{path}: a {data['kind']} checkpoint, not a {kind}")
+    try:
+        return Preset.from_dict(data["preset"])
+    except (KeyError, TypeError) as err:  # no preset, or fields of another version
+        raise CheckpointError(f"{path}: no usable preset ({type(err).__name__}: {err})") from None
 
 
 # modules
@@ -77,12 +101,27 @@ def load_module(module: nn.Module, path: str | Path, strict: bool = True) -> nn.
     """Load weights into `module`, casting each tensor to the dtype and device the module already has."""
     own = module.state_dict()
     loaded = load_tensors(path)
+    _check_fit(own, loaded, path, strict)
     state = {}
     for name, tensor in loaded.items():
         target = own.get(name)
         state[name] = tensor.to(dtype=target.dtype, device=target.device) if target is not None else tensor
     module.load_state_dict(state, strict=strict)
     return module
+
+
+def _check_fit(own: Mapping[str, Tensor], loaded: Mapping[str, Tensor], path: Path | str, strict: bool) -> None:
+    """One line on what does not fit, instead of torch's list of every tensor."""
+    wrong = [n for n, t in loaded.items() if n in own and tuple(t.shape) != tuple(own[n].shape)]
+    missing = [n for n in own if n not in loaded] if strict else []
+    extra = [n for n in loaded if n not in own] if strict else []
+    if wrong:
+        n = wrong[0]
+        raise CheckpointError(f"{path}: {len(wrong)} tensor(s) of another shape, e.g. {n}: {tuple(loaded[n].shape)} in the file, "
+                              f"{tuple(own[n].shape)} in the model its JSON describes")
+    if missing or extra:
+        parts = [f"{len(names)} {what} (e.g. {names[0]})" for what, names in (("missing", missing), ("unexpected", extra)) if names]
+        raise CheckpointError(f"{path}: tensors {', '.join(parts)}: weights of another model?")
 
 
 def save_model(directory: str | Path, name: str, module: nn.Module, config: Mapping[str, Any], dtype: torch.dtype | None = None) -> None:

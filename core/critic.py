@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import load_json, load_module, model_paths
+from .checkpoint import load_preset, load_module, model_paths
 from .config import Preset, TokenizerConfig, TransformerConfig
 from .sampler import gumbel_noise
 from .transformer import Context, EcgFeatures, MaskedTransformer
@@ -68,7 +68,7 @@ def critic_loss(
 def load_critic(directory: str | Path, name: str = "critic", device: str | torch.device = "cpu") -> tuple[TokenCritic, Preset]:
     """The critic saved with `transformer.save_transformer(critic, preset, DIR, name="critic")`."""
     weights, config_path = model_paths(directory, name)
-    preset = Preset.from_dict(load_json(config_path)["preset"])
+    preset = load_preset(config_path, "critic")
     model = TokenCritic(preset.transformer, preset.tokenizer, preset.ecg.dim)
     load_module(model, weights)
     return model.to(device).eval(), preset

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_json, load_module, model_paths, save_model
+from .checkpoint import load_preset, load_module, model_paths, save_model
 from .config import EcgEncoderConfig, Preset
 from .layers import Transformer, sinusoidal_embedding
 
@@ -154,7 +154,7 @@ def save_ecg_encoder(model: EcgEncoder, preset: Preset, directory: str | Path, n
 
 def load_ecg_encoder(directory: str | Path, name: str = "ecg", device: str | torch.device = "cpu") -> tuple[EcgEncoder, Preset]:
     weights, config_path = model_paths(directory, name)
-    preset = Preset.from_dict(load_json(config_path)["preset"])
+    preset = load_preset(config_path, "ecg_encoder")
     model = EcgEncoder(preset.ecg)
     load_module(model, weights)
     return model.to(device).eval(), preset

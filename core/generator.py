@@ -22,6 +22,8 @@ amplifies the ECG, not the reference.
 """
 from __future__ import annotations
 
+import math
+
 import dataclasses
 
 import hashlib
@@ -35,6 +37,7 @@ from torch import Tensor
 
 from .checkpoint import load_json
 from .config import Preset, preset as named_preset
+from .errors import CheckpointError
 from .critic import TokenCritic, load_critic
 from .ecg_encoder import EcgEncoder, load_ecg_encoder
 from .sampler import Schedule, decode, make_schedule
@@ -63,6 +66,24 @@ def beat_locked_clip(cycle: np.ndarray, frames: int) -> np.ndarray:
 def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# what the transformer was built around, field by field: the tokenizer's geometry and
+# codebook, the ECG encoder's window and width (a refiner or a longer-trained decoder is free)
+_TOKENIZER_GEOMETRY = ("frames", "image_size", "patch", "temporal_patch", "lfq_bits")
+_ECG_GEOMETRY = ("fs", "patch", "window_s", "pre_r_s", "dim")
+
+
+def _check_parts_agree(directory: Path, preset: Preset, tokenizer: Preset, ecg: Preset) -> None:
+    """Refuse a folder whose parts were made for different models, naming the first field
+    that differs, before the first beat fails deep inside a forward pass."""
+    for part, name, fields in (("tokenizer", "tokenizer", _TOKENIZER_GEOMETRY), ("ecg", "ecg", _ECG_GEOMETRY)):
+        theirs = getattr(tokenizer if part == "tokenizer" else ecg, part)
+        ours = getattr(preset, part)
+        for key in fields:
+            if getattr(theirs, key) != getattr(ours, key):
+                raise CheckpointError(f"{directory / (name + '.json')}: {part}.{key} is {getattr(theirs, key)!r}, "
+                                 f"but transformer.json was built for {getattr(ours, key)!r}")
 
 
 def _check_token_space(directory: Path) -> None:
@@ -174,9 +195,10 @@ class Generator:
             raise FileNotFoundError(f"no generator checkpoint in {directory} (expected transformer.json and .safetensors)")
         device = _device(device)
         _check_token_space(directory)
-        tokenizer, _ = load_tokenizer(directory, device=device)
-        ecg, _ = load_ecg_encoder(directory, device=device)
+        tokenizer, tokenizer_preset = load_tokenizer(directory, device=device)
+        ecg, ecg_preset = load_ecg_encoder(directory, device=device)
         transformer, preset = load_transformer(directory, device=device)
+        _check_parts_agree(directory, preset, tokenizer_preset, ecg_preset)
         critic = None
         if use_critic and (directory / "critic.json").is_file():
             critic, _ = load_critic(directory, device=device)
@@ -247,7 +269,10 @@ class Generator:
         """
         st = state or self.state
         frames = np.asarray(frames)
-        count = self.preset.tokenizer.frames
+        count, size = self.preset.tokenizer.frames, self.preset.tokenizer.image_size
+        if frames.dtype != np.uint8 or frames.ndim != 3 or frames.shape[1:] != (size, size) or len(frames) < 2:
+            # checked before any resampling, which would cast a float loop to near-black uint8
+            raise ValueError(f"a reference loop is uint8 frames of {size}x{size}, at least 2, got {frames.dtype} {frames.shape}")
         if not beat_locked:
             frames = beat_locked_clip(frames, count)
         if frames.ndim != 3 or frames.shape[0] != count:
@@ -320,14 +345,18 @@ class Generator:
         st = state or self.state
         if st.prime is None:
             self.prime_default(st)
-        if not rr > 0:
-            raise ValueError(f"rr must be positive, got {rr}")
+        if not (rr > 0 and math.isfinite(rr)):
+            raise ValueError(f"rr must be positive and finite, got {rr}")
         w = torch.as_tensor(np.asarray(window, dtype=np.float32), device=self.device)
         if w.ndim == 1:
             w = w[None]
         if w.ndim != 2 or not 1 <= w.shape[0] <= self.preset.ecg.max_leads:
             raise ValueError(f"window must be (leads <= {self.preset.ecg.max_leads}, samples), got {tuple(w.shape)}")
         v = torch.as_tensor(np.asarray(valid, dtype=bool), device=self.device).expand_as(w)
+        # a NaN marked valid would make every patch embedding NaN through attention: it is
+        # missing data, so it becomes what `beat_window` makes of a gap (zero, not valid)
+        finite = torch.isfinite(w)
+        v, w = v & finite, torch.where(finite, w, torch.zeros((), device=self.device))
         leads = torch.arange(w.shape[0], device=self.device) if lead_ids is None else torch.as_tensor(lead_ids, device=self.device)
         rng = self._rng if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         rr_t = torch.tensor([float(rr)], device=self.device)

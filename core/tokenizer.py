@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_json, load_module, load_tensors, model_paths, save_model
+from .checkpoint import load_preset, load_module, load_tensors, model_paths, save_model
 from .config import Preset, TokenizerConfig
 from .layers import LayerNorm, Transformer, sinusoidal_embedding
 from .quantize import LFQ, LFQOutput
@@ -294,7 +294,7 @@ def save_tokenizer(model: CViViT, preset: Preset, directory: str | Path, name: s
 def load_tokenizer(directory: str | Path, name: str = "tokenizer", device: str | torch.device = "cpu") -> tuple[CViViT, Preset]:
     """Build the tokenizer its JSON describes and load its weights (float32, eval mode)."""
     weights, config_path = model_paths(directory, name)
-    preset = Preset.from_dict(load_json(config_path)["preset"])
+    preset = load_preset(config_path, "tokenizer")
     model = CViViT(preset.tokenizer)
     load_module(model, weights)
     return model.to(device).eval(), preset

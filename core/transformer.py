@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_json, load_module, model_paths, save_model
+from .checkpoint import load_preset, load_module, model_paths, save_model
 from .config import Preset, TokenizerConfig, TransformerConfig
 from .ecg_encoder import TIME_UNIT_S
 from .layers import LayerNorm, Transformer, sinusoidal_embedding
@@ -317,7 +317,7 @@ def save_transformer(model: MaskedTransformer, preset: Preset, directory: str | 
 
 def load_transformer(directory: str | Path, name: str = "transformer", device: str | torch.device = "cpu") -> tuple[MaskedTransformer, Preset]:
     weights, config_path = model_paths(directory, name)
-    preset = Preset.from_dict(load_json(config_path)["preset"])
+    preset = load_preset(config_path, "transformer")
     model = build_transformer(preset)
     load_module(model, weights)
     return model.to(device).eval(), preset

@@ -95,6 +95,32 @@ def test_prime_loop_sets_reference_context_and_prime(gen: Generator) -> None:
     gen.prime_loop(np.repeat(loop[:1], 7, axis=0), beat_locked=False)
 
 
+def test_a_nan_marked_valid_is_missing_data_not_a_poisoned_beat(gen: Generator) -> None:
+    gen.prime_image(_frame(gen))
+    window, valid = _window(gen, 5.0, 0.8)
+    poisoned = window.copy()
+    poisoned[0, 40] = np.nan  # valid there: once every patch embedding became NaN, the clip flat
+    holed, hole_valid = window.copy(), valid.copy()
+    holed[0, 40], hole_valid[40] = 0.0, False  # what beat_window makes of the same gap
+    a, _ = gen.generate_beat(poisoned, valid, 5.0, 0.8, seed=2)
+    gen.prime_image(_frame(gen))
+    b, _ = gen.generate_beat(holed, hole_valid, 5.0, 0.8, seed=2)
+    np.testing.assert_array_equal(a, b)
+    for rr in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="rr must be positive and finite"):
+            gen.generate_beat(window, valid, 5.0, rr)
+
+
+def test_reference_loops_of_the_wrong_kind_are_refused(gen: Generator) -> None:
+    size, count = gen.preset.tokenizer.image_size, gen.preset.tokenizer.frames
+    loop = np.random.default_rng(0).integers(0, 255, (count, size, size), dtype=np.uint8)
+    for bad in (loop.astype(np.float32) / 255,  # once cast to near-black uint8 by the resampling
+                loop[:1], loop[:, :, :-1], loop[0]):
+        for beat_locked in (True, False):
+            with pytest.raises(ValueError, match="a reference loop is uint8 frames"):
+                gen.prime_loop(bad, beat_locked=beat_locked)
+
+
 def test_beat_locked_clip_phases() -> None:
     cycle = np.arange(10, dtype=np.uint8)[:, None, None].repeat(2, 1).repeat(2, 2) * 10
     clip = beat_locked_clip(cycle, 11)

@@ -15,6 +15,7 @@ import pkgutil
 import sys
 from typing import Sequence
 
+from ...core.errors import CheckpointError
 from ..logs import configure as configure_logging
 from .args import CliParser, CliError
 
@@ -44,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except CliError as err:
+        print(f"echopulse {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except CheckpointError as err:  # a damaged or mismatched checkpoint, wherever a command met it
         print(f"echopulse {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

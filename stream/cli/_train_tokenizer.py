@@ -45,8 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from echopulse.core.checkpoint import load_json
-    from echopulse.core.config import Preset, preset
+    from echopulse.core.checkpoint import load_preset
+    from echopulse.core.config import preset
     from echopulse.core.train_tokenizer import RunPaths, TokenizerRecipe, train_tokenizer
 
     if args.threads:
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.lfq_bits is not None and args.init:
         raise CliError("--lfq-bits changes the codebook: train from scratch (no --init)")
     try:
-        chosen = Preset.from_dict(load_json(Path(args.init) / "tokenizer.json")["preset"]) if args.init else preset(args.preset)
+        chosen = load_preset(Path(args.init) / "tokenizer.json", "tokenizer") if args.init else preset(args.preset)
     except ValueError as err:
         raise CliError(str(err)) from None
     if args.refine_width is not None:
