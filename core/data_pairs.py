@@ -88,16 +88,20 @@ def _tokens(tokenizer: CViViT, clips: list[np.ndarray], device: torch.device | s
     return tokenizer.encode(video).flatten(1).cpu().numpy().astype(np.int32)
 
 
-def _load_npz(path: Path, seeds: list[int]) -> dict[str, np.ndarray] | None:
+def _load_npz(path: Path, seeds: list[int], token_space: str | None = None) -> dict[str, np.ndarray] | None:
     if not path.is_file():
         return None
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
-    if len(arrays["seeds"]) == len(seeds) and (arrays["seeds"] == np.asarray(seeds)).all():
-        log.info("using cached pairs %s (%d)", path, len(seeds))
-        return arrays
-    log.warning("cached pairs in %s are for other seeds: rebuilding", path)
-    return None
+    if not (len(arrays["seeds"]) == len(seeds) and (arrays["seeds"] == np.asarray(seeds)).all()):
+        log.warning("cached pairs in %s are for other seeds: rebuilding", path)
+        return None
+    made_by = str(arrays["token_space"]) if "token_space" in arrays else None
+    if token_space is not None and made_by != token_space:  # tokens of another tokenizer would train silently
+        log.warning("cached pairs in %s hold another tokenizer's tokens: re-tokenizing", path)
+        return None
+    log.info("using cached pairs %s (%d)", path, len(seeds))
+    return arrays
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -214,11 +218,14 @@ class PairCache:
         chunk: int = 32,
         raw_path: Path | None = None,
         workers: int = 1,
+        token_space: str | None = None,
     ) -> "PairCache":
         """Tokenized pairs at `path`; the raw simulation is cached at `raw_path`
-        (default: beside `path`) and reused by later runs with other tokenizers."""
+        (default: beside `path`) and reused by later runs with other tokenizers.
+        `token_space` (the tokenizer's `token_space_sha256`) is stored with the tokens, and
+        a cache made by another tokenizer is re-tokenized instead of reused."""
         seeds = list(seeds)
-        cached = _load_npz(path, seeds)
+        cached = _load_npz(path, seeds, token_space)
         if cached is not None:
             return cls(cached)
         raw = simulate_pairs(raw_path or path.with_name(f"{path.stem}_raw.npz"), preset, seeds, make, workers)
@@ -230,6 +237,8 @@ class PairCache:
         arrays = {k: v for k, v in raw.items() if k not in ("clip", "ref_clip")}
         arrays["tokens"] = np.concatenate(tokens)
         arrays["ref_tokens"] = np.where(raw["ref_valid"][:, None], np.concatenate(ref_tokens), 0)
+        if token_space is not None:
+            arrays["token_space"] = np.array(token_space)
         _save_npz(path, arrays)
         return cls(arrays)
 

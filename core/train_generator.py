@@ -74,8 +74,13 @@ def _loop(
     resume: bool,
     config: dict[str, Any],
     prefix: str = "",
+    more_emas: dict[str, tuple[Ema, nn.Module]] | None = None,
 ) -> dict[str, float]:
     """The shared loop: lr schedule, step, clip, EMA, log, checkpoint; `loss_at(step)` gives the losses.
+
+    `more_emas` name averages of other trained modules (the fine-tuned ECG encoder): updated
+    after each step like `ema`, and saved and restored with it, so a resumed run ends where
+    an uninterrupted one does.
 
     `prefix` names the state and log files (a critic trained inside a generator directory
     keeps its own `critic_train_state.*` and `critic_log.jsonl`)."""
@@ -83,8 +88,9 @@ def _loop(
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume overwrites them
     state = TrainingState(out, f"{prefix}train_state")
     step = 0
+    emas = {"ema": ema, **{name: average for name, (average, _) in (more_emas or {}).items()}}
     if resume and state.exists():
-        step, _ = state.load(modules, {"opt": optimizer}, {"ema": ema})
+        step, _ = state.load(modules, {"opt": optimizer}, emas)
     elif resume:
         log.warning("no training state in %s: starting from scratch", out)
     elif state.exists():
@@ -92,7 +98,7 @@ def _loop(
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def checkpoint(at: int) -> None:
-        state.save(at, modules, {"opt": optimizer}, {"ema": ema}, extra={"config": config})
+        state.save(at, modules, {"opt": optimizer}, emas, extra={"config": config})
         averaged = copy.deepcopy(model)
         ema.copy_to(averaged)
         save(averaged, at)
@@ -113,6 +119,8 @@ def _loop(
             grad = clip_gradients(params, recipe.grad_clip)
             optimizer.step()
             ema.update(model)
+            for average, module in (more_emas or {}).values():
+                average.update(module)
             if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
                 logged = {k: float(v.detach()) for k, v in losses.items()} | {"grad": grad}
                 bar.set_postfix(losses_postfix(logged))
@@ -181,9 +189,14 @@ def train_transformer(
         if (init / "ecg.safetensors").is_file():
             load_module(ecg, init / "ecg.safetensors")
         log.info("starting from the weights in %s", init)
+    if resume and (out / "tokenizer.safetensors").is_file():  # the run's tokens are those of the tokenizer it began with
+        if token_space_sha256(out / "tokenizer.safetensors") != token_space_sha256(tokenizer_dir / "tokenizer.safetensors"):
+            raise ValueError(f"--tokenizer {tokenizer_dir} makes other tokens than the one {out} was trained on: "
+                             "start a new run (with --init to keep the weights)")
     _copy_part(tokenizer_dir, out, "tokenizer")
     seeds = range(recipe.seed, recipe.seed + recipe.train_subjects)
-    data = PairCache.build(out / "pairs.npz", preset, tokenizer, seeds, dev, pairs, raw_path=raw_pairs, workers=recipe.workers)
+    data = PairCache.build(out / "pairs.npz", preset, tokenizer, seeds, dev, pairs, raw_path=raw_pairs, workers=recipe.workers,
+                           token_space=token_space_sha256(out / "tokenizer.safetensors"))
     del tokenizer
     opt = adamw(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
     if recipe.ecg_lr_scale > 0:
@@ -202,7 +215,6 @@ def train_transformer(
         gen.manual_seed(recipe.seed * 1_000_003 + step)
         feats = EcgFeatures(*ecg.encode(b.window, b.valid, b.lead_ids))
         loss = model.loss(b.tokens, feats, b.rr, b.ref_tokens, b.ref_valid, gen)
-        ecg_ema.update(ecg)
         return {"loss": loss}
 
     tokens_sha = token_space_sha256(out / "tokenizer.safetensors")
@@ -215,7 +227,8 @@ def train_transformer(
 
     log.info("training the masked transformer (%d parameters) on %d cached pairs, %s", sum(p.numel() for p in model.parameters()), len(data), dev)
     modules: dict[str, nn.Module] = {"model": model, "ecg": ecg}
-    return _loop("transformer", out, recipe, modules, opt, ema, loss_at, save, resume, config)
+    return _loop("transformer", out, recipe, modules, opt, ema, loss_at, save, resume, config,
+                 more_emas={"ecg_ema": (ecg_ema, ecg)})
 
 
 def train_critic(
@@ -236,7 +249,7 @@ def train_critic(
     tokenizer, _ = load_tokenizer(generator_dir, device=dev)
     cache = generator_dir / "pairs.npz" if (generator_dir / "pairs.npz").is_file() else out / "pairs.npz"
     data = PairCache.build(cache, gen_preset, tokenizer, range(recipe.seed, recipe.seed + recipe.train_subjects), dev, pairs,
-                           workers=recipe.workers)
+                           workers=recipe.workers, token_space=token_space_sha256(generator_dir / "tokenizer.safetensors"))
     del tokenizer
     torch.manual_seed(recipe.seed)
     critic = TokenCritic(gen_preset.transformer, gen_preset.tokenizer, gen_preset.ecg.dim).to(dev)

@@ -1,6 +1,8 @@
 """Tiny model dimensions shared by the ECG encoder / transformer / sampler / generator tests."""
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from echopulse.core.config import EcgEncoderConfig, Preset, TokenizerConfig, TransformerConfig
@@ -33,3 +35,13 @@ def ecg_batch(p: Preset, b: int = 2, leads: int = 1, seed: int = 0) -> tuple[tor
 
 def features(encoder: EcgEncoder, window: torch.Tensor, valid: torch.Tensor, leads: torch.Tensor) -> EcgFeatures:
     return EcgFeatures(*encoder.encode(window, valid, leads))
+
+
+@pytest.fixture
+def one_thread():
+    """Training tests share 2 cores with everything else: one thread, restored afterwards
+    (and one thread makes a run's arithmetic the same from run to run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,6 +14,8 @@ from echopulse.core.train_tokenizer import RunPaths, TokenizerRecipe, train_toke
 from echopulse.core.training import Ema, TrainingState, adamw, warmup_cosine
 from echopulse.stream.cli import main
 
+from _generator_fixtures import one_thread  # noqa: F401 (a fixture)
+
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path) -> None:
     torch.manual_seed(0)
@@ -93,15 +95,6 @@ def test_gan_pieces() -> None:
     g_gan = torch.autograd.grad(gan, w)[0].norm()
     assert lam.item() == pytest.approx((g_rec / (g_gan + 1e-4)).item(), rel=1e-5)
     assert GradientSsimLoss()(video, video).item() == pytest.approx(0.0, abs=1e-5)
-
-
-@pytest.fixture
-def one_thread():
-    """Training tests share 2 cores with everything else: one thread, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _recipe(**kw) -> TokenizerRecipe:

@@ -17,7 +17,7 @@ from echopulse.core.generator import Generator, file_sha256
 from echopulse.core.tokenizer import CViViT, load_tokenizer, save_tokenizer
 from echopulse.core.train_generator import Recipe, export_generator, train_critic, train_transformer
 
-from _generator_fixtures import small_preset
+from _generator_fixtures import one_thread, small_preset  # noqa: F401 (a fixture)
 
 
 def fake_pair(seed: int, preset: Preset) -> PairSample:
@@ -41,6 +41,38 @@ def test_pair_cache_roundtrip_and_batches(tmp_path: Path) -> None:
     b = cache.batch(np.array([0, 1]), leads=1)
     assert b.tokens.shape == (2, p.tokenizer.num_tokens) and b.window.shape == (2, 1, p.ecg.window_samples)
     assert b.ref_valid.tolist() == [True, False]
+
+
+def test_resume_ends_where_an_uninterrupted_run_does(tmp_path: Path, one_thread) -> None:
+    p = small_preset()
+    save_tokenizer(CViViT(p.tokenizer), p, tmp_path / "tok")
+    recipe = Recipe(steps=4, batch=2, warmup=1, checkpoint_every=2, log_every=1, train_subjects=4, ecg_lr_scale=1.0)
+    train_transformer(p, recipe, tmp_path / "straight", tmp_path / "tok", pairs=fake_pair)
+    train_transformer(p, Recipe(**{**recipe.__dict__, "steps": 2}), tmp_path / "cut", tmp_path / "tok", pairs=fake_pair)
+    train_transformer(p, recipe, tmp_path / "cut", tmp_path / "tok", resume=True, pairs=fake_pair)
+    for part in ("transformer", "ecg"):  # the ECG encoder's average once restarted from the raw weights on resume
+        a, b = (load_tensors(tmp_path / run / f"{part}.safetensors") for run in ("straight", "cut"))
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_pairs_of_another_tokenizer_are_not_trained_on(tmp_path: Path) -> None:
+    p = small_preset()
+    save_tokenizer(CViViT(p.tokenizer), p, tmp_path / "tok")
+    torch.manual_seed(1)
+    save_tokenizer(CViViT(p.tokenizer), p, tmp_path / "other")  # other weights: other tokens
+    recipe = Recipe(steps=1, batch=2, warmup=1, checkpoint_every=1, train_subjects=4)
+    train_transformer(p, recipe, tmp_path / "gen", tmp_path / "tok", pairs=fake_pair)
+    recipe.steps = 2
+    with pytest.raises(ValueError, match="makes other tokens than the one"):
+        train_transformer(p, recipe, tmp_path / "gen", tmp_path / "other", resume=True, pairs=fake_pair)
+    # a cache left by another tokenizer is re-tokenized, not reused (an interrupted run's pairs.npz)
+    tokens = PairCache.build(tmp_path / "gen" / "pairs.npz", p, load_tokenizer(tmp_path / "other")[0], range(4), make=fake_pair,
+                             token_space="another").arrays
+    stale = np.load(tmp_path / "gen" / "pairs.npz")
+    assert str(stale["token_space"]) == "another"
+    mine = load_tokenizer(tmp_path / "tok")[0]
+    again = PairCache.build(tmp_path / "gen" / "pairs.npz", p, mine, range(4), make=fake_pair, token_space="mine").arrays
+    assert str(again["token_space"]) == "mine" and not np.array_equal(again["tokens"], tokens["tokens"])
 
 
 def test_train_resume_and_load_a_generator(tmp_path: Path) -> None:

@@ -40,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         train_critic(recipe, Path(args.out), gen_dir, resume=args.resume, device=args.device)
-    except (FileExistsError, RuntimeError) as err:
+    except (FileExistsError, RuntimeError, ValueError) as err:
         raise CliError(str(err)) from None
     return 0
