@@ -101,7 +101,7 @@ def test_replay_of_a_file_below_the_detectors_rate_is_a_cli_error(tmp_path, caps
     assert len(err.splitlines()) == 1 and "40 Hz outside 50..20000 Hz" in err
     with pytest.raises(SystemExit) as info:  # argparse's own refusal of --fs
         main(["replay", str(slow), "--out", str(tmp_path / "o.npz"), "--fs", "41.67"])
-    assert info.value.code == 2 and "fs must be between 50 and 20000" in capsys.readouterr().err
+    assert info.value.code == 2 and "fs must be between 50 and 20,000" in capsys.readouterr().err
 
 
 def test_replay_unreadable_file_is_a_cli_error(tmp_path, capsys):

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--segmenter", help="directory holding segmenter.safetensors + segmenter.json (default: the shipped one)")
     p.add_argument("--n", type=positive_int("n"), default=100, help="number of held-out subjects")
     p.add_argument("--seed", type=int, default=1_000_000, help="first subject seed (held out from training)")
-    p.add_argument("--leads", type=positive_int("leads"), default=1, help="ECG leads given to the generator")
+    p.add_argument("--leads", type=ranged(int, 1, 12, "leads"), default=1, help="ECG leads given to the generator (1..12)")
     p.add_argument("--critic", action="store_true", help="remask by the token critic (if the checkpoint has one)")
     p.add_argument("--steps", type=positive_int("steps"), help="MaskGIT decoding steps (default: the checkpoint's)")
     p.add_argument("--cfg-scale", type=ranged(float, 0.0, 100.0, "cfg-scale"), help="guidance scale (default: the checkpoint's)")

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a codebook of 2**K codes, K bits per token (default: the preset's; not with --init: "
                    "its tokens are fixed)")
     p.add_argument("--data", help="folder of .npz clips, or 'synthetic' (default: simulator on the fly)")
-    p.add_argument("--cache", type=int, default=0, metavar="N", help="cycle through N clips kept in memory (0: a new clip every time)")
+    p.add_argument("--cache", type=ranged(int, 0, 10_000_000, "cache"), default=0, metavar="N", help="cycle through N clips kept in memory (0: a new clip every time)")
     p.add_argument("--workers", type=positive_int("workers"), metavar="N",
                    help="make the whole --cache pool before training, in N processes (for a GPU that trains faster than one core simulates)")
     p.add_argument("--seed", type=int, default=0, help="first training clip index (evaluate on seeds beyond the run)")

@@ -27,11 +27,15 @@ def ranged(kind: Callable[[str], float], low: float, high: float, name: str) -> 
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{name} must be between {low:g} and {high:g}, got {text}")
+            raise argparse.ArgumentTypeError(f"{name} must be between {_number(low)} and {_number(high)}, got {text}")
         return value
 
     parse.__name__ = name  # argparse names the type in its messages
     return parse
+
+
+def _number(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"  # 10,000,000 rather than 1e+07
 
 
 def positive_int(name: str) -> Callable[[str], int]:
