@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,8 +130,11 @@ def npz_pair(path: Path, preset: Preset) -> PairSample:
     Raises ValueError naming the file when something does not fit the preset.
     """
     tok = preset.tokenizer
-    with np.load(path) as data:
-        d = {k: data[k] for k in data.files}
+    try:
+        with np.load(path) as data:
+            d = {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:  # truncated, or not an .npz
+        raise ValueError(f"{path}: not a readable .npz ({err})") from None
     missing = {"video", "ecg", "ecg_fs", "r_peaks"} - set(d)
     if missing:
         raise ValueError(f"{path}: missing keys {', '.join(sorted(missing))}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -55,25 +56,50 @@ class SimulatorClips:
 
 
 class NpzClips:
+    """Clips from a folder of .npz files, each a uint8 `video` (T >= frames, H, W).
+
+    Every file is checked when the folder is opened, from its array header alone (no
+    pixels read), so a bad file stops a run before its first step, named: a float video
+    would otherwise become black clips through the uint8 cast, silently."""
+
     def __init__(self, directory: str | Path, frames: int, size: int) -> None:
         self.files = sorted(Path(directory).rglob("*.npz"))
         if not self.files:
             raise FileNotFoundError(f"no .npz files under {directory}")
         self.frames, self.size = frames, size
+        for path in self.files:
+            shape, dtype = _video_header(path)
+            if dtype != np.uint8:
+                raise ValueError(f"{path}: video is {dtype}; clips are uint8 0..255 "
+                                 "(from [0, 1] floats: (video * 255).round().astype(np.uint8))")
+            if len(shape) != 3 or shape[0] < frames:
+                raise ValueError(f"{path}: video of shape {shape}; expected (T >= {frames}, H, W)")
 
     def clip(self, index: int) -> np.ndarray:
         with np.load(self.files[index % len(self.files)]) as data:
-            if "video" not in data:
-                raise KeyError(f"{self.files[index % len(self.files)]} has no 'video' array")
             video = np.asarray(data["video"])
-        if video.ndim != 3 or video.shape[0] < self.frames:
-            raise ValueError(f"expected a video (T >= {self.frames}, H, W), got {video.shape}")
         start = (index // len(self.files) * 7919) % (video.shape[0] - self.frames + 1)  # varied windows
         video = video[start:start + self.frames]
         if video.shape[1:] != (self.size, self.size):
             resized = F.interpolate(torch.from_numpy(video).float()[None], size=(self.size, self.size), mode="area")
             video = resized[0].round().clamp(0, 255).byte().numpy()
         return video.astype(np.uint8)
+
+
+def _video_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the `video` array of an .npz, from its header; ValueError naming the file."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if "video.npy" not in archive.namelist():
+                names = ", ".join(n.removesuffix(".npy") for n in archive.namelist())
+                raise ValueError(f"{path}: no 'video' array (it has: {names})")
+            with archive.open("video.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+    except (zipfile.BadZipFile, OSError, EOFError) as err:  # truncated by an interrupted write
+        raise ValueError(f"{path}: not a readable .npz ({err})") from None
+    return tuple(shape), np.dtype(dtype)
 
 
 class SyntheticClips:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -55,6 +56,35 @@ def test_sources_and_batch(tmp_path) -> None:
     np.savez(tmp_path / "a.npz", video=np.random.randint(0, 255, (20, 128, 128), dtype=np.uint8))
     clip = NpzClips(tmp_path, 11, 64).clip(0)
     assert clip.shape == (11, 64, 64) and clip.dtype == np.uint8
+
+
+@pytest.mark.parametrize("case, words", [
+    ("float", "video is float32; clips are uint8"),  # once cast to black clips, silently
+    ("short", "expected (T >= 11, H, W)"),
+    ("no video", "no 'video' array (it has: frames)"),
+    ("truncated", "not a readable .npz"),
+    ("compressed float", "video is float64"),
+])
+def test_a_bad_clip_file_stops_the_folder_from_opening_named(tmp_path, case: str, words: str) -> None:
+    good = np.random.default_rng(0).integers(0, 255, (12, 64, 64), dtype=np.uint8)
+    np.savez(tmp_path / "a_good.npz", video=good)
+    bad = tmp_path / "b_bad.npz"
+    if case == "float":
+        np.savez(bad, video=good.astype(np.float32) / 255)
+    elif case == "short":
+        np.savez(bad, video=good[:5])
+    elif case == "no video":
+        np.savez(bad, frames=good)
+    elif case == "truncated":
+        np.savez(bad, video=good)
+        bad.write_bytes(bad.read_bytes()[:300])
+    else:
+        np.savez_compressed(bad, video=good / 255.0)
+    with pytest.raises(ValueError, match=re.escape(words)) as info:
+        NpzClips(tmp_path, 11, 64)
+    assert str(bad) in str(info.value)
+    with pytest.raises(FileNotFoundError, match="no .npz files"):
+        NpzClips(tmp_path / "nothing", 11, 64)
 
 
 def test_cache_filled_by_worker_processes_equals_one_filled_on_demand() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,3 +216,16 @@ def test_vgg_perceptual_loss_loads_a_local_file(tmp_path) -> None:
     assert loss(video, video).item() == pytest.approx(0.0, abs=1e-6)
     assert loss(video, video.flip(-1)).item() > 0
     assert perceptual_loss(None).name == "multiscale-gradient+ssim"
+
+
+def test_cli_data_folder_problems_are_one_line(tmp_path, capsys) -> None:
+    from echopulse.core.generator import DEFAULT_WEIGHTS
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    np.savez(folder / "a.npz", video=np.zeros((11, 64, 64), np.float32))
+    for command in (["train", "tokenizer", "--steps", "1", "--batch", "1", "--out", str(tmp_path / "run")],
+                    ["evaluate", "tokenizer", "--checkpoint", str(DEFAULT_WEIGHTS), "--n", "1"]):
+        assert main([*command, "--data", str(folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "a.npz: video is float32" in err

@@ -84,6 +84,6 @@ def run(args: argparse.Namespace) -> int:
     paths = RunPaths(out=Path(args.out), init=Path(args.init) if args.init else None, data=args.data)
     try:
         train_tokenizer(chosen, recipe, paths, resume=args.resume, device=args.device, workers=args.workers or 0)
-    except (FileExistsError, RuntimeError, ValueError) as err:
+    except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as err:
         raise CliError(str(err)) from None
     return 0
