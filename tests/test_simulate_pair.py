@@ -125,6 +125,14 @@ def test_iter_pairs_with_workers_matches_in_process() -> None:
         np.testing.assert_array_equal(a["video"], b["video"])
 
 
+@pytest.mark.parametrize("seed", [3, 14])  # no sinus beat with sinus neighbours in their first 10 s of ECG
+def test_frequent_ectopy_records_longer_until_a_sinus_beat_fits(seed: int) -> None:
+    sample = simulate_pair(seed, pvc_rate=0.5)  # the CLI's upper limit: once RuntimeError after writing some files
+    k = sample["beat"]
+    assert sample["video"].shape == (11, 64, 64) and sample["ecg"].shape[1] > 10 * 250
+    assert (sample["beat_kind"][k - 1 : k + 2] == 0).all()
+
+
 @pytest.mark.parametrize("rr", [2.5, 0.25])  # 24 and 240 bpm: past the rates the heart model holds
 def test_beat_driven_frames_tile_time_at_any_rate(rr: float) -> None:
     sim = BeatDrivenEcho(seed=5, size=64, frames_per_beat=10)

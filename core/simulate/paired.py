@@ -32,11 +32,16 @@ def beat_locked_times(r: np.ndarray, k: int, frames: int) -> np.ndarray:
     return np.concatenate([[first], r[k] + np.arange(f) * rr / f])
 
 
-def _pick_beat(r: np.ndarray, kind: np.ndarray, duration: float) -> int:
-    """A sinus beat with sinus neighbours, nearest 40 % into the recording (context both sides)."""
+def _sinus_beats(r: np.ndarray, kind: np.ndarray, duration: float) -> np.ndarray:
+    """Indices of sinus beats with sinus neighbours, all three inside the recording."""
     idx = np.arange(1, len(r) - 1)
     ok = (r[idx - 1] >= 0) & (r[idx + 1] < duration) & (kind[idx - 1] == 0) & (kind[idx] == 0) & (kind[idx + 1] == 0)
-    idx = idx[ok]
+    return idx[ok]
+
+
+def _pick_beat(r: np.ndarray, kind: np.ndarray, duration: float) -> int:
+    """A sinus beat with sinus neighbours, nearest 40 % into the recording (context both sides)."""
+    idx = _sinus_beats(r, kind, duration)
     if len(idx) == 0:
         raise RuntimeError("recording too short for a beat-locked clip")
     return int(idx[np.argmin(np.abs(r[idx] - 0.4 * duration))])
@@ -100,6 +105,11 @@ def simulate_pair(
         duration = max(ecg_seconds, (frames - 1) / fps + 2.0 + 2.0 * rr)
     morph = dataclasses.replace(subject.ecg, pvc_rate=float(pvc_rate))
     rec = simulate_ecg(duration, ecg_fs, subject.hr, leads=leads, seed=rng, morph=morph)
+    # Ectopy can leave no sinus beat with sinus neighbours in the recording (a PVC every
+    # other beat): record longer until one turns up. Seeds that never lacked one are unchanged.
+    while fps is None and not len(_sinus_beats(rec.beats.r, rec.beats.kind, duration)) and duration < 64 * max(ecg_seconds, rr):
+        duration *= 2
+        rec = simulate_ecg(duration, ecg_fs, subject.hr, leads=leads, seed=rng, morph=morph)
     beats = rec.beats
     if fps is None:
         k = _pick_beat(beats.r, beats.kind, duration)

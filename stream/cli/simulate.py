@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
     for i, sample in enumerate(tqdm(pairs, total=args.n, desc="simulate", unit="clip", file=sys.stderr)):
         seed = args.seed + i
         name = f"sample_{seed:08d}.npz"
-        np.savez_compressed(out / name, **{k: np.asarray(sample[k]) for k in NPZ_KEYS})
+        partial = out / f".{name}.partial.npz"  # renamed into place: an interrupt leaves no half file
+        np.savez_compressed(partial, **{k: np.asarray(sample[k]) for k in NPZ_KEYS})
+        os.replace(partial, out / name)
         entries.append({
             "seed": seed, "file": name, "ef": sample["ef"], "ef_mask": sample["ef_mask"], "hr": sample["hr"],
             "edv": sample["edv"], "esv": sample["esv"], "view": args.view, "size": args.size,
