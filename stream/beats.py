@@ -9,7 +9,8 @@ ring at emission time.
 
 Determinism: the window holds only samples delivered up to the sample that confirmed
 R_{k+1} (`detected_at`), as if the stream arrived sample by sample; later samples are
-zero and `valid` is False there, as for samples lost to a gap or NaN. So the beats,
+zero and `valid` is False there, as for samples lost to a gap or NaN (and for outputs
+within the resampling kernel's reach of a NaN, which the zeros in its place would bend). So the beats,
 windows included, do not depend on how the stream was chunked. `cut_window` cuts a
 window from whatever the ring holds now, for a caller that wants the longer view.
 
@@ -32,7 +33,7 @@ import numpy as np
 
 from ..core.config import EcgEncoderConfig
 from ..kernels.qrs import QrsDetector, QrsParams
-from ..kernels.resample import resample, support
+from ..kernels.resample import kernel_table, resample, support
 from .ring import SampleRing
 
 RING_S = 12.0  # raw history kept: the longest RR plus a window's lead-in and search-back
@@ -75,6 +76,7 @@ class BeatSegmenter:
         n = self.config.window_samples
         self._grid = np.arange(n, dtype=np.float64) * (self.fs / self.config.fs) - self.config.pre_r_s * self.fs
         self._support = support(self.fs, self.config.fs)
+        self._reach = kernel_table(self.fs, self.config.fs)[1]  # input samples each output reads, either side
         self.reset()
 
     def reset(self) -> None:
@@ -184,6 +186,12 @@ class BeatSegmenter:
         nearest = np.rint(pos).astype(np.int64)
         inside = (nearest >= lo) & (nearest < hi)
         valid[inside] = finite[nearest[inside] - lo]
+        if not finite.all():  # the zeros put in a gap's place reach every output within the kernel's reach
+            bad = np.flatnonzero(~finite).astype(np.float64)
+            rel = pos - lo
+            at = np.searchsorted(bad, rel)
+            gap = np.minimum(np.abs(rel - bad[np.maximum(at - 1, 0)]), np.abs(rel - bad[np.minimum(at, len(bad) - 1)]))
+            valid &= gap >= self._reach
         if valid.any():
             out = resample(seg, pos - lo, self.fs, self.config.fs, backend=self._backend)
             window[:, valid] = out[:, valid]
