@@ -4,7 +4,9 @@ Per sample: band-pass (2 biquads, state carried across chunks) → squared first
 difference → moving-window integration (MWI) → MWI peaks, each merged with any larger
 one in the next `lookahead` → adaptive signal/noise thresholds, a refractory period,
 a T-wave slope test, search-back for a missed beat after 1.66 mean RR, and a slow
-threshold decay when no beat is found for a while. Each MWI peak is mapped back to R:
+threshold decay when no beat is found for a while. An RR longer than the search-back
+span enters the mean only when the next RR is long too (a slower rhythm); alone, it is
+beats missed in an outage, and averaging it in would slow search-back afterwards. Each MWI peak is mapped back to R:
 the largest |band-passed| sample under the MWI window, shifted by the filter's group
 delay, then the raw sample nearby that stands farthest from the local baseline.
 
@@ -86,6 +88,7 @@ F_LASTSLOPE = 30
 F_SBFACTOR = 31  # search back after this many mean RRs
 F_RRAVG = 32     # mean of the stored RR intervals (samples); a default before any
 F_DECAYRR = 33   # decay after this many mean RRs without a beat
+F_HELDRR = 34    # an RR longer than the search-back span, held until the next RR says what it was (0: none)
 F_HDR = 40       # then: raw history (H), band-passed history (H), MWI ring (W),
 #                  pending value/slope/amplitude (3K), noise value/slope (2K)
 
@@ -361,11 +364,29 @@ def detect_chunk(x, f, s, out):
                 else:
                     break
                 # accept a beat at `ar`
+                rr_new = ar - lastr
+                stored = 0
                 if lastr >= 0:
-                    s[S_RR + s[S_RRPOS]] = ar - lastr
-                    s[S_RRPOS] = (s[S_RRPOS] + 1) % N_RR
-                    if s[S_NRR] < N_RR:
-                        s[S_NRR] += 1
+                    # An RR past the search-back span is either beats missed in an outage
+                    # (the next RR is normal again) or a slower rhythm (the next is long
+                    # too). Held until the next one tells: averaged in, a missed stretch
+                    # would slow search-back and decay for the next 8 beats.
+                    is_long = s[S_NRR] > 0 and rr_new > f[F_SBFACTOR] * f[F_RRAVG]
+                    if is_long and f[F_HELDRR] == 0.0:
+                        f[F_HELDRR] = rr_new
+                    else:
+                        if is_long:  # two long ones in a row: the rhythm did slow
+                            s[S_RR + s[S_RRPOS]] = int(f[F_HELDRR])
+                            s[S_RRPOS] = (s[S_RRPOS] + 1) % N_RR
+                            if s[S_NRR] < N_RR:
+                                s[S_NRR] += 1
+                        f[F_HELDRR] = 0.0
+                        s[S_RR + s[S_RRPOS]] = rr_new
+                        s[S_RRPOS] = (s[S_RRPOS] + 1) % N_RR
+                        if s[S_NRR] < N_RR:
+                            s[S_NRR] += 1
+                        stored = 1
+                if stored == 1:
                     acc = 0.0
                     for j in range(s[S_NRR]):
                         acc += s[S_RR + j]

@@ -241,3 +241,32 @@ def test_baseline_step_costs_at_most_one_beat():
     x[int(20 * rec.fs):] += 3.0
     sc = _f1_between(rec, x, 0.3, 39.5)
     assert sc.fn == 0 and sc.fp <= 1
+
+
+def test_an_outage_is_not_averaged_into_the_rhythm():
+    """Beats missed after a 10x gain drop come back as one long RR; averaged in, it slowed
+    search-back and decay for 8 beats and detection dropped out a second time."""
+    fs = 250.0
+    rec = simulate_ecg(80, fs=fs, hr=180, seed=6)
+    x = rec.signal[0].copy()
+    x[: int(30 * fs)] *= 5
+    x[int(30 * fs):] *= 0.5
+    r, _ = qrs.detect(x, fs, chunk=int(fs))
+    after = rec.r_peaks[(rec.r_peaks > 38) & (rec.r_peaks < 79.5)]
+    found = np.asarray(r) / fs
+    assert score(after, found[(found > 38) & (found < 79.5)], 0.05).fn == 0  # once 7 missed at 40.9-43.5 s
+    # a rhythm that really slows (every other QRS gone: 2:1 block) is still followed beat for beat
+    y = rec.signal[0].copy()
+    kept = []
+    for k, t in enumerate(rec.r_peaks):
+        if t > 30 and k % 2:
+            i0, i1 = int((t - 0.06) * fs), int((t + 0.08) * fs)
+            y[i0:i1] = np.linspace(y[i0], y[i1], i1 - i0)
+        else:
+            kept.append(t)
+    r, _ = qrs.detect(y, fs, chunk=int(fs))
+    found = np.asarray(r) / fs
+    kept = np.asarray(kept)
+    window = (kept > 2) & (kept < 79.5)
+    result = score(kept[window], found[(found > 2) & (found < 79.5)], 0.05)
+    assert result.fn == 0 and result.fp == 0
