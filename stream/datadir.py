@@ -102,22 +102,45 @@ def _cut_torn_tail(folder: Path) -> None:
     cut mid-float) or behind an index line no reader gets past."""
     samples, index = folder / SAMPLES_FILE, folder / INDEX_FILE
     have = samples.stat().st_size if samples.exists() else 0
-    keep_index = keep_floats = 0
-    if index.exists():
-        with open(index, "rb") as lines:
-            for line in lines:
-                try:
-                    entry = json.loads(line)
-                    end = int(entry["offset"]) + int(entry["n"]) * int(entry["leads"])
-                except (ValueError, KeyError, TypeError):
-                    break
-                if not line.endswith(b"\n") or end * _DTYPE.itemsize > have:
-                    break
-                keep_index, keep_floats = keep_index + len(line), end
-        if index.stat().st_size > keep_index:
-            os.truncate(index, keep_index)
+    keep_index, keep_floats = _last_whole_chunk(index, have)
+    if index.exists() and index.stat().st_size > keep_index:
+        os.truncate(index, keep_index)
     if have > keep_floats * _DTYPE.itemsize:
         os.truncate(samples, keep_floats * _DTYPE.itemsize)
+
+
+def _last_whole_chunk(index: Path, have: int) -> tuple[int, int]:
+    """(bytes of the index, float32s of the samples) up to the last chunk whose index line
+    and samples are both whole. Read from the end: a device's index grows by a line per
+    chunk for as long as it streams, and a restart should not read all of it."""
+    if not index.exists():
+        return 0, 0
+    size = index.stat().st_size
+    block = 1 << 16
+    with open(index, "rb") as f:
+        while True:
+            start = max(0, size - block)
+            f.seek(start)
+            data = f.read(size - start)
+            end = len(data)
+            while end > 0:  # complete lines, the last first
+                cut = data.rfind(b"\n", 0, end)
+                if cut < 0:
+                    break
+                begin = data.rfind(b"\n", 0, cut) + 1
+                if begin == 0 and start > 0:
+                    break  # the line may begin before this block
+                try:
+                    entry = json.loads(data[begin:cut])
+                    floats = int(entry["offset"]) + int(entry["n"]) * int(entry["leads"])
+                except (ValueError, KeyError, TypeError):
+                    floats = -1
+                if 0 <= floats and floats * _DTYPE.itemsize <= have:
+                    return start + cut + 1, floats
+                end = begin
+            if start == 0:
+                return 0, 0
+            block *= 4
 
 
 class DataDir:

@@ -78,6 +78,22 @@ def test_restart_after_a_torn_write_cuts_back_to_the_last_whole_chunk(tmp_path, 
     np.testing.assert_array_equal(samples[:, 21:], np.concatenate([c.samples for c in later], axis=1))  # once garbage
 
 
+def test_a_long_index_is_repaired_from_its_end(tmp_path):
+    d = datadir.DataDir(tmp_path)
+    for i in range(700):  # an index of ~100 kB: more than one block read from the end
+        d.append(chunk("dev", i))
+    d.close()
+    folder = tmp_path / "dev"
+    samples = folder / datadir.SAMPLES_FILE
+    samples.write_bytes(samples.read_bytes()[: -(2 * 14 * 4 + 3)])  # two chunks' samples lost, the third's torn
+    d = datadir.DataDir(tmp_path)
+    d.append(chunk("dev", 700))
+    d.close()
+    _, entries = datadir.read_device(tmp_path, "dev")
+    assert [e["seq"] for e in entries] == [*range(697), 700]  # index lines without all their samples are cut too
+    assert entries[-1]["offset"] == 697 * 14
+
+
 @pytest.mark.parametrize("device", ["Patient-Müller-" + "é" * 60, "x" * 128, "%" * 100])
 def test_long_device_ids_get_a_short_folder_and_keep_their_name(tmp_path, device):
     folder = datadir.device_dirname(device)
