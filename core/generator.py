@@ -77,13 +77,12 @@ _ECG_GEOMETRY = ("fs", "patch", "window_s", "pre_r_s", "dim")
 def _check_parts_agree(directory: Path, preset: Preset, tokenizer: Preset, ecg: Preset) -> None:
     """Refuse a folder whose parts were made for different models, naming the first field
     that differs, before the first beat fails deep inside a forward pass."""
-    for part, name, fields in (("tokenizer", "tokenizer", _TOKENIZER_GEOMETRY), ("ecg", "ecg", _ECG_GEOMETRY)):
-        theirs = getattr(tokenizer if part == "tokenizer" else ecg, part)
-        ours = getattr(preset, part)
+    for part, made, fields in (("tokenizer", tokenizer.tokenizer, _TOKENIZER_GEOMETRY), ("ecg", ecg.ecg, _ECG_GEOMETRY)):
+        built_for = getattr(preset, part)
         for key in fields:
-            if getattr(theirs, key) != getattr(ours, key):
-                raise CheckpointError(f"{directory / (name + '.json')}: {part}.{key} is {getattr(theirs, key)!r}, "
-                                 f"but transformer.json was built for {getattr(ours, key)!r}")
+            if getattr(made, key) != getattr(built_for, key):
+                raise CheckpointError(f"{directory / (part + '.json')}: {part}.{key} is {getattr(made, key)!r}, "
+                                      f"but transformer.json was built for {getattr(built_for, key)!r}")
 
 
 def _check_token_space(directory: Path) -> None:
