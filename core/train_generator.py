@@ -194,9 +194,10 @@ def train_transformer(
             raise ValueError(f"--tokenizer {tokenizer_dir} makes other tokens than the one {out} was trained on: "
                              "start a new run (with --init to keep the weights)")
     _copy_part(tokenizer_dir, out, "tokenizer")
+    tokens_sha = token_space_sha256(out / "tokenizer.safetensors")
     seeds = range(recipe.seed, recipe.seed + recipe.train_subjects)
     data = PairCache.build(out / "pairs.npz", preset, tokenizer, seeds, dev, pairs, raw_path=raw_pairs, workers=recipe.workers,
-                           token_space=token_space_sha256(out / "tokenizer.safetensors"))
+                           token_space=tokens_sha)
     del tokenizer
     opt = adamw(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
     if recipe.ecg_lr_scale > 0:
@@ -216,8 +217,6 @@ def train_transformer(
         feats = EcgFeatures(*ecg.encode(b.window, b.valid, b.lead_ids))
         loss = model.loss(b.tokens, feats, b.rr, b.ref_tokens, b.ref_valid, gen)
         return {"loss": loss}
-
-    tokens_sha = token_space_sha256(out / "tokenizer.safetensors")
 
     def save(averaged: nn.Module, at: int) -> None:
         save_transformer(averaged, preset, out, step=at, train=config, tokenizer_tokens_sha256=tokens_sha)
