@@ -90,7 +90,7 @@ def _loop(
     step = 0
     emas = {"ema": ema, **{name: average for name, (average, _) in (more_emas or {}).items()}}
     if resume and state.exists():
-        step, _ = state.load(modules, {"opt": optimizer}, emas)
+        step, _ = state.load(modules, {"opt": optimizer}, emas, until=recipe.steps)
     elif resume:
         log.warning("no training state in %s: starting from scratch", out)
     elif state.exists():

@@ -123,7 +123,7 @@ def train_tokenizer(
     ema = Ema(model, decay=recipe.ema_decay, every=recipe.ema_every)
     step = 0
     if resume and state.exists():
-        step, _ = state.load({"model": model, "disc": disc}, {"opt": opt, "disc_opt": disc_opt}, {"ema": ema})
+        step, _ = state.load({"model": model, "disc": disc}, {"opt": opt, "disc_opt": disc_opt}, {"ema": ema}, until=recipe.steps)
     elif resume:
         log.warning("no training state in %s: starting from scratch", out)
     source = clip_source(paths.data, preset.tokenizer.frames, preset.tokenizer.image_size)

@@ -217,9 +217,11 @@ class TrainingState:
         modules: Mapping[str, nn.Module] = {},
         optimizers: Mapping[str, torch.optim.Optimizer] = {},
         emas: Mapping[str, Ema] = {},
+        until: int | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """Restore in place; returns (step, extra). Tensors are read to CPU and copied to wherever
-        the modules and optimizer parameters live (optimizer step counters stay on CPU)."""
+        the modules and optimizer parameters live (optimizer step counters stay on CPU).
+        `until`: the run's total steps; a state already there says so instead of ending silently."""
         meta = load_json(self.json_path)
         tensors = load_tensors(self.tensors_path)
         for name, module in modules.items():
@@ -233,4 +235,7 @@ class TrainingState:
         if "rng.torch" in tensors:
             torch.set_rng_state(tensors["rng.torch"].cpu())
         log.info("resumed from step %d (%s)", meta["step"], self.tensors_path)
+        if until is not None and meta["step"] >= until:
+            log.warning("%s is already at step %d of %d: nothing to train (raise --steps to go on)",
+                        self.tensors_path.parent, meta["step"], until)
         return int(meta["step"]), dict(meta.get("extra", {}))

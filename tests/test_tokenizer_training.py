@@ -128,6 +128,15 @@ def test_resume_continues_exactly(tmp_path, one_thread) -> None:
         train_tokenizer(tiny(), recipe, RunPaths(out=tmp_path / "whole", data="synthetic"))
 
 
+def test_resuming_a_finished_run_says_so(tmp_path, one_thread, caplog) -> None:
+    recipe = _recipe(steps=2, checkpoint_every=2, log_every=1)
+    train_tokenizer(tiny(), recipe, RunPaths(out=tmp_path / "run", data="synthetic"))
+    with caplog.at_level("WARNING"):
+        train_tokenizer(tiny(), _recipe(steps=1, checkpoint_every=2, log_every=1), RunPaths(out=tmp_path / "run", data="synthetic"),
+                        resume=True)
+    assert "already at step 2 of 1: nothing to train" in caplog.text  # once: exit 0 and not a word
+
+
 def test_cli_train_lora_and_evaluate(tmp_path, capsys) -> None:
     base, tuned, report = tmp_path / "base", tmp_path / "lora", tmp_path / "eval.json"
     common = ["--data", "synthetic", "--batch", "1", "--threads", "1", "--checkpoint-every", "2"]
