@@ -20,6 +20,7 @@ continues exactly where the interrupted one stopped.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -28,6 +29,7 @@ from typing import Any, Iterable, Iterator, Mapping, TypeVar
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -165,6 +167,12 @@ def losses_postfix(values: Mapping[str, float]) -> dict[str, str]:
 # resumable training state
 
 
+def _embedded_state(path: Path) -> dict[str, Any] | None:
+    with safe_open(str(path), framework="pt") as f:
+        text = (f.metadata() or {}).get("train_state")
+    return json.loads(text) if text else None
+
+
 class TrainingState:
     """Everything needed to resume: module weights, optimizer state, EMA shadows, RNG, step.
 
@@ -208,8 +216,10 @@ class TrainingState:
             tensors.update(ema.tensors(f"ema.{name}"))
             meta["emas"][name] = ema.meta()
         tensors["rng.torch"] = torch.get_rng_state()
-        save_tensors(tensors, self.tensors_path)
-        save_json(meta, self.json_path)  # written last: its presence marks a complete save
+        # The description rides inside the tensors file too, so one atomic rename saves the
+        # whole state: a crash between two files would pair new weights with an old step.
+        save_tensors(tensors, self.tensors_path, metadata={"train_state": json.dumps(meta)})
+        save_json(meta, self.json_path)  # for people to read; written last: its presence marks a complete save
         log.info("saved training state at step %d to %s", step, self.tensors_path)
 
     def load(
@@ -222,7 +232,7 @@ class TrainingState:
         """Restore in place; returns (step, extra). Tensors are read to CPU and copied to wherever
         the modules and optimizer parameters live (optimizer step counters stay on CPU).
         `until`: the run's total steps; a state already there says so instead of ending silently."""
-        meta = load_json(self.json_path)
+        meta = _embedded_state(self.tensors_path) or load_json(self.json_path)  # states saved before it was embedded
         tensors = load_tensors(self.tensors_path)
         for name, module in modules.items():
             head = f"module.{name}."

@@ -68,6 +68,21 @@ def test_training_state_round_trip(tmp_path) -> None:
     assert all(torch.equal(ema.shadow[k], ema2.shadow[k]) for k in ema.shadow)
 
 
+def test_a_save_cut_between_its_two_files_still_resumes_consistently(tmp_path) -> None:
+    net = torch.nn.Linear(4, 2)
+    opt, ema = adamw(net, lr=1e-2), Ema(net, decay=0.9)
+    state = TrainingState(tmp_path)
+    state.save(2, {"net": net}, {"opt": opt}, {"ema": ema})
+    stale = state.json_path.read_text()
+    for _ in range(2):
+        ema.update(net)
+    state.save(4, {"net": net}, {"opt": opt}, {"ema": ema})
+    state.json_path.write_text(stale)  # the crash came after the tensors' rename, before the JSON's
+    ema2 = Ema(torch.nn.Linear(4, 2))
+    step, _ = state.load({"net": torch.nn.Linear(4, 2)}, {"opt": adamw(torch.nn.Linear(4, 2), lr=1e-2)}, {"ema": ema2})
+    assert step == 4 and ema2.updates == ema.updates  # once: step 2 read beside step 4's weights
+
+
 def test_safetensors_only(tmp_path) -> None:
     save_tensors({"a": torch.arange(3)}, tmp_path / "x.safetensors")
     assert torch.equal(load_tensors(tmp_path / "x.safetensors")["a"], torch.arange(3))
