@@ -81,3 +81,22 @@ def test_simulate_writes_index_samples_and_preview(tmp_path: Path) -> None:
         reader.close()
     assert n_frames > 11
     assert height > width  # the echo above, the ECG strip below
+
+
+def test_an_interrupted_run_indexes_the_samples_it_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import echopulse.core.simulate as simulate
+
+    real = simulate.iter_pairs
+
+    def interrupted(*args, **kwargs):
+        for k, sample in enumerate(real(*args, **kwargs)):
+            if k == 2:
+                raise KeyboardInterrupt  # Ctrl-C after two samples
+            yield sample
+
+    monkeypatch.setattr(simulate, "iter_pairs", interrupted)
+    out = tmp_path / "data"
+    assert main(["simulate", "--n", "5", "--out", str(out)]) == 130
+    index = json.loads((out / "index.json").read_text())  # once written only at the end
+    assert [s["file"] for s in index["samples"]] == ["sample_00000000.npz", "sample_00000001.npz"] and not index["complete"]
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "sample_00000000.npz", "sample_00000001.npz"]  # no half file

@@ -104,16 +104,31 @@ def _pair_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    from tqdm import tqdm
-
     from echopulse.core.simulate import iter_pairs
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kw = _pair_kwargs(args)
-    entries = []
+    entries: list[dict[str, Any]] = []
     first = None
     pairs = iter_pairs(args.seed, args.n, workers=args.workers, **kw)
+    try:
+        first = _write_samples(args, out, pairs, entries)
+    finally:  # an interrupted run still indexes the samples it wrote
+        index = {"args": {k: v for k, v in vars(args).items() if k != "handler"}, "samples": entries,
+                 "complete": len(entries) == args.n}
+        (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    if args.preview is not None and first is not None:
+        write_preview(Path(args.preview), first, args)
+    log.info("wrote %d samples to %s", len(entries), out)
+    return 0
+
+
+def _write_samples(args: argparse.Namespace, out: Path, pairs: Any, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Write each sample as it comes, appending its index entry; returns the first sample."""
+    from tqdm import tqdm
+
+    first = None
     for i, sample in enumerate(tqdm(pairs, total=args.n, desc="simulate", unit="clip", file=sys.stderr)):
         seed = args.seed + i
         name = f"sample_{seed:08d}.npz"
@@ -128,12 +143,7 @@ def run(args: argparse.Namespace) -> int:
         })
         if first is None:
             first = sample
-    index = {"args": {k: v for k, v in vars(args).items() if k != "handler"}, "samples": entries}
-    (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
-    if args.preview is not None and first is not None:
-        write_preview(Path(args.preview), first, args)
-    log.info("wrote %d samples to %s", len(entries), out)
-    return 0
+    return first
 
 
 # -- preview --------------------------------------------------------------------------------
