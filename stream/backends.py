@@ -36,6 +36,20 @@ def device_seed(device: str) -> int:
     return zlib.crc32(device.encode("utf-8"))
 
 
+def beat_seed(state_seed: int, count: int) -> int:
+    """Reproducible per (device, beat): the device's seed and the count of its beats."""
+    return (state_seed + 1_000_003 * int(count)) % (2**31)
+
+
+def next_beat_seed(state: dict) -> int:
+    """The seed of a device's next beat, from a count kept in its backend state: the beat
+    detector's own index starts again after every restart (a gap, a reset), and two beats
+    of one device would then share their sampling noise."""
+    count = state.get("beats", 0)
+    state["beats"] = count + 1
+    return beat_seed(state["seed"], count)
+
+
 class Backend(ABC):
     """Makes frames (F×H×W uint8) and their ECG times (F seconds) for one beat."""
 
@@ -115,8 +129,8 @@ class ModelBackend(Backend):
             # Beat-locked layout: the previous beat's last frame, then this beat's frames.
             generator.prime_loop(np.concatenate([frames[-1:], frames]), beat_locked=True)
             state["primed"] = True
-        seed = (state["seed"] + 1_000_003 * int(beat.index)) % (2**31)  # reproducible per (device, beat)
-        frames, times = generator.generate_beat(beat.window, beat.valid, float(beat.r_time), float(beat.rr), seed=seed)
+        frames, times = generator.generate_beat(beat.window, beat.valid, float(beat.r_time), float(beat.rr),
+                                                seed=next_beat_seed(state))
         return np.ascontiguousarray(frames, dtype=np.uint8), np.asarray(times, dtype=np.float64)
 
     def warm_up(self) -> None:

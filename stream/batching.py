@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..core.resident import BATCH_SIZES, BeatRequest, BeatResult, ResidentGenerator
-from .backends import Backend, BeatLike, device_seed
+from .backends import Backend, BeatLike, device_seed, next_beat_seed
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +159,6 @@ class BeatBatcher:
                 p.future.set_result(result)
 
 
-def beat_seed(state_seed: int, beat_index: int) -> int:
-    """Reproducible per (device, beat); the same formula as the `model` backend."""
-    return (state_seed + 1_000_003 * int(beat_index)) % (2**31)
-
-
 class BatchingBackend(Backend):
     """The learned generator with beats of all devices batched (`ResidentGenerator.generate`).
 
@@ -194,10 +189,12 @@ class BatchingBackend(Backend):
         window = np.asarray(beat.window, np.float32)
         window = window if window.ndim == 2 else window[None]
         return BeatRequest(state["state"], window, np.asarray(beat.valid, bool), float(beat.rr), float(beat.r_time),
-                           beat_seed(state["seed"], beat.index))
+                           next_beat_seed(state))
 
     def submit(self, state: Any, beat: BeatLike) -> Future:
-        request = self._request(state, beat)
+        return self._submit(state, self._request(state, beat))
+
+    def _submit(self, state: Any, request: BeatRequest) -> Future:
         return self.batcher.submit(state["device"], request.window.shape[0], request)
 
     def render(self, state: Any, beat: BeatLike) -> tuple[np.ndarray, np.ndarray]:
@@ -205,8 +202,14 @@ class BatchingBackend(Backend):
         return result.frames, result.times
 
     async def render_async(self, state: Any, beat: BeatLike) -> tuple[np.ndarray, np.ndarray]:
-        """For the event loop: waits for the batch without holding an executor thread."""
-        result: BeatResult = await asyncio.wrap_future(self.submit(state, beat))
+        """For the event loop: waits for the batch without holding an executor thread. A
+        device's first beat primes it (the simulated heart, a tokenizer encode: tens of ms,
+        more at the paper size) on a worker thread, so the loop keeps reading sources."""
+        if state["state"] is None:
+            request = await asyncio.to_thread(self._request, state, beat)
+        else:
+            request = self._request(state, beat)
+        result: BeatResult = await asyncio.wrap_future(self._submit(state, request))
         return result.frames, result.times
 
     def warm_up(self) -> None:

@@ -1,6 +1,7 @@
 """Multi-stream batching: the policy, the dispatcher, and batched == per-device generation on a real tiny model."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from types import SimpleNamespace
@@ -11,7 +12,8 @@ import torch
 
 from echopulse.core.generator import Generator
 from echopulse.core.resident import BeatRequest, ResidentGenerator, clone_states, padded_size
-from echopulse.stream.batching import BatchingBackend, BatchPolicy, BeatBatcher, Pending, beat_seed, due, take_batch
+from echopulse.stream.backends import beat_seed
+from echopulse.stream.batching import BatchingBackend, BatchPolicy, BeatBatcher, Pending, due, take_batch
 
 
 def test_padded_size_picks_the_next_fixed_size() -> None:
@@ -186,5 +188,33 @@ def test_batching_backend_serves_concurrent_devices_in_one_batch(resident: Resid
         frames = [r[0] for r in results if r is not None]
         assert len(frames) == 3 and all(f.shape == (10, 64, 64) and f.dtype == np.uint8 for f in frames)
         assert not np.array_equal(frames[0], frames[1])  # each device its own heart and seed
+    finally:
+        backend.close()
+
+
+def test_beat_seeds_never_repeat_within_a_device_and_first_beats_prime_off_the_loop(resident: ResidentGenerator) -> None:
+    backend = BatchingBackend(resident, BatchPolicy(window_s=0.001))
+    try:
+        n = resident.preset.ecg.window_samples
+        beat = SimpleNamespace(index=5, r_time=1.0, rr=0.8, window=np.zeros((1, n), np.float32), valid=np.ones(n, bool))
+        state = backend.new_state("dev")
+        seeds = [backend._request(state, beat).seed for _ in range(2)]  # the detector restarted: index 5 again
+        assert seeds == [beat_seed(state["seed"], 0), beat_seed(state["seed"], 1)]  # once both beat_seed(seed, 5)
+
+        threads = []
+        real = backend._request
+
+        def spy(s, b):
+            threads.append(threading.current_thread() is threading.main_thread())
+            return real(s, b)
+
+        backend._request = spy
+
+        async def two_beats() -> None:
+            fresh = backend.new_state("new")
+            await backend.render_async(fresh, beat)  # its first beat: primed on a worker thread
+            await backend.render_async(fresh, beat)  # later beats: built on the loop, nothing heavy left
+        asyncio.run(two_beats())
+        assert threads == [False, True]
     finally:
         backend.close()
