@@ -245,10 +245,22 @@ class Engine:
             await asyncio.sleep(self.limits.watchdog_interval_s)
             self.publisher.serve_subscriptions()  # late joiners get the latest statuses
             now = time.monotonic()
+            forget = self.limits.forget_after_s
             for session in list(self.sessions.values()):
                 event = session.check_idle(now)
                 if event is not None:
                     self._report(session, *event)
+                if forget and now - session.last_data > forget and not session.busy:
+                    self._forget(session, now - session.last_data)
+
+    def _forget(self, session: Session, silent_s: float) -> None:
+        """Free a long-silent device's session, backend state and slot; its counters go out last."""
+        render = self._renders.pop(session.device, None)
+        if render is not None:
+            render.cancel()  # it waits for a beat that will not come
+        del self.sessions[session.device]
+        self.engine_counters["devices_forgotten"] += 1
+        self._publish_status(session.device, "stopped", f"forgotten after {silent_s:.0f} s without data", session.counters)
 
     def _report(self, session: Session, code: str, message: str) -> None:
         if session.should_report(code, message, time.monotonic()):

@@ -66,7 +66,7 @@ STATUS_CODES = (
     "bad_input",        # NaN/inf, gap, out-of-order/duplicate seq, fs change, saturation, malformed payload
     "overload",         # beats were dropped because the engine could not keep up
     "source",           # a source event: disconnected, reconnected, ended
-    "stopped",          # the engine stopped serving this device (clean shutdown)
+    "stopped",          # the engine stopped serving this device (clean shutdown, or silent past forget_after_s)
     "error",            # the engine failed on this device's data (a bug): the beat is skipped
 )
 

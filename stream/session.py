@@ -46,7 +46,11 @@ class EngineLimits:
     the drop is counted in the device's ``beats_dropped`` and reported as an
     ``overload`` status. Memory is bounded by max_devices × beat_queue beat windows.
     Statuses of one kind are published at most once per `status_interval_s` per device
-    (the counters they carry still count every event).
+    (the counters they carry still count every event). A device silent for
+    `forget_after_s` is forgotten: a last `stopped` status carries its counters, and its
+    session, backend state and slot among `max_devices` are freed (devices that come and
+    go under new ids would otherwise fill the slots for good); if it comes back, it starts
+    afresh, as a new device.
     """
 
     beat_queue: int = 4               # beats waiting per device before the oldest is dropped
@@ -57,12 +61,15 @@ class EngineLimits:
     workers: int = 2                  # backend threads (renders run off the event loop)
     drain_timeout_s: float = 10.0     # when finite sources end, wait this long for queued beats
     stop_timeout_s: float = 5.0       # on stop, wait this long for renders in flight
+    forget_after_s: float = 600.0     # a device silent this long is forgotten: its state and slot freed (0: never)
 
     def __post_init__(self) -> None:
         if self.beat_queue < 1 or self.max_devices < 1 or self.workers < 1:
             raise ValueError("beat_queue, max_devices and workers must be >= 1")
         if min(self.signal_timeout_s, self.watchdog_interval_s) <= 0:
             raise ValueError("signal_timeout_s and watchdog_interval_s must be > 0")
+        if self.forget_after_s < 0:
+            raise ValueError("forget_after_s must be >= 0 (0: never forget a device)")
 
 
 def source_status_code(code: str) -> str:

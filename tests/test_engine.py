@@ -211,6 +211,31 @@ async def test_silence_gives_signal_lost_then_restored(tmp_path):
     assert "no data" in statuses_of(got, "q", "signal_lost")[0]["message"]
 
 
+async def test_devices_long_silent_are_forgotten_and_free_their_slots(tmp_path):
+    class ComeAndGo:
+        async def _gen(self):
+            for pair in zip(chunks("a", 2), chunks("b", 2, seed=2)):
+                for c in pair:
+                    yield c
+            await asyncio.sleep(1.5)  # a and b are gone, under ids they will not use again
+            for c in chunks("c", 3, seed=3):
+                yield c
+
+        def __aiter__(self):
+            return self._gen()
+
+    with Publisher("tcp://127.0.0.1:0") as pub:
+        limits = EngineLimits(max_devices=2, signal_timeout_s=0.3, watchdog_interval_s=0.1, forget_after_s=0.8, beat_queue=64)
+        engine = Engine([ComeAndGo()], StubBackend(), pub, tmp_path, limits=limits)
+        got = await serve_and_collect(engine, pub)
+    for gone in ("a", "b"):
+        last = statuses_of(got, gone, "stopped")
+        assert last and "forgotten after" in last[0]["message"] and last[0]["counters"]["chunks"] == len(chunks(gone, 2))
+    assert not statuses_of(got, ENGINE_DEVICE, "bad_input")  # once: "refused device 'c': over the limit of 2"
+    assert frames_of(got, "c") and engine.counters()[ENGINE_DEVICE]["devices_forgotten"] == 2
+    assert set(engine.counters()) == {"c", ENGINE_DEVICE}
+
+
 async def test_render_failure_is_reported_and_the_device_goes_on(tmp_path):
     with Publisher("tcp://127.0.0.1:0") as pub:
         engine = Engine([ListSource(chunks("f", 8))], StubBackend(fail_on=2), pub, None,
