@@ -5,8 +5,8 @@
     frames, times = gen.generate_beat(window, valid, r_time, rr)
 
 Each beat's clip is beat-locked like the training clips: token step 0 is the prime frame
-(the previous beat's last frame, at phase -1/F), frames 1..F sit at r_time + i·rr/F for
-i = 0..F-1 (F = frames - 1 = 10 for the presets). Only frames 1..F are returned; the last
+(the previous beat's last frame, at phase -1/F), frames 1..F sit at r_time + (i-1)·rr/F for
+i = 1..F (F = frames - 1 = 10 for the presets). Only frames 1..F are returned; the last
 of them is re-encoded through the causal tokenizer (a clip of one frame encodes to the
 same tokens as frame 0 of a full clip) and primes the next beat, so a seam never
 repeats a frame.
