@@ -14,6 +14,7 @@ emitted (stream seconds), for checking a detector end to end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..core.simulate.ecg import EcgMorphology, simulate_ecg
+from ..core.simulate.pacing import PACING_MODES
 from .chunk import EcgChunk
 from .status import new_counters
 
@@ -31,9 +33,10 @@ RAMP_S = 0.5          # baseline matched over this long after a seam
 class _DeviceStream:
     """One simulated subject's endless ECG, handed out n samples at a time."""
 
-    def __init__(self, rng: np.random.Generator, hr: float, fs: float, leads: int, noise: float, block_s: float, first_block_s: float) -> None:
+    def __init__(self, rng: np.random.Generator, hr: float, fs: float, leads: int, noise: float, block_s: float,
+                 first_block_s: float, pacing: str = "none") -> None:
         self.rng, self.hr, self.fs, self.leads, self.block_s = rng, hr, fs, leads, block_s
-        self.morph = EcgMorphology.sample(rng, noise=noise)
+        self.morph = dataclasses.replace(EcgMorphology.sample(rng, noise=noise), pacing=pacing)
         self.buf = np.zeros((leads, 0), np.float32)
         self.buf_start = 0.0          # stream time of buf[:, 0]
         self.r: list[float] = []      # true R times generated so far (stream seconds)
@@ -73,7 +76,8 @@ class SyntheticSource:
 
     hr: one rate for all, or one per device (bpm). realtime: True paces at real time, a
     number is a speed factor, False is as fast as the consumer takes them. duration_s:
-    stop after that much ECG per device (None: never).
+    stop after that much ECG per device (None: never). pacing: "ventricular" or "dual" makes
+    every subject a paced patient (pacing spikes in the ECG, `core/simulate/pacing.py`).
     """
 
     def __init__(
@@ -89,12 +93,15 @@ class SyntheticSource:
         noise: float = 1.0,
         prefix: str = "sim",
         block_s: float = 60.0,
+        pacing: str = "none",
     ) -> None:
         if devices < 1:
             raise ValueError("devices must be >= 1")
         rates = [float(hr)] * devices if isinstance(hr, (int, float)) else [float(h) for h in hr]
         if len(rates) != devices:
             raise ValueError(f"{len(rates)} heart rates for {devices} devices")
+        if pacing not in PACING_MODES:
+            raise ValueError(f"pacing must be one of {', '.join(PACING_MODES)}, got {pacing!r}")
         if not (chunk_s > 0 and fs > 0 and block_s > 0):
             raise ValueError("chunk_s, fs and block_s must be > 0")
         speed = 1.0 if realtime is True else float(realtime)
@@ -108,7 +115,7 @@ class SyntheticSource:
         self.counters = new_counters()
         rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(devices)]
         self._streams = [
-            _DeviceStream(rng, rate, self.fs, leads, noise, block_s, block_s * (1 - 0.5 * i / devices))
+            _DeviceStream(rng, rate, self.fs, leads, noise, block_s, block_s * (1 - 0.5 * i / devices), pacing)
             for i, (rng, rate) in enumerate(zip(rngs, rates))
         ]
         self._k = 0        # chunk index (same for all devices)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .filters import qrs_bandpass
+from .pace_spikes import SpikeBlanker
 
 log = logging.getLogger(__name__)
 
@@ -545,16 +546,21 @@ class QrsDetector:
 
 
 def detect(x: np.ndarray, fs: float, chunk: int | None = None, backend: str = "numba",
-           params: QrsParams | None = None) -> tuple[np.ndarray, np.ndarray]:
+           params: QrsParams | None = None, blank_spikes: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Run a fresh detector over a whole recording, optionally in chunks of `chunk`
-    samples. Returns (R indices, detection indices)."""
+    samples, after removing pacing spikes as the streaming engine does
+    (`kernels/pace_spikes.py`; `blank_spikes=False`: the raw samples). Returns (R indices,
+    detection indices: the input sample whose arrival confirmed each beat)."""
     det = QrsDetector(fs, params, backend)
+    blanker = SpikeBlanker(fs, 1, backend=backend) if blank_spikes else None
+    lag = blanker.lag if blanker is not None else 0
     x = np.asarray(x, dtype=np.float32)
     step = x.shape[0] if not chunk else int(chunk)
     rs, ds = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for i in range(0, x.shape[0], max(step, 1)):
-        rs.append(det.push(x[i:i + step]))
-        ds.append(det.last_detected_at)
+        part = x[i:i + step]
+        rs.append(det.push(blanker.push(part[None])[0] if blanker is not None else part))
+        ds.append(det.last_detected_at + lag)
     return np.concatenate(rs), np.concatenate(ds)
 
 

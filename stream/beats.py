@@ -1,14 +1,17 @@
 """Streaming beat segmentation: ECG chunks in, beats with their model-rate window out.
 
-A `BeatSegmenter` runs the streaming QRS detector (`kernels/qrs.py`) on one lead and
-keeps the recent raw signal of every lead in a ring buffer. Beat k is emitted when
+A `BeatSegmenter` removes pacing spikes from every lead (`kernels/pace_spikes.py`: they
+would pull R onto the stimulus and, resampled, ring through the window), runs the
+streaming QRS detector (`kernels/qrs.py`) on one lead and keeps the recent cleaned signal
+of every lead in a ring buffer. Samples reach the detector and the ring `spike_lag`
+samples late (6 at 250–1000 Hz, none below 250 Hz). Beat k is emitted when
 R_{k+1} is detected, so its RR is known. Its window (what the ECG encoder reads) starts
 `config.pre_r_s` before R_k and lasts `config.window_s`, resampled to `config.fs` by a
 windowed sinc evaluated on a grid anchored at R (`kernels/resample.py`), cut from the
 ring at emission time.
 
-Determinism: the window holds only samples delivered up to the sample that confirmed
-R_{k+1} (`detected_at`), as if the stream arrived sample by sample; later samples are
+Determinism: the window holds only samples cleaned by the time the sample that confirmed
+R_{k+1} arrived (`detected_at`), as if the stream arrived sample by sample; later samples are
 zero and `valid` is False there, as for samples lost to a gap or NaN (and for outputs
 within the resampling kernel's reach of a NaN, which the zeros in its place would bend). So the beats,
 windows included, do not depend on how the stream was chunked. `cut_window` cuts a
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.config import EcgEncoderConfig
+from ..kernels.pace_spikes import SpikeBlanker
 from ..kernels.qrs import QrsDetector, QrsParams
 from ..kernels.resample import kernel_table, resample, support
 from .ring import SampleRing
@@ -82,6 +86,8 @@ class BeatSegmenter:
     def reset(self) -> None:
         """Forget the stream: the next push starts a new timeline."""
         self._detector = QrsDetector(self.fs, self._params, self._backend)
+        self._blanker = SpikeBlanker(self.fs, self.n_leads, backend=self._backend)
+        self._received = 0
         self._ring = SampleRing(self.n_leads, int(math.ceil(RING_S * self.fs)) + 2 * self._support)
         self._anchors: list[tuple[int, float]] = []  # (absolute sample index, its time), by index
         self._last_r: int | None = None
@@ -92,12 +98,22 @@ class BeatSegmenter:
     @property
     def n_samples(self) -> int:
         """Samples received since the start (or the last reset)."""
-        return self._ring.end
+        return self._received
+
+    @property
+    def spike_lag(self) -> int:
+        """Samples the spike blanker holds back before the detector and the ring see them."""
+        return self._blanker.lag
+
+    @property
+    def spikes_removed(self) -> int:
+        """Pacing spikes (or other one- or two-sample impulses) removed since the start."""
+        return self._blanker.blanked
 
     @property
     def expected_t0(self) -> float | None:
         """t0 a contiguous next chunk would carry; None before the first push."""
-        return self.time_of(self._ring.end) if self._anchors else None
+        return self.time_of(self._received) if self._anchors else None
 
     @property
     def heart_rate(self) -> float | None:
@@ -135,10 +151,12 @@ class BeatSegmenter:
         beats: list[Beat] = []
         piece = max(1, int(PIECE_S * self.fs))
         for i in range(0, samples.shape[1], piece):
-            part = samples[:, i:i + piece]
+            part = self._blanker.push(samples[:, i:i + piece])
+            self._received += min(piece, samples.shape[1] - i)
             self._ring.append(part)
             r_peaks = self._detector.push(part[self.detect_lead])
-            confirmed = self._detector.last_detected_at
+            # the input sample whose arrival let the blanker release the confirming one
+            confirmed = self._detector.last_detected_at + self._blanker.lag
             for r, det in zip(r_peaks.tolist(), confirmed.tolist()):
                 if self._last_r is not None:
                     beats.append(self._beat(self._last_r, r, det))
@@ -153,7 +171,7 @@ class BeatSegmenter:
 
     # ---------------------------------------------------------------------------
     def _anchor(self, t0: float) -> None:
-        start = self._ring.end
+        start = self._received
         if self._anchors and abs(t0 - self.time_of(start)) <= DRIFT_S:
             return
         self._anchors.append((start, t0))
@@ -163,7 +181,7 @@ class BeatSegmenter:
             self._anchors.pop(0)
 
     def _beat(self, r: int, r_next: int, det: int) -> Beat:
-        window, valid = self._window(float(r), det + 1)
+        window, valid = self._window(float(r), det + 1 - self._blanker.lag)
         beat = Beat(index=self._count, r_time=self.time_of(r), rr=(r_next - r) / self.fs,
                     next_r_time=self.time_of(r_next), window=window, valid=valid,
                     detected_at=self.time_of(det))

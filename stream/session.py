@@ -183,8 +183,11 @@ class Session:
         if chunk.unit != "mV":
             samples = samples * np.float32(UNIT_TO_MV[chunk.unit])
         events = []
+        removed = self.segmenter.spikes_removed
         for beat in self.segmenter.push(samples, chunk.t0):
             events.extend(self._enqueue(beat, capture))
+        # pacemaker spikes taken out before detection: a paced patient's, or impulse noise
+        self.counters["pacing_spikes_removed"] += self.segmenter.spikes_removed - removed
         return events
 
     def ingest_rhythm(self, item: RrIntervals) -> list[Event]:

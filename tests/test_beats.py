@@ -63,13 +63,17 @@ def test_window_is_the_ecg_around_r(fs):
 
 
 def test_valid_ends_at_the_sample_that_emitted_the_beat():
+    """The window holds what the spike blanker had released when the beat's confirming
+    sample arrived: samples up to `spike_lag` before `detected_at`."""
     cfg = EcgEncoderConfig()
     fs = 250.0
     rec = simulate_ecg(20.0, fs=fs, hr=75, seed=1, noise=0.5)
-    beats = run(BeatSegmenter(fs, 1, cfg), rec.signal, 500)
+    seg = BeatSegmenter(fs, 1, cfg)
+    beats = run(seg, rec.signal, 500)
+    assert seg.spike_lag == 6
     for b in beats[1:]:
         t_grid = b.r_time - cfg.pre_r_s + np.arange(cfg.window_samples) / cfg.fs
-        np.testing.assert_array_equal(b.valid, t_grid <= b.detected_at + 0.5 / fs)
+        np.testing.assert_array_equal(b.valid, t_grid <= b.detected_at - seg.spike_lag / fs + 0.5 / fs)
         assert not b.window[:, ~b.valid].any()  # padding is zeros
 
 

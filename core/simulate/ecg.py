@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.signal import lfilter
 
+from .pacing import PACING_MODES, pacing_signal
 from .timing import HR_MAX, HR_MIN, pr_seconds, qrs_onset_offset, qt_seconds
 
 LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
@@ -66,6 +67,11 @@ class EcgMorphology:
     powerline: float = 0.01
     mains_hz: float = 50.0
     pvc_rate: float = 0.0      # chance that a beat is replaced by a premature ventricular beat
+    pacing: str = "none"       # "ventricular": every sinus beat paced from the RV apex (wide QRS
+    #                            after a spike); "dual": an atrial spike before each P too
+    spike_mv: float = 4.0      # pacing pulse height on a unit lead vector, mV
+    spike_ms: float = 0.5      # pacing pulse width
+    spike_tail_ms: float = 12.0  # time constant of the afterpotential that follows each pulse
 
     @classmethod
     def sample(cls, rng: np.random.Generator, qrs: float | None = None, noise: float = 1.0) -> "EcgMorphology":
@@ -117,6 +123,10 @@ class BeatEvents:
     r: np.ndarray        # R peak
     t_end: np.ndarray    # T end
     kind: np.ndarray     # 0 = normal ('N'), 1 = premature ventricular ('V')
+    paced: np.ndarray | None = None  # True where a pacemaker started the QRS (a wide one); None: none was
+
+    def is_paced(self) -> np.ndarray:
+        return np.zeros(len(self.r), dtype=bool) if self.paced is None else self.paced
 
     def __len__(self) -> int:
         return len(self.r)
@@ -195,23 +205,34 @@ def beat_events(r: np.ndarray, kind: np.ndarray, morph: EcgMorphology) -> BeatEv
     rr_prev = np.insert(np.diff(r), 0, rr_next[0])
     # A sinus beat's intervals follow its own cycle; a PVC's QT follows the sinus rate.
     rr = np.where(kind == 1, rr_prev / 0.62, rr_next)
-    qrs = np.where(kind == 1, 2.0 * morph.qrs + 0.03, morph.qrs)
+    paced = (kind == 0) & (morph.pacing != "none")
+    qrs = _qrs_widths(kind, paced, morph)
     q_on = r - qrs_onset_offset(qrs)
-    p_on = np.where(kind == 1, np.nan, q_on - pr_seconds(rr, morph.pr))
-    t_end = q_on + qt_seconds(rr) + np.where(kind == 1, 0.04, 0.0)
-    return BeatEvents(p_on=p_on, q_on=q_on, r=r, t_end=t_end, kind=kind)
+    # A paced beat's AV delay is the pacemaker's: programmed a little shorter than the PR.
+    pr = np.where(paced, 0.85, 1.0) * pr_seconds(rr, morph.pr)
+    p_on = np.where(kind == 1, np.nan, q_on - pr)
+    t_end = q_on + qt_seconds(rr) + np.where(kind == 1, 0.04, np.where(paced, 0.03, 0.0))
+    return BeatEvents(p_on=p_on, q_on=q_on, r=r, t_end=t_end, kind=kind, paced=paced if paced.any() else None)
+
+
+def _qrs_widths(kind: np.ndarray, paced: np.ndarray, morph: EcgMorphology) -> np.ndarray:
+    """QRS duration per beat: ectopic and RV-paced activation spreads through muscle, not
+    the conduction system, so both are wide (a paced QRS about 150–170 ms)."""
+    return np.where(kind == 1, 2.0 * morph.qrs + 0.03, np.where(paced, 1.6 * morph.qrs + 0.02, morph.qrs))
 
 
 def _event_table(ev: BeatEvents, morph: EcgMorphology, resp_mod: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(type, centre s, σ s, amplitude scale) for every Gaussian event of every beat."""
     n = len(ev)
-    normal = ev.kind == 0
-    qrs = np.where(normal, morph.qrs, 2.0 * morph.qrs + 0.03)
+    has_p = ev.kind == 0
+    # A paced QRS spreads from the stimulus like an ectopic one: the ectopic waves draw it.
+    normal = has_p & ~ev.is_paced()
+    qrs = _qrs_widths(ev.kind, ev.is_paced(), morph)
     qt = ev.t_end - ev.q_on
     sig_t = 0.11 * qt
     p_c = ev.p_on + 2.0 * morph.p_width
     rows = [
-        (0, p_c, np.full(n, morph.p_width), normal),
+        (0, p_c, np.full(n, morph.p_width), has_p),
         (1, ev.r - 0.3 * qrs, 0.07 * qrs, normal),
         (2, ev.r, 0.11 * qrs, normal),
         (3, ev.r + 0.32 * qrs, 0.09 * qrs, normal),
@@ -262,13 +283,16 @@ def simulate_ecg(
     morph: EcgMorphology | None = None,
     noise: float = 1.0,
     pvc_rate: float | None = None,
+    pacing: str | None = None,
 ) -> EcgRecord:
     """Simulate `duration` seconds of ECG at `fs` Hz and mean heart rate `hr` (30..200 bpm).
 
     Returns an `EcgRecord`: signal float32 (leads, n) in mV (standard lead order I, II, III,
     aVR, aVL, aVF, V1..V6; the first `leads`), per-beat ground truth events and R times.
     `morph` fixes the subject (else one is drawn from the seed); `noise` scales the noise of
-    a drawn subject; `pvc_rate` overrides the chance of premature ventricular beats.
+    a drawn subject; `pvc_rate` overrides the chance of premature ventricular beats;
+    `pacing` ("none", "ventricular", "dual") makes the subject paced: its stimulus times
+    are in `extras["pacing_spikes"]` ({"atrial": s, "ventricular": s}).
     """
     if not HR_MIN <= hr <= HR_MAX:
         raise ValueError(f"hr must be within {HR_MIN:g}..{HR_MAX:g} bpm, got {hr}")
@@ -280,6 +304,10 @@ def simulate_ecg(
     morph = morph if morph is not None else EcgMorphology.sample(rng, noise=noise)
     if pvc_rate is not None:
         morph = dataclasses.replace(morph, pvc_rate=float(pvc_rate))
+    if pacing is not None:
+        morph = dataclasses.replace(morph, pacing=pacing)
+    if morph.pacing not in PACING_MODES:
+        raise ValueError(f"pacing must be one of {', '.join(PACING_MODES)}, got {morph.pacing!r}")
 
     r, kind = beat_times(duration, hr, morph, rng)
     ev = beat_events(r, kind, morph)
@@ -302,10 +330,18 @@ def simulate_ecg(
     y0 = drive.mean(axis=1, keepdims=True)  # start near steady state
     y, _ = lfilter([1.0 - decay], [1.0, -decay], drive, axis=-1, zi=decay * y0)
     sig = bumps + y + _noise(leads, n, fs, t, morph, rng)
+    extras = {"hr": float(hr), "morph": morph}
+    if morph.pacing != "none":
+        # The ventricular stimulus starts the paced QRS; the atrial one (dual) starts the P wave.
+        spikes = {"ventricular": ev.q_on[ev.is_paced()],
+                  "atrial": ev.p_on[ev.is_paced()] if morph.pacing == "dual" else np.empty(0)}
+        sig = sig + pacing_signal(_lead_vectors()[:leads], n, fs, spikes["atrial"], spikes["ventricular"],
+                                  morph.spike_mv, morph.spike_ms / 1000.0, morph.spike_tail_ms / 1000.0)
+        extras["pacing_spikes"] = {k: v[(v >= 0) & (v < n / fs)] for k, v in spikes.items()}
     return EcgRecord(
         signal=sig.astype(np.float32),
         fs=float(fs),
         beats=ev,
         lead_names=LEAD_NAMES[:leads],
-        extras={"hr": float(hr), "morph": morph},
+        extras=extras,
     )

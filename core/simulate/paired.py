@@ -69,6 +69,7 @@ def simulate_pair(
     ecg_seconds: float = 10.0,
     noise: float = 1.0,
     pvc_rate: float = 0.0,
+    pacing: str = "none",
     fresh_noise_seed: int | None = None,
     fresh_speckle_seed: int | None = None,
 ) -> dict[str, Any]:
@@ -103,7 +104,8 @@ def simulate_pair(
         duration = max(ecg_seconds, 6.0 * rr)
     else:
         duration = max(ecg_seconds, (frames - 1) / fps + 2.0 + 2.0 * rr)
-    morph = dataclasses.replace(subject.ecg, pvc_rate=float(pvc_rate))
+    morph = dataclasses.replace(subject.ecg, pvc_rate=float(pvc_rate), pacing=pacing)
+    subject = dataclasses.replace(subject, ecg=morph)  # the sample's `subject` says what was drawn
     rec = simulate_ecg(duration, ecg_fs, subject.hr, leads=leads, seed=rng, morph=morph)
     # Ectopy can leave no sinus beat with sinus neighbours in the recording (a PVC every
     # other beat): record longer until one turns up. Seeds that never lacked one are unchanged.
@@ -159,7 +161,7 @@ def simulate_pair(
 
 def _subject_dict(subject: Any) -> dict[str, Any]:
     d = dataclasses.asdict(subject)
-    d["ecg"] = {k: float(v) for k, v in d["ecg"].items()}
+    d["ecg"] = {k: v if isinstance(v, str) else float(v) for k, v in d["ecg"].items()}
     return d
 
 

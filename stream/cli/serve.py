@@ -109,6 +109,7 @@ def make_source(url: str) -> Any:
         "realtime": _number(options, "speed", float, 1.0, url),
         "duration_s": _number(options, "duration", float, None, url),
         "prefix": options.get("prefix") or "sim",
+        "pacing": options.get("pacing") or "none",
     }
     try:
         return synthetic.SyntheticSource(**kwargs)

@@ -76,6 +76,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--noise", type=ranged(float, 0.0, 5.0, "noise"), default=1.0, help="ECG and image noise scale (default 1)")
     p.add_argument("--pvc-rate", type=ranged(float, 0.0, 0.5, "pvc-rate"), default=0.0,
                    help="chance a beat is a premature ventricular contraction (default 0)")
+    p.add_argument("--pacing", choices=("none", "ventricular", "dual"), default="none",
+                   help="a paced patient: pacing spikes before each QRS (ventricular) or before each P and QRS "
+                        "(dual) (default none)")
     p.add_argument("--preview", default=None, metavar="FILE.mp4",
                    help="also write an MP4 of the first sample's subject with its ECG under the echo (beat-locked "
                         "clips are shown over 3 s at 30 fps) and FILE.png, a contact sheet of the sample")
@@ -99,7 +102,7 @@ def _check(args: argparse.Namespace) -> None:
 def _pair_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(size=args.size, frames=args.frames, fps=args.fps, ef=args.ef, hr=args.hr, leads=int(args.leads),
                 ecg_fs=args.ecg_fs, view=args.view, ecg_seconds=args.ecg_seconds, noise=args.noise,
-                pvc_rate=args.pvc_rate)
+                pvc_rate=args.pvc_rate, pacing=args.pacing)
 
 
 def run(args: argparse.Namespace) -> int:
