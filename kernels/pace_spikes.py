@@ -145,6 +145,15 @@ def blank_window(a, first, last, k, m, min_mv, max_rho, tail, rho):
     count = 0
     for lead in range(leads):
         for lo in range(first, last + 1):
+            # fast exit, exact: a spike's steeper edge is one step of at least
+            # JUMP_SHARE·min_mv somewhere between the sample before it and the one after
+            steep = False
+            for j in range(lo - 1, lo + k + 1):
+                if abs(a[lead, j + 1] - a[lead, j]) >= JUMP_SHARE * min_mv:
+                    steep = True
+                    break
+            if not steep:
+                continue
             finite = True
             for j in range(lo - m, lo + k + m + 2):
                 if not math.isfinite(a[lead, j]):
