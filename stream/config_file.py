@@ -46,10 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser as a package, if installed
-    tomllib = None  # type: ignore[assignment]
 
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -216,16 +212,31 @@ def parse_config(data: Mapping[str, Any], path: Path) -> ServeConfig:
     )
 
 
+def _toml_reader() -> Any:
+    """The standard tomllib, or on Python 3.10 the same parser as a package (a dependency
+    there); None when neither imports."""
+    try:
+        import tomllib
+        return tomllib
+    except ModuleNotFoundError:
+        try:
+            import tomli
+            return tomli
+        except ModuleNotFoundError:
+            return None
+
+
 def load_config(path: str | Path) -> ServeConfig:
     """Read and validate a serve config file; ConfigError (one line) if it cannot be used."""
     path = Path(path)
-    if tomllib is None:
-        raise ConfigError(f"{path}: reading TOML needs Python 3.11 or later")
+    toml = _toml_reader()
+    if toml is None:
+        raise ConfigError(f"{path}: reading TOML needs Python 3.11 or later, or the tomli package")
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            data = toml.load(f)
     except OSError as err:
         raise ConfigError(f"{path}: {err.strerror or err}") from None
-    except tomllib.TOMLDecodeError as err:
+    except toml.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     return parse_config(data, path)

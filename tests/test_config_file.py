@@ -152,3 +152,19 @@ def test_serve_runs_from_a_config_file_and_serves_metrics(tmp_path):
             proc.communicate()
     assert proc.returncode == 0, err.decode()[-2000:]
     assert any((tmp_path / "data").iterdir())  # data_dir relative to the config file
+
+
+def test_python_3_10_reads_the_file_with_tomli_or_says_what_is_missing(tmp_path, monkeypatch):
+    """Without the standard tomllib (Python 3.10) the file is read with tomli, the same
+    parser as a package; with neither, loading a file is one clear ConfigError."""
+    import tomllib
+
+    path = write(tmp_path, MINIMAL)
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` now fails
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)
+    assert load_config(path).sources == ("synthetic://?devices=1",)
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "sources = [\n"))
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    with pytest.raises(ConfigError, match="Python 3.11 or later, or the tomli package"):
+        load_config(path)
