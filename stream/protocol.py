@@ -25,7 +25,8 @@ Frames, one message per video frame::
         "latency": float,        # publish - capture (s)
         # optional, sent by the engine so a viewer can draw the trace under the echo:
         "ecg": bytes,            # the beat's ECG, lead 0, mV, float32 little-endian, from
-                                 # r_time for rr seconds; NaN where the stream had no data yet
+                                 # r_time for rr seconds; NaN where the stream had no data yet;
+                                 # as the generator read it (pacing spikes removed)
         "ecg_fs": float,         # sample rate of "ecg" (the model rate, 250 Hz)
     }
 
