@@ -142,17 +142,22 @@ def blank_window(a, first, last, k, m, min_mv, max_rho, tail, rho):
     Needs first − m ≥ 0 and last + k + m + 1 < n."""
     leads = a.shape[0]
     n = a.shape[1]
+    steep_mv = JUMP_SHARE * min_mv
     count = 0
     for lead in range(leads):
-        for lo in range(first, last + 1):
-            # fast exit, exact: a spike's steeper edge is one step of at least
-            # JUMP_SHARE·min_mv somewhere between the sample before it and the one after
-            steep = False
-            for j in range(lo - 1, lo + k + 1):
-                if abs(a[lead, j + 1] - a[lead, j]) >= JUMP_SHARE * min_mv:
-                    steep = True
-                    break
-            if not steep:
+        # A spike's steeper edge is one step of at least JUMP_SHARE·min_mv between the
+        # sample before the run and the one after it (steps lo − 1 .. lo + k): runs with
+        # no such step are skipped exactly, scanning each step once.
+        steep = first - 2  # the next steep step at or after lo − 1 (step j: a[j] → a[j + 1])
+        lo = first
+        while lo <= last:
+            if steep < lo - 1:
+                j = lo - 1
+                while j < n - 1 and not abs(a[lead, j + 1] - a[lead, j]) >= steep_mv:
+                    j += 1
+                steep = j
+            if steep > lo + k:
+                lo = steep - k  # the first run start whose steps reach it
                 continue
             finite = True
             for j in range(lo - m, lo + k + m + 2):
@@ -160,6 +165,7 @@ def blank_window(a, first, last, k, m, min_mv, max_rho, tail, rho):
                     finite = False
                     break
             if not finite:
+                lo += 1
                 continue
             found = -1
             mix = 0
@@ -187,6 +193,7 @@ def blank_window(a, first, last, k, m, min_mv, max_rho, tail, rho):
                 if found > 0:
                     break
             if found < 0:
+                lo += 1
                 continue
             e = lo + found + mix          # first sample after the excursion
             left = a[lead, lo - 1]
@@ -209,6 +216,8 @@ def blank_window(a, first, last, k, m, min_mv, max_rho, tail, rho):
             for j in range(lo, e):
                 a[lead, j] = left + step * (j - lo + 1)
             count += 1
+            steep = lo - 2  # the edits changed the steps from lo on: scan again
+            lo += 1
     return count
 
 
@@ -257,7 +266,7 @@ class SpikeBlanker:
             raise ValueError(f"expected ({self.leads}, n) samples, got {x.shape}")
         if not self.k:
             return np.asarray(x, dtype=np.float32)
-        new = x.astype(np.float64)
+        new = np.array(x, dtype=np.float64)  # a copy: the afterpotentials are subtracted in place
         self._apply(new, 0, self._after, self._after_rho)
         a = np.concatenate([self._buf, new], axis=1)
         m = self.m
