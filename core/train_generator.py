@@ -92,7 +92,7 @@ def _loop(
     if resume and state.exists():
         step, _ = state.load(modules, {"opt": optimizer}, emas, until=recipe.steps)
     elif resume:
-        log.warning("no training state in %s: starting from scratch", out)
+        log.warning("no training state in %s: starting a new run", out)
     elif state.exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
     params = [p for g in optimizer.param_groups for p in g["params"]]

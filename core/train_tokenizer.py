@@ -125,7 +125,7 @@ def train_tokenizer(
     if resume and state.exists():
         step, _ = state.load({"model": model, "disc": disc}, {"opt": opt, "disc_opt": disc_opt}, {"ema": ema}, until=recipe.steps)
     elif resume:
-        log.warning("no training state in %s: starting from scratch", out)
+        log.warning("no training state in %s: starting a new run", out)
     source = clip_source(paths.data, preset.tokenizer.frames, preset.tokenizer.image_size)
     if recipe.cache:
         source = CachedClips(source, recipe.cache, first=recipe.seed)

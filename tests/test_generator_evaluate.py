@@ -65,3 +65,15 @@ def test_ed_periods_allow_one_frame_of_either_beat() -> None:
     assert ok.tolist() == [True, True, True, True]
     late = starts + np.array([0, 2, 1, 1, 0]) * rrs / frames  # two frames late in beat 1: a missed step
     assert ed_periods_within_one_frame(late, rrs, frames)[1].tolist() == [False, False, True, True]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_evaluate_cli_refuses_a_device_it_does_not_have(capsys) -> None:
+    from echopulse.stream.cli import main
+
+    try:
+        rc = main(["evaluate", "generator", "--n", "1", "--device", "cuda"])
+    except SystemExit as exit_:
+        rc = exit_.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and "CUDA" in err[0]

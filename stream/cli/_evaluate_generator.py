@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--confidence-noise", type=ranged(float, 0.0, 100.0, "confidence-noise"),
                    help="Gumbel noise on remasking confidence (default: the checkpoint's)")
     p.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default: the figures in the docs were made there), cuda[:N] or auto: where the generator runs")
     p.add_argument("--out", help="write the JSON here (default: stdout)")
     p.add_argument("--png", help="also draw the first subject: ECG, true and generated frames, LV areas")
     p.set_defaults(handler=run)
@@ -41,14 +43,15 @@ def run(args: argparse.Namespace) -> int:
     from echopulse.core.evaluate_generator import evaluate_generator, subject_figure
     from echopulse.core.generator import DEFAULT_WEIGHTS, Generator
     from echopulse.core.lv_segmenter import load_segmenter
+    from echopulse.core.training import select_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        gen = Generator.load(args.checkpoint, device="cpu", use_critic=args.critic)
+        gen = Generator.load(args.checkpoint, device=select_device(args.device), use_critic=args.critic)
         segmenter = load_segmenter(args.segmenter or DEFAULT_WEIGHTS)
         gen.set_sampling(args.steps, args.cfg_scale, args.temperature, args.confidence_noise)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise CliError(str(err)) from None
     result = evaluate_generator(gen, segmenter, range(args.seed, args.seed + args.n), leads=args.leads)
     if args.png:
@@ -57,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
     sampling = {"steps": tcfg.steps, "cfg_scale": tcfg.cfg_scale, "temperature": tcfg.temperature,
                 "confidence_noise": tcfg.confidence_noise}
     result = {"checkpoint": args.checkpoint or "shipped", "model": gen.name, "critic": gen.critic is not None,
-              "sampling": sampling, **result}
+              "sampling": sampling, "device": str(gen.device), **result}
     write_report(result, args.out)
     return 0
