@@ -36,7 +36,7 @@ through at once: sampling averages a 0.5 ms pulse over a period 8 or more times 
 and a narrow QRS is itself only a few samples wide there. A non-finite sample near a run
 leaves it alone. The decisions read cleaned samples to the left and raw to the right, in
 stream order, so the output does not depend on how the stream is chunked. The kernels are
-written once in plain Python (the reference, `backend="python"`; its two small helpers are
+written once in plain Python (the reference, `backend="python"`; its small helpers are
 the jitted ones when Numba is present) and jitted unchanged by Numba.
 """
 from __future__ import annotations
@@ -62,23 +62,25 @@ MAX_TAIL_S = 0.15     # longest afterpotential time constant believed
 TAIL_SLOTS = 4        # afterpotentials followed at once, per lead
 
 
+def _subtract_tail(a, lead, start, v, r):
+    """Subtract the afterpotential v·r^j from a[lead, start + j] to a's end or until it
+    fades; returns the value due after a's end (0 once faded)."""
+    for j in range(start, a.shape[1]):
+        a[lead, j] -= v
+        v *= r
+        if abs(v) < TAIL_END_MV:
+            return 0.0
+    return v
+
+
 def apply_tails(a, start, tail, rho):
     """Subtract the pending afterpotentials (`tail`, `rho`: leads × slots, the value due at
     a[:, start] and its decay per sample) from a[:, start:], stepping them on; `tail` is
     left holding the values due after a's end (0 once one has faded)."""
     for lead in range(a.shape[0]):
         for slot in range(tail.shape[1]):
-            v = tail[lead, slot]
-            if v == 0.0:
-                continue
-            r = rho[lead, slot]
-            for j in range(start, a.shape[1]):
-                a[lead, j] -= v
-                v *= r
-                if abs(v) < TAIL_END_MV:
-                    v = 0.0
-                    break
-            tail[lead, slot] = v
+            if tail[lead, slot] != 0.0:
+                tail[lead, slot] = _subtract_tail(a, lead, start, tail[lead, slot], rho[lead, slot])
 
 
 def _excursion(a, lead, lo, length, mix, m, min_mv):
@@ -198,13 +200,7 @@ def blank_window(a, first, last, k, m, min_mv, max_rho, tail, rho):
             e = lo + found + mix          # first sample after the excursion
             left = a[lead, lo - 1]
             if r > 0.0:                   # cancel the afterpotential from e on
-                v = a[lead, e] - left
-                for j in range(e, n):
-                    a[lead, j] -= v
-                    v *= r
-                    if abs(v) < TAIL_END_MV:
-                        v = 0.0
-                        break
+                v = _subtract_tail(a, lead, e, a[lead, e] - left, r)
                 if v != 0.0:  # the rest follows later chunks, in the slot holding the least
                     slot = 0
                     for q in range(1, tail.shape[1]):
@@ -222,6 +218,7 @@ def blank_window(a, first, last, k, m, min_mv, max_rho, tail, rho):
 
 
 if numba is not None:
+    _subtract_tail = numba.njit(cache=True, nogil=True)(_subtract_tail)
     _excursion = numba.njit(cache=True, nogil=True)(_excursion)
     _tail_ratio = numba.njit(cache=True, nogil=True)(_tail_ratio)
 _blank_window_numba = numba.njit(cache=True, nogil=True)(blank_window) if numba is not None else None

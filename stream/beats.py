@@ -155,8 +155,7 @@ class BeatSegmenter:
             self._received += min(piece, samples.shape[1] - i)
             self._ring.append(part)
             r_peaks = self._detector.push(part[self.detect_lead])
-            # the input sample whose arrival let the blanker release the confirming one
-            confirmed = self._detector.last_detected_at + self._blanker.lag
+            confirmed = self._detector.last_detected_at
             for r, det in zip(r_peaks.tolist(), confirmed.tolist()):
                 if self._last_r is not None:
                     beats.append(self._beat(self._last_r, r, det))
@@ -181,10 +180,11 @@ class BeatSegmenter:
             self._anchors.pop(0)
 
     def _beat(self, r: int, r_next: int, det: int) -> Beat:
-        window, valid = self._window(float(r), det + 1 - self._blanker.lag)
+        window, valid = self._window(float(r), det + 1)
+        # detected when the input sample that let the spike remover release `det` arrived
         beat = Beat(index=self._count, r_time=self.time_of(r), rr=(r_next - r) / self.fs,
                     next_r_time=self.time_of(r_next), window=window, valid=valid,
-                    detected_at=self.time_of(det))
+                    detected_at=self.time_of(det + self._blanker.lag))
         self._count += 1
         return beat
 
