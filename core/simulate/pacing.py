@@ -46,7 +46,8 @@ def spike_train(n: int, fs: float, times: np.ndarray, width_s: float, tail_s: fl
     t_end = (times + width_s)[:, None]
     a = np.maximum(idx / fs, t_end) - t_end                  # period start, since the pulse's end
     b = np.maximum((idx + 1) / fs, t_end) - t_end
-    tail = -(width_s / tail_s) * tail_s * fs * (np.exp(-a / tail_s) - np.exp(-b / tail_s))
+    height = width_s / tail_s                                # of the afterpotential, per unit pulse
+    tail = -height * tail_s * fs * (np.exp(-a / tail_s) - np.exp(-b / tail_s))  # its mean over the period
     ok = idx < n
     np.add.at(out, idx[ok], tail[ok])
     return out
