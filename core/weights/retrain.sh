@@ -13,7 +13,7 @@
 # short by a time limit continues where it stopped when called again with the same
 # OUT_DIR; a finished stage is skipped. Knobs, with their defaults (sized for about ten
 # minutes of an H100/H200 in all): TOK_STEPS=4000 TOK_BATCH=64 TOK_LR=3e-4 CACHE=16384
-# GEN_STEPS=3000 GEN_BATCH=64 GEN_LR=5e-4 SUBJECTS=4000 CRITIC_STEPS=600 CRITIC_BATCH=32
+# PERCEPTUAL=1.0 GEN_STEPS=3000 GEN_BATCH=64 GEN_LR=5e-4 SUBJECTS=4000 CRITIC_STEPS=600 CRITIC_BATCH=32
 # EVAL_TOKENIZER=200 EVAL_GENERATOR=100 WORKERS=(cores − 1) DEVICE=auto PYTHON=python3.
 # The weights ship only when the tokenizer beats the shipped one and the generator's
 # figures hold: compare OUT_DIR/*.json with benchmarks/results/tokenizer-eval-tiny.json
@@ -31,6 +31,9 @@ if [ "${QUICK:-0}" = 1 ]; then
     EVAL_TOKENIZER=2 EVAL_GENERATOR=1 WORKERS=1
 fi
 TOK_STEPS="${TOK_STEPS:-4000}" TOK_BATCH="${TOK_BATCH:-64}" TOK_LR="${TOK_LR:-3e-4}" CACHE="${CACHE:-16384}"
+# SSIM + gradient loss at 1.0, 5x the shipped recipe: the better of the two for the encoder
+# in the CPU probes (benchmarks/results/tokenizer-probes-cpu.json)
+PERCEPTUAL="${PERCEPTUAL:-1.0}"
 GEN_STEPS="${GEN_STEPS:-3000}" GEN_BATCH="${GEN_BATCH:-64}" GEN_LR="${GEN_LR:-5e-4}" SUBJECTS="${SUBJECTS:-4000}"
 CRITIC_STEPS="${CRITIC_STEPS:-600}" CRITIC_BATCH="${CRITIC_BATCH:-32}"
 EVAL_TOKENIZER="${EVAL_TOKENIZER:-200}" EVAL_GENERATOR="${EVAL_GENERATOR:-100}"
@@ -59,7 +62,7 @@ stage() {  # stage NAME COMMAND...: run unless done; mark done on success
 
 # Encoder, quantizer and decoder together, from the shipped weights (tokens change).
 stage tokenizer ep train tokenizer --init core/weights/tiny --resume --steps "$TOK_STEPS" --batch "$TOK_BATCH" \
-    --lr "$TOK_LR" --warmup 200 --perceptual-weight 0.2 --gan-weight 0 --half --cache "$CACHE" \
+    --lr "$TOK_LR" --warmup 200 --perceptual-weight "$PERCEPTUAL" --gan-weight 0 --half --cache "$CACHE" \
     --workers "$WORKERS" --checkpoint-every 500 --device "$DEVICE" --out "$OUT_DIR/tokenizer"
 # The 200 held-out clips of the shipped figures, with the speckle floor beside them.
 stage eval-tokenizer ep evaluate tokenizer --checkpoint "$OUT_DIR/tokenizer" --n "$EVAL_TOKENIZER" \
