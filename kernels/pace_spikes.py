@@ -239,8 +239,8 @@ class SpikeBlanker:
     faintest).
     """
 
-    def __init__(self, fs: float, leads: int, min_mv: float = 0.4, backend: str = "numba") -> None:
-        self.k = spike_width(fs)
+    def __init__(self, fs: float, leads: int, min_mv: float = 0.4, backend: str = "numba", enabled: bool = True) -> None:
+        self.k = spike_width(fs) if enabled else 0  # 0: samples pass through at once
         self.m = self.k + CONTEXT
         self.lag = self.k + self.m + 1 if self.k else 0
         self.leads = int(leads)

@@ -65,10 +65,12 @@ class Beat:
 
 
 class BeatSegmenter:
-    """Beats from a stream of (leads × n) float32 chunks in millivolts at rate `fs`."""
+    """Beats from a stream of (leads × n) float32 chunks in millivolts at rate `fs`
+    (`remove_spikes=False`: no pacing-spike remover, samples reach the detector at once)."""
 
     def __init__(self, fs: float, n_leads: int, config: EcgEncoderConfig | None = None,
-                 detect_lead: int = 0, backend: str = "numba", params: QrsParams | None = None) -> None:
+                 detect_lead: int = 0, backend: str = "numba", params: QrsParams | None = None,
+                 remove_spikes: bool = True) -> None:
         if not 0 <= detect_lead < n_leads:
             raise ValueError(f"detect_lead {detect_lead} out of range for {n_leads} leads")
         self.fs = float(fs)
@@ -77,6 +79,7 @@ class BeatSegmenter:
         self.detect_lead = int(detect_lead)
         self._backend = backend
         self._params = params
+        self._remove_spikes = remove_spikes
         n = self.config.window_samples
         self._grid = np.arange(n, dtype=np.float64) * (self.fs / self.config.fs) - self.config.pre_r_s * self.fs
         self._support = support(self.fs, self.config.fs)
@@ -86,7 +89,7 @@ class BeatSegmenter:
     def reset(self) -> None:
         """Forget the stream: the next push starts a new timeline."""
         self._detector = QrsDetector(self.fs, self._params, self._backend)
-        self._blanker = SpikeBlanker(self.fs, self.n_leads, backend=self._backend)
+        self._blanker = SpikeBlanker(self.fs, self.n_leads, backend=self._backend, enabled=self._remove_spikes)
         self._received = 0
         self._ring = SampleRing(self.n_leads, int(math.ceil(RING_S * self.fs)) + 2 * self._support)
         self._anchors: list[tuple[int, float]] = []  # (absolute sample index, its time), by index

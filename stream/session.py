@@ -62,6 +62,7 @@ class EngineLimits:
     drain_timeout_s: float = 10.0     # when finite sources end, wait this long for queued beats
     stop_timeout_s: float = 5.0       # on stop, wait this long for renders in flight
     forget_after_s: float = 600.0     # a device silent this long is forgotten: its state and slot freed (0: never)
+    remove_pacing_spikes: bool = True  # the pacing-spike remover before detection (kernels/pace_spikes.py)
 
     def __post_init__(self) -> None:
         if self.beat_queue < 1 or self.max_devices < 1 or self.workers < 1:
@@ -178,7 +179,8 @@ class Session:
         from .beats import BeatSegmenter  # numba: imported when the first chunk arrives
 
         if self.segmenter is None:
-            self.segmenter = BeatSegmenter(chunk.fs, chunk.n_leads, self.config)
+            self.segmenter = BeatSegmenter(chunk.fs, chunk.n_leads, self.config,
+                                           remove_spikes=self.limits.remove_pacing_spikes)
         samples = np.asarray(chunk.samples, dtype=np.float32)
         if chunk.unit != "mV":
             samples = samples * np.float32(UNIT_TO_MV[chunk.unit])

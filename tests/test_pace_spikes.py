@@ -203,3 +203,29 @@ def test_serve_synthetic_url_takes_pacing():
     assert all(stream.morph.pacing == "ventricular" for stream in src._streams)
     with pytest.raises(CliError, match="pacing must be one of"):
         make_source("synthetic://?pacing=sometimes")
+
+
+def test_the_remover_can_be_switched_off_per_engine(tmp_path):
+    """`remove_pacing_spikes = false` ([limits] of the config file): the raw samples reach
+    the detector at once, and the paced beats are then as the raw detector finds them."""
+    from echopulse.bridges.chunk import EcgChunk
+    from echopulse.stream.config_file import load_config
+    from echopulse.stream.session import EngineLimits, Session
+
+    path = tmp_path / "echopulse.toml"
+    path.write_text('sources = ["synthetic://?pacing=dual"]\ndata_dir = "data"\n[limits]\nremove_pacing_spikes = false\n')
+    limits = EngineLimits(beat_queue=10_000, **load_config(path).limits)
+    assert limits.remove_pacing_spikes is False
+    rec = paced(250.0, 9, seconds=20.0)
+    lead_ii = np.ascontiguousarray(rec.signal[1:2])  # the session detects on its first lead
+    counts = {}
+    for remove in (True, False):
+        session = Session("dev", EngineLimits(beat_queue=10_000, remove_pacing_spikes=remove))
+        for i, start in enumerate(range(0, lead_ii.shape[1], 50)):
+            session.ingest(EcgChunk("dev", lead_ii[:, start:start + 50], 250.0, start / 250.0, i))
+        assert session.segmenter.spike_lag == (6 if remove else 0)
+        r = np.array([p.beat.r_time for p in session.take_all()])
+        truth = rec.r_peaks[(rec.r_peaks > 2.5) & (rec.r_peaks < rec.r_peaks[-1] - 0.1)]
+        counts[remove] = (session.counters["pacing_spikes_removed"], score(truth, r[r > 2.5], TOL).f1)
+    assert counts[True][0] > 0 and counts[True][1] >= 0.98
+    assert counts[False][0] == 0 and counts[False][1] < 0.9  # R on the spikes, or spikes counted as beats
