@@ -59,7 +59,6 @@ SPLIT_SHARE = 0.45    # its other edge, split over two samples at worst
 CONTEXT = 1           # samples either side of a run whose steps must stay small
 TAIL_END_MV = 1e-3    # an afterpotential is followed until it is this small
 MAX_TAIL_S = 0.15     # longest afterpotential time constant believed
-TAIL_SLOTS = 4        # afterpotentials followed at once, per lead
 
 
 def _subtract_tail(a, lead, start, v, r):
@@ -140,8 +139,9 @@ def _tail_ratio(a, lead, lo, e, max_rho):
 def blank_window(a, first, last, k, m, min_mv, max_rho, tail, rho):
     """Try a run starting at each sample first..last (inclusive) of `a` (leads × n,
     float64, edited in place), in order; returns how many spikes were removed. A spike's
-    afterpotential is subtracted to a's end and carried on in `tail`, `rho` (leads × slots).
-    Needs first − m ≥ 0 and last + k + m + 1 < n."""
+    afterpotential is subtracted to a's end and carried on in `tail`, `rho` (leads × slots,
+    with a free slot after each lead's last for every run start tried). Needs first − m ≥ 0
+    and last + k + m + 1 < n."""
     leads = a.shape[0]
     n = a.shape[1]
     steep_mv = JUMP_SHARE * min_mv
@@ -201,11 +201,11 @@ def blank_window(a, first, last, k, m, min_mv, max_rho, tail, rho):
             left = a[lead, lo - 1]
             if r > 0.0:                   # cancel the afterpotential from e on
                 v = _subtract_tail(a, lead, e, a[lead, e] - left, r)
-                if v != 0.0:  # the rest follows later chunks, in the slot holding the least
-                    slot = 0
-                    for q in range(1, tail.shape[1]):
-                        if abs(tail[lead, q]) < abs(tail[lead, slot]):
-                            slot = q
+                if v != 0.0:  # the rest follows later chunks, in the slot after the lead's last
+                    slot = 0  # (slots in the order the spikes came: the same sums in any chunking)
+                    for q in range(tail.shape[1]):
+                        if tail[lead, q] != 0.0:
+                            slot = q + 1
                     tail[lead, slot] = v
                     rho[lead, slot] = r
             step = (a[lead, e] - left) / (e - lo + 1)
@@ -234,9 +234,8 @@ class SpikeBlanker:
     """Pacing spikes out of a stream of (leads × n) chunks at `fs`, `lag` samples late.
 
     `push(x)` returns the cleaned samples that became final (the first `lag` samples of
-    the stream come out with later pushes); `blanked` counts the spikes removed. Up to
-    `TAIL_SLOTS` afterpotentials per lead are followed at once (a fifth replaces the
-    faintest).
+    the stream come out with later pushes); `blanked` counts the spikes removed. Every
+    afterpotential is followed until it fades, however many overlap.
     """
 
     def __init__(self, fs: float, leads: int, min_mv: float = 0.4, backend: str = "numba", enabled: bool = True) -> None:
@@ -252,8 +251,8 @@ class SpikeBlanker:
         self._buf = np.zeros((self.leads, 0), dtype=np.float64)
         self._emitted = 0      # of the buffer's samples, how many went out already
         self._next = 0         # buffer index of the next run start to try
-        self._after = np.zeros((self.leads, TAIL_SLOTS))      # afterpotentials due at the next pushed sample
-        self._after_rho = np.zeros((self.leads, TAIL_SLOTS))  # their decay per sample
+        self._after = np.zeros((self.leads, 0))      # afterpotentials due at the next pushed sample
+        self._after_rho = np.zeros((self.leads, 0))  # their decay per sample
         self.blanked = 0
 
     def push(self, x: np.ndarray) -> np.ndarray:
@@ -270,8 +269,11 @@ class SpikeBlanker:
         first = max(self._next, m)   # the stream's first m samples have no left context
         last = a.shape[1] - 2 - self.k - m
         if last >= first:
-            self.blanked += int(self._blank(a, first, last, self.k, m, self.min_mv, self._max_rho,
-                                            self._after, self._after_rho))
+            room = np.zeros((self.leads, last - first + 1))  # a slot for every run start tried
+            after, after_rho = np.concatenate([self._after, room], 1), np.concatenate([self._after_rho, room], 1)
+            self.blanked += int(self._blank(a, first, last, self.k, m, self.min_mv, self._max_rho, after, after_rho))
+            live = (after != 0.0).any(axis=0)   # faded slots go; the rest keep their order
+            self._after, self._after_rho = after[:, live], after_rho[:, live]
             self._next = last + 1
         # Final: every sample before the next run's start (runs edit only samples from their start on).
         final = self._next

@@ -104,6 +104,19 @@ def test_remover_output_does_not_depend_on_chunking_or_backend():
     np.testing.assert_array_equal(run(SpikeBlanker(500.0, 2, backend="python"), x[:, :4000], 333), ref[:, :4000 - whole.lag])
 
 
+def test_overlapping_afterpotentials_are_all_followed_in_any_chunking():
+    """Six spikes 12 ms apart with 30 ms afterpotentials: six tails pending at once. Fed a
+    sample at a time or whole, every tail is subtracted to its end, the same way."""
+    fs, n = 1000.0, 3000
+    x = sum(30 * spike_train(n, fs, np.array([0.1 + 0.012 * i + 0.0003]), 0.0005, 0.03) for i in range(6))
+    x = x[None].astype(np.float32)
+    whole = SpikeBlanker(fs, 1)
+    ref = whole.push(x)
+    assert whole.blanked == 6 and np.abs(ref[0, 60:]).max() < 0.01  # the signal was only spikes and tails
+    np.testing.assert_array_equal(run(SpikeBlanker(fs, 1), x, 1), ref)
+    np.testing.assert_array_equal(run(SpikeBlanker(fs, 1, backend="python"), x, 1), ref)
+
+
 def test_remover_is_off_below_its_rate_and_refuses_other_shapes():
     x = paced(200.0, 5).signal
     assert 200.0 < MIN_FS
