@@ -19,16 +19,23 @@ first sample after it,
   - it is abrupt: one step into or out of its peak is at least 85 % of h, and one on the
     other side at least 45 % (a pulse straddling two sample periods splits one edge); a
     wave's flanks take several samples at the rates the remover runs at;
-  - no other step between consecutive samples within m = k + 1 of it exceeds 25 % of h:
-    the excursion is isolated.
+  - no other step between consecutive samples within m = k + 1 after it, or within 30 ms
+    before it, exceeds 25 % of h: the excursion is isolated (heavy muscle noise has
+    outliers of a few tenths of a millivolt, but not 30 ms of calm before them).
 The pulse may end inside the sample after the run, the afterpotential starting in the one
 after that ("mixed"); of the two readings the one whose afterpotential predicts the next
-two samples better is taken. The afterpotential: with the excursion's area A (its
-deviations from the sample before it, summed) and the first sample after it deviating by
-t1 of opposite sign, the exponential tail t1·ρ^j whose sum is −A has ρ = 1 + t1/A; it is
-subtracted from that sample on, in this chunk and the next ones, until it falls under
-1 µV. A t1 of the spike's sign, or a time constant beyond 150 ms, leaves the tail alone.
-The excursion then becomes the line.
+two samples better is taken, and neither when that prediction misses by more than |t1|
+(or 25 % of h): nothing spike-like goes on after a noise outlier. The afterpotential:
+with the excursion's area A (its deviations from the sample before it, summed) and the
+first sample after it deviating by t1 of opposite sign, the exponential tail t1·ρ^j whose
+sum is −A has ρ = 1 + t1/A; it is subtracted from that sample on, in this chunk and the
+next ones, until it falls under 1 µV, however many overlap. A t1 of the spike's sign, or
+a time constant beyond 150 ms, leaves the tail alone. The excursion then becomes the line.
+
+Validated at 250–1000 Hz, pulses of 0.5–2 ms (1.5 ms at most at 1 kHz). Above 1 kHz a
+pulse of 1 ms or more spans several samples with both edges split in two, and the
+one-step edge rule misses most of them: at 2 kHz half the phases of a 1 ms pulse, at
+4 kHz nearly every pulse. Such a device's spikes mostly stay in.
 
 Samples come out k + m + 1 samples late (6 at 250–1000 Hz: 24 ms at 250 Hz, 6 ms at
 1 kHz), the last a later run can still change; below `MIN_FS` the remover passes samples
@@ -57,6 +64,7 @@ ISOLATION_SHARE = 0.25
 JUMP_SHARE = 0.85     # a spike's steeper edge: one step of nearly its height
 SPLIT_SHARE = 0.45    # its other edge, split over two samples at worst
 CONTEXT = 1           # samples either side of a run whose steps must stay small
+LEFT_QUIET_S = 0.03   # and before it, this long: heavy EMG noise has outliers but not 30 ms of calm
 TAIL_END_MV = 1e-3    # an afterpotential is followed until it is this small
 MAX_TAIL_S = 0.15     # longest afterpotential time constant believed
 
@@ -82,7 +90,7 @@ def apply_tails(a, start, tail, rho):
                 tail[lead, slot] = _subtract_tail(a, lead, start, tail[lead, slot], rho[lead, slot])
 
 
-def _excursion(a, lead, lo, length, mix, m, min_mv):
+def _excursion(a, lead, lo, length, mix, m, ml, min_mv):
     """Height of the run a[lead, lo : lo + length] over the line from the sample before it
     to the one `mix` samples after it (mix = 1: the sample between them holds both the
     pulse's end and the afterpotential's start), or 0 when the run is not an isolated,
@@ -117,7 +125,7 @@ def _excursion(a, lead, lo, length, mix, m, min_mv):
         # or its first holds the start of a pulse that began late in that sample's period
         if abs(dev) < RUN_SHARE * h and not (j == lo and j < peak and dev * sign > 0.0):
             return 0.0
-    for j in range(lo - m, e + m - 1):  # no other step near it comes close to its size
+    for j in range(lo - ml, e + m - 1):  # no other step near it comes close to its size
         if (j < lo - 1 or j >= e) and abs(a[lead, j + 1] - a[lead, j]) > ISOLATION_SHARE * h:
             return 0.0
     return h
@@ -136,11 +144,11 @@ def _tail_ratio(a, lead, lo, e, max_rho):
     return r if 0.0 < r <= max_rho else 0.0
 
 
-def blank_window(a, first, last, k, m, min_mv, max_rho, tail, rho):
+def blank_window(a, first, last, k, m, ml, min_mv, max_rho, tail, rho):
     """Try a run starting at each sample first..last (inclusive) of `a` (leads × n,
     float64, edited in place), in order; returns how many spikes were removed. A spike's
     afterpotential is subtracted to a's end and carried on in `tail`, `rho` (leads × slots,
-    with a free slot after each lead's last for every run start tried). Needs first − m ≥ 0
+    with a free slot after each lead's last for every run start tried). Needs first − ml ≥ 0
     and last + k + m + 1 < n."""
     leads = a.shape[0]
     n = a.shape[1]
@@ -162,7 +170,7 @@ def blank_window(a, first, last, k, m, min_mv, max_rho, tail, rho):
                 lo = steep - k  # the first run start whose steps reach it
                 continue
             finite = True
-            for j in range(lo - m, lo + k + m + 2):
+            for j in range(lo - ml, lo + k + m + 2):
                 if not math.isfinite(a[lead, j]):
                     finite = False
                     break
@@ -178,7 +186,8 @@ def blank_window(a, first, last, k, m, min_mv, max_rho, tail, rho):
                 # reading whose tail predicts the two samples after it better
                 best = -1.0
                 for mx in range(2):
-                    if _excursion(a, lead, lo, length, mx, m, min_mv) == 0.0:
+                    h = _excursion(a, lead, lo, length, mx, m, ml, min_mv)
+                    if h == 0.0:
                         continue
                     e = lo + length + mx
                     rr = _tail_ratio(a, lead, lo, e, max_rho)
@@ -187,6 +196,8 @@ def blank_window(a, first, last, k, m, min_mv, max_rho, tail, rho):
                     left = a[lead, lo - 1]
                     t1 = a[lead, e] - left
                     err = abs(a[lead, e + 1] - left - t1 * rr) + abs(a[lead, e + 2] - left - t1 * rr * rr)
+                    if err > max(abs(t1), ISOLATION_SHARE * h):
+                        continue  # neither a tail nor the baseline goes on after it: not a spike
                     if best < 0.0 or err < best:
                         best = err
                         found = length
@@ -241,6 +252,7 @@ class SpikeBlanker:
     def __init__(self, fs: float, leads: int, min_mv: float = 0.4, backend: str = "numba", enabled: bool = True) -> None:
         self.k = spike_width(fs) if enabled else 0  # 0: samples pass through at once
         self.m = self.k + CONTEXT
+        self.ml = max(self.m, int(math.ceil(LEFT_QUIET_S * fs)))  # left context: costs no lag
         self.lag = self.k + self.m + 1 if self.k else 0
         self.leads = int(leads)
         self.min_mv = float(min_mv)
@@ -266,19 +278,19 @@ class SpikeBlanker:
         self._apply(new, 0, self._after, self._after_rho)
         a = np.concatenate([self._buf, new], axis=1)
         m = self.m
-        first = max(self._next, m)   # the stream's first m samples have no left context
+        first = max(self._next, self.ml)   # the stream's first samples have no left context
         last = a.shape[1] - 2 - self.k - m
         if last >= first:
             room = np.zeros((self.leads, last - first + 1))  # a slot for every run start tried
             after, after_rho = np.concatenate([self._after, room], 1), np.concatenate([self._after_rho, room], 1)
-            self.blanked += int(self._blank(a, first, last, self.k, m, self.min_mv, self._max_rho, after, after_rho))
+            self.blanked += int(self._blank(a, first, last, self.k, m, self.ml, self.min_mv, self._max_rho, after, after_rho))
             live = (after != 0.0).any(axis=0)   # faded slots go; the rest keep their order
             self._after, self._after_rho = after[:, live], after_rho[:, live]
             self._next = last + 1
         # Final: every sample before the next run's start (runs edit only samples from their start on).
         final = self._next
         out = a[:, self._emitted:final].astype(np.float32)
-        keep = max(self._next - m, 0)  # the next run's window starts here
+        keep = max(self._next - self.ml, 0)  # the next run's window starts here
         self._buf = a[:, keep:]
         self._emitted = final - keep
         self._next -= keep
