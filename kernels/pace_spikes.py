@@ -10,7 +10,8 @@ generator's ECG window would carry it too, and the resampling filter rings on it
 Removing the spike alone is worse than leaving it: the afterpotential without the spike
 that balanced it is a slow wave right in the QRS band.
 
-A run of 1..k samples (k: the widest spike, 2 ms worth and at least 2 samples) starting
+A run of 1..k samples (k: the widest spike, 2 ms worth and at least 2 samples, one more
+from 1 kHz on for a 2 ms pulse straddling the grid) starting
 at `lo` is a spike when, against the straight line from the sample before it to the
 first sample after it,
   - its largest deviation h is at least `min_mv`, and every sample of the run deviates by
@@ -18,7 +19,9 @@ first sample after it,
     the peak that deviates the same way (a pulse that began late in its period);
   - it is abrupt: one step into or out of its peak is at least 85 % of h, and one on the
     other side at least 45 % (a pulse straddling two sample periods splits one edge); a
-    wave's flanks take several samples at the rates the remover runs at;
+    wave's flanks take several samples at the rates the remover runs at. From 1 kHz on,
+    where a pulse spans several samples and both its edges may split, an edge may take
+    two steps (a QRS flank there spans ten or more);
   - no other step between consecutive samples within m = k + 1 after it, or within 30 ms
     before it, exceeds 25 % of h: the excursion is isolated (heavy muscle noise has
     outliers of a few tenths of a millivolt, but not 30 ms of calm before them).
@@ -32,12 +35,10 @@ sum is −A has ρ = 1 + t1/A; it is subtracted from that sample on, in this chu
 next ones, until it falls under 1 µV, however many overlap. A t1 of the spike's sign, or
 a time constant beyond 150 ms, leaves the tail alone. The excursion then becomes the line.
 
-Validated at 250–1000 Hz, pulses of 0.5–2 ms (1.5 ms at most at 1 kHz). Above 1 kHz a
-pulse of 1 ms or more spans several samples with both edges split in two, and the
-one-step edge rule misses most of them: at 2 kHz half the phases of a 1 ms pulse, at
-4 kHz nearly every pulse. Such a device's spikes mostly stay in.
+Validated from 250 Hz to 4 kHz with pulses of 0.5–2 ms at every phase against the
+sample grid (`tests/test_pace_spikes.py`).
 
-Samples come out k + m + 1 samples late (6 at 250–1000 Hz: 24 ms at 250 Hz, 6 ms at
+Samples come out k + m + 1 samples late (6 at 250–999 Hz: 24 ms at 250 Hz; 8 ms at
 1 kHz), the last a later run can still change; below `MIN_FS` the remover passes samples
 through at once: sampling averages a 0.5 ms pulse over a period 8 or more times longer,
 and a narrow QRS is itself only a few samples wide there. A non-finite sample near a run
@@ -61,7 +62,8 @@ MIN_FS = 250.0        # Hz: below it the blanker is off (see the module docstrin
 SPIKE_S = 0.002       # widest spike, seconds
 RUN_SHARE = 0.3       # a sample farther than this share of |d| from the median is part of the run
 ISOLATION_SHARE = 0.25
-JUMP_SHARE = 0.85     # a spike's steeper edge: one step of nearly its height
+JUMP_SHARE = 0.85     # a spike's steeper edge: one step of nearly its height (two from SPLIT_EDGE_FS on)
+SPLIT_EDGE_FS = 1000.0  # Hz: from here a wave's flank spans many samples, so an edge may take two steps
 SPLIT_SHARE = 0.45    # its other edge, split over two samples at worst
 CONTEXT = 1           # samples either side of a run whose steps must stay small
 LEFT_QUIET_S = 0.03   # and before it, this long: heavy EMG noise has outliers but not 30 ms of calm
@@ -90,7 +92,7 @@ def apply_tails(a, start, tail, rho):
                 tail[lead, slot] = _subtract_tail(a, lead, start, tail[lead, slot], rho[lead, slot])
 
 
-def _excursion(a, lead, lo, length, mix, m, ml, min_mv):
+def _excursion(a, lead, lo, length, mix, m, ml, min_mv, split):
     """Height of the run a[lead, lo : lo + length] over the line from the sample before it
     to the one `mix` samples after it (mix = 1: the sample between them holds both the
     pulse's end and the afterpotential's start), or 0 when the run is not an isolated,
@@ -115,9 +117,13 @@ def _excursion(a, lead, lo, length, mix, m, ml, min_mv):
     up = 0.0
     for j in range(lo - 1, peak):
         up = max(up, abs(a[lead, j + 1] - a[lead, j]))
+        if split and j + 2 <= peak:  # an edge split over two steps, at a rate where waves take many
+            up = max(up, abs(a[lead, j + 2] - a[lead, j]))
     down = 0.0
     for j in range(peak, e):
         down = max(down, abs(a[lead, j + 1] - a[lead, j]))
+        if split and j + 2 <= e:
+            down = max(down, abs(a[lead, j + 2] - a[lead, j]))
     if max(up, down) < JUMP_SHARE * h or min(up, down) < SPLIT_SHARE * h:
         return 0.0
     for j in range(lo, hi + 1):  # every sample of the run is part of the excursion,
@@ -144,7 +150,7 @@ def _tail_ratio(a, lead, lo, e, max_rho):
     return r if 0.0 < r <= max_rho else 0.0
 
 
-def blank_window(a, first, last, k, m, ml, min_mv, max_rho, tail, rho):
+def blank_window(a, first, last, k, m, ml, min_mv, max_rho, tail, rho, split):
     """Try a run starting at each sample first..last (inclusive) of `a` (leads × n,
     float64, edited in place), in order; returns how many spikes were removed. A spike's
     afterpotential is subtracted to a's end and carried on in `tail`, `rho` (leads × slots,
@@ -152,7 +158,7 @@ def blank_window(a, first, last, k, m, ml, min_mv, max_rho, tail, rho):
     and last + k + m + 1 < n."""
     leads = a.shape[0]
     n = a.shape[1]
-    steep_mv = JUMP_SHARE * min_mv
+    steep_mv = JUMP_SHARE * min_mv * (0.5 if split else 1.0)  # a split edge's larger half
     count = 0
     for lead in range(leads):
         # A spike's steeper edge is one step of at least JUMP_SHARE·min_mv between the
@@ -186,7 +192,7 @@ def blank_window(a, first, last, k, m, ml, min_mv, max_rho, tail, rho):
                 # reading whose tail predicts the two samples after it better
                 best = -1.0
                 for mx in range(2):
-                    h = _excursion(a, lead, lo, length, mx, m, ml, min_mv)
+                    h = _excursion(a, lead, lo, length, mx, m, ml, min_mv, split)
                     if h == 0.0:
                         continue
                     e = lo + length + mx
@@ -237,8 +243,11 @@ _apply_tails_numba = numba.njit(cache=True, nogil=True)(apply_tails) if numba is
 
 
 def spike_width(fs: float) -> int:
-    """k: the widest spike in samples at `fs`; 0 when the blanker is off there."""
-    return 0 if fs < MIN_FS else max(2, int(math.ceil(SPIKE_S * fs)))
+    """k: the widest spike in samples at `fs` (a pulse of SPIKE_S straddling a sample
+    boundary, from SPLIT_EDGE_FS on); 0 when the remover is off there."""
+    if fs < MIN_FS:
+        return 0
+    return max(2, int(math.ceil(SPIKE_S * fs)) + (1 if fs >= SPLIT_EDGE_FS else 0))
 
 
 class SpikeBlanker:
@@ -253,6 +262,7 @@ class SpikeBlanker:
         self.k = spike_width(fs) if enabled else 0  # 0: samples pass through at once
         self.m = self.k + CONTEXT
         self.ml = max(self.m, int(math.ceil(LEFT_QUIET_S * fs)))  # left context: costs no lag
+        self.split_edges = fs >= SPLIT_EDGE_FS
         self.lag = self.k + self.m + 1 if self.k else 0
         self.leads = int(leads)
         self.min_mv = float(min_mv)
@@ -283,7 +293,8 @@ class SpikeBlanker:
         if last >= first:
             room = np.zeros((self.leads, last - first + 1))  # a slot for every run start tried
             after, after_rho = np.concatenate([self._after, room], 1), np.concatenate([self._after_rho, room], 1)
-            self.blanked += int(self._blank(a, first, last, self.k, m, self.ml, self.min_mv, self._max_rho, after, after_rho))
+            self.blanked += int(self._blank(a, first, last, self.k, m, self.ml, self.min_mv, self._max_rho, after, after_rho,
+                                            self.split_edges))
             live = (after != 0.0).any(axis=0)   # faded slots go; the rest keep their order
             self._after, self._after_rho = after[:, live], after_rho[:, live]
             self._next = last + 1

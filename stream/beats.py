@@ -4,7 +4,7 @@ A `BeatSegmenter` removes pacing spikes from every lead (`kernels/pace_spikes.py
 would pull R onto the stimulus and, resampled, ring through the window), runs the
 streaming QRS detector (`kernels/qrs.py`) on one lead and keeps the recent cleaned signal
 of every lead in a ring buffer. Samples reach the detector and the ring `spike_lag`
-samples late (6 at 250–1000 Hz, none below 250 Hz). Beat k is emitted when
+samples late (6 at 250–999 Hz, 8 at 1 kHz, none below 250 Hz). Beat k is emitted when
 R_{k+1} is detected, so its RR is known. Its window (what the ECG encoder reads) starts
 `config.pre_r_s` before R_k and lasts `config.window_s`, resampled to `config.fs` by a
 windowed sinc evaluated on a grid anchored at R (`kernels/resample.py`), cut from the

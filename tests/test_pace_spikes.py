@@ -80,7 +80,7 @@ def test_remover_takes_out_spikes_and_their_afterpotentials(fs):
     assert np.percentile(after, 90) < 0.15, np.percentile(after, 90)  # noise-sized, tail included
 
 
-@pytest.mark.parametrize("fs", [250.0, 256.0, 360.0, 500.0, 1000.0])
+@pytest.mark.parametrize("fs", [250.0, 256.0, 360.0, 500.0, 1000.0, 2000.0])
 def test_remover_changes_no_sample_of_unpaced_ecg(fs):
     """Narrow QRS, tall R, deep S and Q, premature beats, every lead: nothing is a spike."""
     for seed in range(4):
@@ -127,6 +127,21 @@ def test_overlapping_afterpotentials_are_all_followed_in_any_chunking():
     assert whole.blanked == 6 and np.abs(ref[0, 60:]).max() < 0.01  # the signal was only spikes and tails
     np.testing.assert_array_equal(run(SpikeBlanker(fs, 1), x, 1), ref)
     np.testing.assert_array_equal(run(SpikeBlanker(fs, 1, backend="python"), x, 1), ref)
+
+
+@pytest.mark.parametrize("fs", [250.0, 500.0, 1000.0, 2000.0, 4000.0])
+def test_remover_catches_pulses_of_every_width_and_phase(fs):
+    """Pulses of 0.5-2 ms at every phase against the sample grid (from 1 kHz a pulse spans
+    several samples and both its edges may be split in two): each one is removed."""
+    missed = []
+    for width_ms in (0.5, 1.0, 2.0):
+        for phase in np.linspace(0.0, 1.0, 8, endpoint=False):
+            x = 20 * spike_train(int(0.4 * fs), fs, np.array([0.1 + phase / fs]), width_ms / 1000, 0.012)
+            blanker = SpikeBlanker(fs, 1)
+            y = blanker.push(x[None])
+            if blanker.blanked != 1 or np.abs(y).max() > 0.05 * np.abs(x).max():
+                missed.append((width_ms, phase))
+    assert missed == []
 
 
 def test_remover_is_off_below_its_rate_and_refuses_other_shapes():
