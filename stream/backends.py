@@ -8,17 +8,25 @@
   milliseconds share one call of the resident generator (`stream/batching.py`: policy,
   CUDA graphs, CuPy kernels); without it each device renders on its own executor thread.
 
+The model backends prime each device, at its first beat, with one cardiac cycle of echo:
+the patient's own loop when one was given for that device id (`references`, read by
+`core/reference_loop.py`), otherwise a loop of the device's simulated heart, whose EF is
+not the patient's. Every frame says which in its `prime` header field.
+
 `render` runs in an executor thread (the engine keeps the event loop free for sources),
 at most one call per device at a time, so per-device state needs no lock.
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
 import zlib
 from abc import ABC, abstractmethod
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class BeatLike(Protocol):
@@ -67,8 +75,50 @@ class Backend(ABC):
     def warm_up(self) -> None:
         """Compile/load whatever the first beat would otherwise wait for (optional)."""
 
+    def frame_fields(self, state: Any) -> dict[str, Any]:
+        """Extra header fields for a device's frames (optional), e.g. how it was primed."""
+        return {}
+
     def close(self) -> None:
         """Release resources (optional)."""
+
+
+class ReferenceLoops:
+    """The patients' own echo loops, by device id, read once at start for the model backends.
+
+    `specs` maps a device id to a file (`core/reference_loop.py`: video, DICOM, NumPy, with
+    ?frames=, ?crop=, ?fit=). Raises ValueError naming the device and file when one cannot
+    be used, so a wrong path stops the daemon before it serves anyone."""
+
+    def __init__(self, specs: Mapping[str, Any] | None, size: int) -> None:
+        from ..core.reference_loop import ReferenceLoopError, load_reference_loop
+        from .protocol import ProtocolError, check_device
+
+        self.loops: dict[str, Any] = {}
+        for device, spec in (specs or {}).items():
+            try:
+                check_device(device)
+                loop = load_reference_loop(spec, size)
+            except (ReferenceLoopError, ProtocolError) as err:
+                raise ValueError(f"reference for {device}: {err}") from None
+            log.info("reference loop for %s: %s", device, loop.describe())
+            self.loops[device] = loop
+
+    def frames(self, device: str) -> np.ndarray | None:
+        """One cycle of the device's patient (uint8 T×H×W, R first), or None."""
+        loop = self.loops.get(device)
+        return None if loop is None else loop.frames
+
+    def __len__(self) -> int:
+        return len(self.loops)
+
+
+def simulated_loop(sim_cls: Any, seed: int, size: int, frames_per_beat: int, beat: BeatLike) -> np.ndarray:
+    """A beat-locked loop of a device's simulated heart at the beat's RR: the previous beat's
+    last frame, then this beat's frames (the prime of a device without its patient's echo)."""
+    sim = sim_cls(seed=seed, size=size, frames_per_beat=frames_per_beat)
+    frames, _ = sim.render_beat(float(beat.r_time), float(beat.rr))
+    return np.concatenate([frames[-1:], frames])
 
 
 class SimBackend(Backend):
@@ -98,18 +148,20 @@ class ModelBackend(Backend):
     """The learned generator: one resident model, one generator state per device.
 
     Weights are shared; each device gets its own `Generator` view over them (its own
-    prime frame, reference loop and random stream). A device without a recorded echo is
-    primed with a reference loop from its simulated heart (the `sim` backend's subject
-    for that device), rendered at the device's first RR.
+    prime frame, reference loop and random stream). A device is primed at its first beat
+    with its patient's loop from `references` (device id -> file), or else with a loop of
+    its simulated heart (the `sim` backend's subject for that device) at that beat's RR.
     """
 
-    def __init__(self, checkpoint: str | None = None, device: str | None = None) -> None:
+    def __init__(self, checkpoint: str | None = None, device: str | None = None,
+                 references: Mapping[str, Any] | None = None) -> None:
         from ..core.generator import Generator
         from ..core.simulate.beat_driven import BeatDrivenEcho
 
         self._generator_cls = Generator
         self._sim = BeatDrivenEcho
         self.base = Generator.load(checkpoint, device=device) if checkpoint else Generator.default(device=device)
+        self.references = ReferenceLoops(references, self.base.preset.tokenizer.image_size)
         self.name = f"model:{self.base.name}"
         self.ecg_config = self.base.preset.ecg
 
@@ -118,20 +170,26 @@ class ModelBackend(Backend):
         seed = device_seed(device)
         generator = self._generator_cls(b.preset, b.tokenizer, b.ecg_encoder, b.transformer, b.critic,
                                         device=b.device, seed=seed, name=b.name)
-        return {"generator": generator, "seed": seed, "primed": False}
+        return {"generator": generator, "seed": seed, "device": device, "prime": None}
 
     def render(self, state: Any, beat: BeatLike) -> tuple[np.ndarray, np.ndarray]:
         generator = state["generator"]
-        if not state["primed"]:
-            size = self.base.preset.tokenizer.image_size
-            sim = self._sim(seed=state["seed"], size=size, frames_per_beat=generator.frames_per_beat)
-            frames, _ = sim.render_beat(float(beat.r_time), float(beat.rr))
-            # Beat-locked layout: the previous beat's last frame, then this beat's frames.
-            generator.prime_loop(np.concatenate([frames[-1:], frames]), beat_locked=True)
-            state["primed"] = True
+        if state["prime"] is None:
+            own = self.references.frames(state["device"])
+            if own is not None:
+                generator.prime_loop(own, beat_locked=False)
+                state["prime"] = "reference"
+            else:
+                size = self.base.preset.tokenizer.image_size
+                generator.prime_loop(simulated_loop(self._sim, state["seed"], size, generator.frames_per_beat, beat),
+                                     beat_locked=True)
+                state["prime"] = "simulated"
         frames, times = generator.generate_beat(beat.window, beat.valid, float(beat.r_time), float(beat.rr),
                                                 seed=next_beat_seed(state))
         return np.ascontiguousarray(frames, dtype=np.uint8), np.asarray(times, dtype=np.float64)
+
+    def frame_fields(self, state: Any) -> dict[str, Any]:
+        return {"prime": state["prime"]} if state and state.get("prime") else {}
 
     def warm_up(self) -> None:
         self.render(self.new_state("warm-up"), _warm_beat(self.ecg_config))
@@ -170,7 +228,8 @@ def default_backend() -> str:
 
 
 BATCHING_OPTIONS = ("precision", "batch_window_ms", "cuda_graphs", "kernels", "compile", "warm_up_batch")
-_SETTINGS = {"sim": {"size", "frames_per_beat"}, "model": {"checkpoint", "device", "batching", *BATCHING_OPTIONS}}
+_SETTINGS = {"sim": {"size", "frames_per_beat"},
+             "model": {"checkpoint", "device", "batching", "references", *BATCHING_OPTIONS}}
 
 
 def _torch_device(name: str | None) -> str:
@@ -184,11 +243,14 @@ def make_backend(name: str | None = None, **options: Any) -> Backend:
     settings that do not fit, RuntimeError when the model backend is asked for before the
     generator exists, OSError for a checkpoint that cannot be read.
 
-    Model options: `checkpoint`, `device`, `batching` (None: on for CUDA, off for CPU), and
+    Model options: `checkpoint`, `device`, `references` (device id -> the patient's echo
+    loop file), `batching` (None: on for CUDA, off for CPU), and
     with batching `precision` ("fp32", "bf16"), `batch_window_ms`, `cuda_graphs`, `kernels`, `compile`,
     `warm_up_batch`."""
     name = name or default_backend()
-    for key in ("checkpoint", "batching", *BATCHING_OPTIONS):
+    if not options.get("references"):
+        options.pop("references", None)
+    for key in ("checkpoint", "batching", "references", *BATCHING_OPTIONS):
         if options.get(key) is None:
             options.pop(key, None)
         elif name != "model":

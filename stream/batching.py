@@ -30,12 +30,12 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..core.resident import BATCH_SIZES, BeatRequest, BeatResult, ResidentGenerator
-from .backends import Backend, BeatLike, device_seed, next_beat_seed
+from .backends import Backend, BeatLike, ReferenceLoops, device_seed, next_beat_seed, simulated_loop
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +162,16 @@ class BeatBatcher:
 class BatchingBackend(Backend):
     """The learned generator with beats of all devices batched (`ResidentGenerator.generate`).
 
-    A device without a recorded echo is primed from its simulated heart, as in the
-    `model` backend."""
+    A device is primed with its patient's loop from `references`, or else from its
+    simulated heart, as in the `model` backend."""
 
-    def __init__(self, resident: ResidentGenerator, policy: BatchPolicy | None = None, warm_up_batch: int = 1) -> None:
+    def __init__(self, resident: ResidentGenerator, policy: BatchPolicy | None = None, warm_up_batch: int = 1,
+                 references: Mapping[str, Any] | None = None) -> None:
         from ..core.simulate.beat_driven import BeatDrivenEcho
 
         self._sim = BeatDrivenEcho
         self.resident = resident
+        self.references = ReferenceLoops(references, resident.preset.tokenizer.image_size)
         # batch sizes made ready before the first beat (graphs captured, compiles done):
         # a larger batch's first use pays its capture then, 0.3 to 4 s on an H200
         self.warm_sizes = tuple(size for size in (policy or BatchPolicy()).sizes if size <= max(1, warm_up_batch))
@@ -178,14 +180,19 @@ class BatchingBackend(Backend):
         self.batcher = BeatBatcher(resident.generate, policy)
 
     def new_state(self, device: str) -> Any:
-        return {"seed": device_seed(device), "device": device, "state": None}
+        return {"seed": device_seed(device), "device": device, "state": None, "prime": None}
 
     def _request(self, state: Any, beat: BeatLike) -> BeatRequest:
         if state["state"] is None:
-            size = self.resident.preset.tokenizer.image_size
-            sim = self._sim(seed=state["seed"], size=size, frames_per_beat=self.resident.frames_per_beat)
-            frames, _ = sim.render_beat(float(beat.r_time), float(beat.rr))
-            state["state"] = self.resident.prime_loop(np.concatenate([frames[-1:], frames]), seed=state["seed"])
+            own = self.references.frames(state["device"])
+            if own is not None:
+                state["state"] = self.resident.prime_loop(own, seed=state["seed"], beat_locked=False)
+                state["prime"] = "reference"
+            else:
+                size = self.resident.preset.tokenizer.image_size
+                loop = simulated_loop(self._sim, state["seed"], size, self.resident.frames_per_beat, beat)
+                state["state"] = self.resident.prime_loop(loop, seed=state["seed"])
+                state["prime"] = "simulated"
         window = np.asarray(beat.window, np.float32)
         window = window if window.ndim == 2 else window[None]
         return BeatRequest(state["state"], window, np.asarray(beat.valid, bool), float(beat.rr), float(beat.r_time),
@@ -212,6 +219,9 @@ class BatchingBackend(Backend):
         result: BeatResult = await asyncio.wrap_future(self._submit(state, request))
         return result.frames, result.times
 
+    def frame_fields(self, state: Any) -> dict[str, Any]:
+        return {"prime": state["prime"]} if state and state.get("prime") else {}
+
     def warm_up(self) -> None:
         self.resident.warm_up(batch_sizes=self.warm_sizes)
 
@@ -228,6 +238,7 @@ def batched_model_backend(
     kernels: str | None = None,
     compile: bool = False,
     warm_up_batch: int = 1,
+    references: Mapping[str, Any] | None = None,
 ) -> BatchingBackend:
     """The `model` backend with multi-stream batching over one `ResidentGenerator`.
 
@@ -253,7 +264,8 @@ def batched_model_backend(
                                  graphs=on_cuda if cuda_graphs is None else cuda_graphs, compile=compile)
     log.info("model backend: batching within %.1f ms on %s (%s, kernels %s, graphs %s, compiled %s)", batch_window_ms,
              generator.device, precision, kernels, resident.graphs is not None, compile)
-    return BatchingBackend(resident, BatchPolicy(window_s=batch_window_ms / 1000.0), warm_up_batch=warm_up_batch)
+    return BatchingBackend(resident, BatchPolicy(window_s=batch_window_ms / 1000.0), warm_up_batch=warm_up_batch,
+                           references=references)
 
 
 def _cupy_imports() -> bool:

@@ -29,6 +29,9 @@ typo never passes silently; deploy/echopulse.toml is a commented example)::
     max_devices = 256
     workers = 2
 
+    [references]                  # model only: each device's patient echo loop (core/reference_loop.py)
+    "polar-h10-1" = "loops/patient-7.mp4?frames=12:41"   # relative: to this file's folder
+
     [metrics]                     # present: serve /metrics and /health (stream/metrics.py)
     host = "127.0.0.1"
     port = 9108
@@ -178,10 +181,32 @@ def _metrics(table: _Table | None) -> tuple[str, int] | None:
     return host, port
 
 
+def _references(table: _Table | None, folder: Path) -> dict[str, str]:
+    """Device id -> reference loop spec, its path made absolute against the config's folder."""
+    from .protocol import ProtocolError, check_device
+
+    if table is None:
+        return {}
+    references = {}
+    for device in table.data:
+        spec = table.get(device, str)
+        try:
+            check_device(device)
+        except ProtocolError as err:
+            table.fail(device, str(err))
+        head, sep, query = spec.partition("?")
+        if not head.strip():
+            table.fail(device, "must name a file (video, DICOM or NumPy), optionally with ?frames=A:B")
+        references[device] = str(folder / Path(head)) + sep + query
+    return references
+
+
 def parse_config(data: Mapping[str, Any], path: Path) -> ServeConfig:
-    """Validate an already parsed TOML document (relative data_dir: against `path`'s folder)."""
+    """Validate an already parsed TOML document (relative data_dir and reference files:
+    against `path`'s folder)."""
     top = _Table(path, "", dict(data))
-    top.check_keys({"sources", "data_dir", "duration_s", "backend", "publish", "limits", "metrics", "log"})
+    top.check_keys({"sources", "data_dir", "duration_s", "backend", "publish", "references", "limits", "metrics",
+                    "log"})
     data_dir = top.get("data_dir", str)
     if not data_dir:
         top.fail("data_dir", "missing; the folder where raw ECG is kept, e.g. \"/var/lib/echopulse\"")
@@ -204,6 +229,11 @@ def parse_config(data: Mapping[str, Any], path: Path) -> ServeConfig:
         if log_format not in ("text", "json"):
             log.fail("format", f"must be text or json, got {log_format!r}")
     name, options = _backend(top.table("backend"))
+    references = _references(top.table("references"), path.parent)
+    if references:
+        if name == "sim":
+            top.fail("references", "only the model backend primes devices with echo loops ([backend] name = \"model\")")
+        options["references"] = references
     return ServeConfig(
         path=path, sources=_sources(top), data_dir=path.parent / Path(data_dir), duration_s=duration,
         backend=name, backend_options=options,

@@ -209,7 +209,8 @@ class Engine:
                 self.publisher.publish_frames(
                     session.device, frames, times=times, beat=pending.index, r_time=float(beat.r_time),
                     rr=float(beat.rr), model=self.backend.name, capture=pending.capture,
-                    extra=protocol.beat_ecg_fields(beat.window, beat.valid, config.fs, config.pre_r_s, float(beat.rr)),
+                    extra={**protocol.beat_ecg_fields(beat.window, beat.valid, config.fs, config.pre_r_s, float(beat.rr)),
+                           **self.backend.frame_fields(session.state)},
                 )
             except asyncio.CancelledError:
                 raise

@@ -28,6 +28,9 @@ Frames, one message per video frame::
                                  # r_time for rr seconds; NaN where the stream had no data yet;
                                  # as the generator read it (pacing spikes removed)
         "ecg_fs": float,         # sample rate of "ecg" (the model rate, 250 Hz)
+        # optional, from the model backends: what the device's video was primed with
+        "prime": str,            # "reference" (the patient's own echo loop) or "simulated"
+                                 # (a simulated heart: its EF is not the patient's)
     }
 
 The pixels are the frame's raw bytes, row-major, ``prod(shape) * itemsize`` long.

@@ -82,6 +82,15 @@ def test_replay_mp4(tmp_path, recording):
          "for the model backend"),
         (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--backend", "model", "--no-batching",
           "--precision", "bf16"], "only apply with batching"),
+        (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--backend", "model", "--reference", "x.mp4"],
+         "expected DEVICE=FILE"),
+        (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--backend", "model", "--reference",
+          "sim-0={tmp}/none.mp4"], "reference for sim-0"),
+        (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--backend", "sim", "--reference", "a={csv}"],
+         "references is for the model backend"),
+        (["replay", "{csv}", "--fs", "250", "--out", "{tmp}/o.npz", "--reference", "{csv}"],
+         "unknown reference loop format '.csv'"),
+        (["replay", "{csv}", "--fs", "250", "--out", "{tmp}/o.npz", "--reference", "{tmp}/none.dcm"], "no such file"),
         (["subscribe", "tcp://127.0.0.1:1", "--out", "{tmp}/o.txt"], ".npz"),
         (["subscribe", "nonsense", "--count", "1"], "cannot connect"),
     ],
@@ -91,6 +100,36 @@ def test_bad_arguments_give_one_line_and_status_2(argv, words, tmp_path, csv_fil
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err and "error" in err
+
+
+@pytest.mark.slow
+def test_replay_with_a_patients_loop_follows_that_patients_ef(tmp_path, recording):
+    """--reference: the generated heart contracts like the patient's echo, not like a default heart."""
+    from echopulse.core.generator import DEFAULT_WEIGHTS
+    from echopulse.core.lv_segmenter import load_segmenter
+    from echopulse.core.simulate.measure import disc_volumes
+    from echopulse.core.simulate.paired import simulate_pair
+
+    rec = tmp_path / "rec.npy"
+    np.save(rec, recording.signal)
+    segmenter = load_segmenter(DEFAULT_WEIGHTS)
+    measured = {}
+    for name, seed, ef in (("weak", 5, 30.0), ("strong", 9, 65.0), ("none", None, None)):
+        argv = ["replay", str(rec), "--fs", "250", "--out", str(tmp_path / f"{name}.npz"), "--backend", "model"]
+        if seed is not None:
+            sample = simulate_pair(seed=seed, size=64, frames=60, fps=30.0, ef=ef)
+            np.savez(tmp_path / f"{name}-echo.npz", **{k: sample[k] for k in ("video", "video_t", "r_peaks")})
+            argv += ["--reference", str(tmp_path / f"{name}-echo.npz")]
+        assert main(argv) == 0
+        with np.load(tmp_path / f"{name}.npz") as z:
+            frames, beat, prime = z["frames"], z["beat"], str(z["prime"])
+        assert prime == ("simulated" if seed is None else "reference")
+        efs = []
+        for b in np.unique(beat):
+            volumes = disc_volumes(segmenter.masks(frames[beat == b]), 1.0)
+            efs.append(100.0 * (volumes.max() - volumes.min()) / volumes.max())
+        measured[name] = float(np.median(efs))
+    assert measured["weak"] + 20 < measured["strong"], measured  # measured here: about 21 and 59
 
 
 def test_replay_of_a_file_below_the_detectors_rate_is_a_cli_error(tmp_path, capsys):
@@ -217,9 +256,13 @@ def test_ble_source_modes():
 def test_serve_batches_the_model_across_devices(tmp_path):
     """--batching: two devices' beats go through one resident generator; both get frames."""
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    from echopulse.core.simulate.paired import simulate_pair
+
+    sample = simulate_pair(seed=5, size=64, frames=60, fps=30.0, ef=30.0)
+    np.savez(tmp_path / "echo.npz", **{k: sample[k] for k in ("video", "video_t", "r_peaks")})
     cmd = [sys.executable, "-m", "echopulse.stream.cli", "-v", "serve", "--source", "synthetic://?devices=2&hr=90",
            "--publish", endpoint, "--data-dir", str(tmp_path / "data"), "--backend", "model", "--batching",
-           "--batch-window-ms", "20", "--duration", "30"]
+           "--batch-window-ms", "20", "--duration", "30", "--reference", f"sim-0={tmp_path / 'echo.npz'}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "error"})
     frames: list[FrameMessage] = []
     try:
@@ -236,4 +279,7 @@ def test_serve_batches_the_model_across_devices(tmp_path):
     assert proc.returncode == 0, err.decode()[-2000:]
     assert len(frames) >= 40 and len({m.device for m in frames}) == 2
     assert all(m.header["model"].startswith("model:") for m in frames)
-    assert b"batching within 20.0 ms" in err and b"Traceback" not in err
+    # sim-0 starts from its patient's echo, sim-1 from a simulated heart, and the frames say so
+    assert {m.header["prime"] for m in frames if m.device == "sim-0"} == {"reference"}
+    assert {m.header["prime"] for m in frames if m.device == "sim-1"} == {"simulated"}
+    assert b"batching within 20.0 ms" in err and b"Traceback" not in err and b"reference loop for sim-0" in err

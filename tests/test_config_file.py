@@ -73,6 +73,26 @@ def test_model_batching_options(tmp_path):
                                       "compile": True, "warm_up_batch": 8}
 
 
+def test_references_resolve_against_the_files_folder(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + '[backend]\nname = "model"\n[references]\n'
+                                                  '"strap-1" = "loops/p7.mp4?frames=3:30"\n"strap-2" = "/abs/p8.dcm"\n'))
+    assert config.backend_options["references"] == {"strap-1": f"{tmp_path / 'loops' / 'p7.mp4'}?frames=3:30",
+                                                    "strap-2": "/abs/p8.dcm"}
+
+
+@pytest.mark.parametrize("text, words", [
+    (MINIMAL + '[backend]\nname = "sim"\n[references]\na = "x.mp4"\n', "references: only the model backend"),
+    (MINIMAL + '[references]\n"bad id" = "x.mp4"\n', "[references] bad id: bad device id"),
+    (MINIMAL + '[references]\na = 3\n', "[references] a: must be str"),
+    (MINIMAL + '[references]\na = "?frames=1:2"\n', "[references] a: must name a file"),
+])
+def test_reference_mistakes_are_one_line_errors(tmp_path, text, words):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert words in str(err.value) and str(err.value).startswith(str(path))
+
+
 @pytest.mark.parametrize("text, words", [
     ('data_dir = "d"\n', "sources: missing"),
     ('sources = []\ndata_dir = "d"\n', "sources: must be a non-empty"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from echopulse.bridges.chunk import EcgChunk
 from echopulse.core.simulate.ecg import simulate_ecg
@@ -57,6 +58,54 @@ def test_model_backend_renders_a_detected_beat():
     assert frames.dtype == np.uint8 and frames.shape == (model.base.frames_per_beat, size, size)
     assert times[0] == pytest.approx(beats[0].r_time) and np.all(np.diff(times) > 0)
     assert model.name.startswith("model:")
+
+
+@pytest.fixture(scope="module")
+def low_ef_loop(tmp_path_factory):
+    """One patient's echo as `echopulse simulate --fps 30` writes it: EF 30 %, two beats."""
+    from echopulse.core.simulate.paired import simulate_pair
+
+    path = tmp_path_factory.mktemp("loops") / "ef30.npz"
+    sample = simulate_pair(seed=5, size=64, frames=60, fps=30.0, ef=30.0)
+    np.savez(path, **{k: sample[k] for k in ("video", "video_t", "r_peaks")})
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batching", [False, True])
+def test_model_backends_prime_a_device_with_its_patients_loop(low_ef_loop, batching):
+    from echopulse.core.generator import beat_locked_clip
+    from echopulse.core.reference_loop import load_reference_loop
+
+    model = backends.make_backend("model", device="cpu", batching=batching, references={"dev-a": str(low_ef_loop)})
+    try:
+        beat = detected_beats(config=model.ecg_config)[0]
+        own, other = model.new_state("dev-a"), model.new_state("dev-b")
+        frames_a, _ = model.render(own, beat)
+        frames_b, _ = model.render(other, beat)
+        assert model.frame_fields(own) == {"prime": "reference"}
+        assert model.frame_fields(other) == {"prime": "simulated"}
+        # the device's context is its patient's loop, encoded in the clip layout
+        from echopulse.core.generator import Generator
+
+        generator = Generator.default(device="cpu")
+        loop = load_reference_loop(low_ef_loop, 64).frames
+        expected = generator.tokenizer.encode(generator._frames_tensor(beat_locked_clip(loop, 11))).flatten()
+        ref_ids = own["state"].ref_ids if batching else own["generator"].state.ref_ids.flatten()
+        assert torch.equal(ref_ids.cpu(), expected.cpu())
+        assert not np.array_equal(frames_a, frames_b)
+    finally:
+        model.close()
+
+
+def test_references_are_checked_before_anything_serves(tmp_path, low_ef_loop):
+    with pytest.raises(ValueError, match="references is for the model backend"):
+        backends.make_backend("sim", references={"a": str(low_ef_loop)})
+    with pytest.raises(ValueError, match="reference for dev-a: .*none.mp4: no such file"):
+        backends.make_backend("model", device="cpu", references={"dev-a": str(tmp_path / "none.mp4")})
+    with pytest.raises(ValueError, match="reference for bad id: bad device id"):
+        backends.make_backend("model", device="cpu", references={"bad id": str(low_ef_loop)})
+    assert backends.make_backend("sim", references={}).name == "sim"  # none given is no reference
 
 
 @pytest.mark.parametrize("options, words", [

@@ -1,12 +1,14 @@
 """`echopulse replay`: a recorded ECG file through the engine's beat path, as fast as possible.
 
     echopulse replay REC.csv --out OUT.npz|OUT.mp4 [--publish ENDPOINT] [--fs F] [--lead L]
-                     [--backend sim|model] [--device NAME]
+                     [--backend sim|model] [--device NAME] [--reference ECHO_LOOP]
 
 The recording goes through the same per-device session as live ECG (checker, streaming
 beat detector, in 1-s chunks) and the same backend; every detected beat becomes frames.
 The .npz holds `frames` uint8 N×H×W, `t` ECG seconds per frame, `beat` index per frame,
-`r_peaks` seconds per beat, `hr` bpm per beat (and `rr` seconds per beat). The .mp4 plays
+`r_peaks` seconds per beat, `hr` bpm per beat (and `rr` seconds per beat), and `prime`:
+with the model backend "reference" (primed with --reference, the patient's own echo
+loop) or "simulated" (a simulated heart, whose EF is not the patient's); "" for sim. The .mp4 plays
 at the recording's pace (frames per ECG second). --publish also sends every frame as
 protocol v1 while replaying.
 """
@@ -41,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="generator checkpoint folder for --backend model (default: the shipped model)")
     p.add_argument("--device", default="replay", help="device id in headers (default: replay)")
+    p.add_argument("--reference", default=None, metavar="FILE",
+                   help="model backend: prime with one cardiac cycle of the patient's echo (video, DICOM, NumPy; "
+                        "FILE?frames=A:B picks the cycle). Default: a simulated heart, whose EF is not the patient's")
     p.set_defaults(handler=handle)
 
 
@@ -51,6 +56,7 @@ class ReplayResult:
     r_peaks: list[float] = field(default_factory=list)
     rr: list[float] = field(default_factory=list)
     events: list[tuple[str, str]] = field(default_factory=list)
+    prime: str = ""    # the model backends: "reference" (the patient's loop) or "simulated"
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The .npz contents."""
@@ -63,7 +69,8 @@ class ReplayResult:
             frames, beat, t = np.zeros((0, 0, 0), np.uint8), np.zeros(0, np.int64), np.zeros(0)
         rr = np.asarray(self.rr, dtype=np.float64)
         return {"frames": frames, "t": t.astype(np.float64), "beat": beat,
-                "r_peaks": np.asarray(self.r_peaks, dtype=np.float64), "hr": 60.0 / rr if n_beats else rr, "rr": rr}
+                "r_peaks": np.asarray(self.r_peaks, dtype=np.float64), "hr": 60.0 / rr if n_beats else rr, "rr": rr,
+                "prime": np.asarray(self.prime)}
 
 
 def render_recording(
@@ -71,11 +78,12 @@ def render_recording(
     fs: float,
     backend: Any,
     device: str = "replay",
-    on_beat: Callable[[Any, Any, np.ndarray, np.ndarray], None] | None = None,
+    on_beat: Callable[[Any, Any, np.ndarray, np.ndarray, dict], None] | None = None,
 ) -> ReplayResult:
     """Feed leads×n mV samples through a Session in 1-s chunks and render every beat.
 
-    `on_beat(pending, beat, frames, times)` is called per beat (e.g. to publish).
+    `on_beat(pending, beat, frames, times, fields)` is called per beat (e.g. to publish;
+    `fields` are the backend's extra header fields).
     """
     from ...bridges.chunk import EcgChunk
     from ..session import EngineLimits, Session
@@ -95,8 +103,10 @@ def render_recording(
             result.times.append(np.asarray(times, dtype=np.float64))
             result.r_peaks.append(float(beat.r_time))
             result.rr.append(float(beat.rr))
+            fields = backend.frame_fields(state)
+            result.prime = fields.get("prime", result.prime)
             if on_beat is not None:
-                on_beat(pending, beat, frames, times)
+                on_beat(pending, beat, frames, times, fields)
     return result
 
 
@@ -137,7 +147,8 @@ def handle(args: argparse.Namespace) -> int:
     if not MIN_FS <= rec.fs <= MAX_FS:  # the engine would drop every chunk as bad input
         raise CliError(f"{args.path}: sample rate {rec.fs:g} Hz outside {MIN_FS:g}..{MAX_FS:g} Hz (the beat detector needs >= {MIN_FS:g} Hz)")
     try:
-        backend = backends.make_backend(args.backend, checkpoint=args.checkpoint)
+        references = {args.device: args.reference} if args.reference else None
+        backend = backends.make_backend(args.backend, checkpoint=args.checkpoint, references=references)
     except (ValueError, RuntimeError, OSError) as err:
         raise CliError(str(err)) from None
 
@@ -150,10 +161,10 @@ def handle(args: argparse.Namespace) -> int:
         except OSError as err:
             raise CliError(str(err)) from None
 
-    def publish(pending: Any, beat: Any, frames: np.ndarray, times: np.ndarray) -> None:
+    def publish(pending: Any, beat: Any, frames: np.ndarray, times: np.ndarray, fields: dict) -> None:
         publisher.publish_frames(args.device, frames, times=times, beat=pending.index, r_time=float(beat.r_time),
                                  rr=float(beat.rr), model=backend.name, capture=pending.capture,
-                                 extra={"replay": True})
+                                 extra={"replay": True, **fields})
 
     try:
         result = render_recording(rec.samples, rec.fs, backend, args.device, publish if publisher else None)

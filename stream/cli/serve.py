@@ -3,7 +3,7 @@
     echopulse serve --source mqtt://HOST:PORT/FILTER | mqtts://... | ble://ADDRESS[?mode=hr] |
                              file://PATH[?speed=1&device=NAME] | synthetic://?devices=N
                     --publish tcp://127.0.0.1:5556 --data-dir DIR [--backend sim|model]
-                    [--duration S]
+                    [--reference DEVICE=ECHO_LOOP ...] [--duration S]
 
 --source may be given several times. MQTT: user:password@ before the host, a topic
 filter after it (default ecg/+; the device id is the topic's last level), query options
@@ -12,6 +12,11 @@ file:// replays a recording at real-time pace (speed=0: as fast as possible; fs 
 options where the file does not say). synthetic:// options: devices, hr, seed, speed,
 duration (s of ECG per device), prefix (device ids are PREFIX-0, PREFIX-1, ...). SIGINT/SIGTERM stop the engine cleanly: raw ECG
 files flushed, a "stopped" status per device, sockets closed, exit status 0.
+
+--reference primes a device with one cardiac cycle of its patient's echo (DICOM cine,
+video or NumPy; FILE?frames=A:B picks the cycle, core/reference_loop.py); a device
+without one starts from a simulated heart, whose EF is not the patient's. Frames carry
+"prime": "reference" or "simulated".
 """
 from __future__ import annotations
 
@@ -50,6 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="model + batching: longest a beat waits for company (default 4)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="model + batching: fp32, or bf16 autocast (checked against fp32 in benchmarks)")
+    p.add_argument("--reference", action="append", default=None, metavar="DEVICE=FILE",
+                   help="model backend: prime DEVICE with one cardiac cycle of its patient's echo (video, DICOM, "
+                        "NumPy; FILE?frames=A:B picks the cycle; repeatable). Devices without one start from a "
+                        "simulated heart, whose EF is not the patient's")
     p.add_argument("--metrics", default=None, metavar="HOST:PORT",
                    help="serve /metrics (Prometheus text) and /health on this address (default: off)")
     p.add_argument("--duration", type=ranged(float, 0.001, 1e9, "duration"), default=None,
@@ -164,6 +173,17 @@ def _file_source(url: str, head: str, options: dict[str, str]) -> Any:
     )
 
 
+def parse_references(items: list[str] | None) -> dict[str, str]:
+    """--reference DEVICE=FILE items -> {device: file spec}; CliError for a malformed one."""
+    references: dict[str, str] = {}
+    for item in items or ():
+        device, sep, spec = item.partition("=")
+        if not sep or not device or not spec:
+            raise CliError(f"--reference {item!r}: expected DEVICE=FILE, e.g. polar-1=patient.mp4")
+        references[device] = spec
+    return references
+
+
 def _metrics_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -251,6 +271,9 @@ def handle(args: argparse.Namespace) -> int:
         for key in ("batching", "batch_window_ms", "precision"):
             if getattr(args, key, None) is not None:
                 options[key] = getattr(args, key)
+        references = {**options.get("references", {}), **parse_references(args.reference)}
+        if references:
+            options["references"] = references
         backend = backends.make_backend(args.backend, **options)
     except (ValueError, RuntimeError, OSError) as err:
         raise CliError(str(err)) from None
