@@ -10,8 +10,9 @@ ventricle contracts, a loop does. This module turns a file into that cycle: uint
 
 Files: video (.mp4 .avi .mov .mkv .webm through imageio-ffmpeg, .gif through Pillow), DICOM cine loops
 (.dcm, through pydicom: uncompressed, RLE, JPEG baseline through Pillow, or whatever codec
-plugins are installed; YBR colour comes out as RGB), NumPy
-(.npy: T×H×W or T×H×W×C; .npz: a `video` array, or its only array). Colour becomes luma.
+plugins are installed; YBR colour comes out as RGB, palette colour through its table,
+MONOCHROME1 inverted), NumPy (.npy: T×H×W or T×H×W×C, integers 0-255 or floats 0-1 or
+0-255; .npz: a `video` array, or its only array). Colour becomes luma.
 
 Which frames make the cycle, first rule that applies:
 
@@ -19,7 +20,8 @@ Which frames make the cycle, first rule that applies:
    frame before the next;
 2. the file says where the R peaks are: a DICOM's R Wave Pointer (frame numbers from 1),
    or an .npz written by ``echopulse simulate`` (`video_t` and `r_peaks`, seconds): the
-   first whole R-to-R cycle;
+   first whole R-to-R cycle of at least 2 frames (an .npz whose frames hold none is refused:
+   the whole file would not start at R);
 3. the whole file. When its frame rate says that is longer than one slow beat
    (`LONG_CYCLE_S`), a warning asks for ``?frames=``.
 
@@ -48,6 +50,7 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif", ".m4v")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NUMPY_SUFFIXES = (".npy", ".npz")
 MAX_FRAMES = 4096       # a loop longer than this is not one beat; refuse rather than fill memory
+MAX_VIDEO_BYTES = 1 << 30  # decoded gray pixels of a video file: 1 GiB is 500 frames of 1080p
 LONG_CYCLE_S = 2.0      # one beat at 30 bpm; a whole file longer than this holds several
 _OPTIONS = ("frames", "crop", "fit")
 
@@ -100,20 +103,23 @@ def load_reference_loop(spec: str | Path, size: int) -> ReferenceLoop:
     else:
         known = ", ".join(NUMPY_SUFFIXES + DICOM_SUFFIXES + VIDEO_SUFFIXES)
         raise ReferenceLoopError(f"{path}: unknown reference loop format {suffix or '(none)'!r}; known: {known}")
-    gray = _to_gray(path, video)
-    gray, how = _select_cycle(path, gray, options.get("frames"), cycle, fps)
-    gray = _crop_box(path, gray, options.get("crop"))
+    video = _check_frames(path, video)
+    # the cycle first: a long recording is converted only where it is used
+    video, how = _select_cycle(path, video, options.get("frames"), cycle, fps)
+    gray = _crop_box(path, _to_gray(path, video), options.get("crop"))
     fit = options.get("fit", "crop")
     if fit not in ("crop", "pad"):
         raise ReferenceLoopError(f"{path}: fit must be crop or pad, got {fit!r}")
     return ReferenceLoop(frames=_square_resize(gray, size, fit), path=path, cycle=how, fps=fps)
 
 
-# readers: each returns (frames T×H×W[×C], fps or None, the first R-to-R cycle (start, stop) or None)
+# readers: each returns (frames T×H×W[×C], fps or None, Cycle)
+Cycle = tuple[int, int] | str | None  # the first R-to-R (start, stop); why the file's R marks give none; no marks
 
-def _read_numpy(path: Path) -> tuple[np.ndarray, float | None, tuple[int, int] | None]:
+
+def _read_numpy(path: Path) -> tuple[np.ndarray, float | None, Cycle]:
     try:
-        data = np.load(path, allow_pickle=False)
+        data = np.load(path, mmap_mode="r", allow_pickle=False)  # an .npy is read where ?frames= picks
     except Exception as err:  # numpy raises several unrelated types for a bad file
         raise ReferenceLoopError(f"{path}: not a readable NumPy file: {err}") from None
     if isinstance(data, np.ndarray):
@@ -130,7 +136,11 @@ def _read_numpy(path: Path) -> tuple[np.ndarray, float | None, tuple[int, int] |
                 t = np.asarray(data["video_t"], np.float64)
                 if t.ndim == 1 and len(t) == len(video) and len(t) > 1 and np.all(np.diff(t) > 0):
                     fps = 1.0 / float(np.median(np.diff(t)))
-                    cycle = _covered_cycle(t, np.asarray(data["r_peaks"], np.float64).ravel(), 1.0 / fps)
+                    r_peaks = np.asarray(data["r_peaks"], np.float64).ravel()
+                    r_peaks = np.sort(r_peaks[np.isfinite(r_peaks)])
+                    if len(r_peaks):  # the file says where R is: the whole file would not start there
+                        cycle = _covered_cycle(t, r_peaks, 1.0 / fps) or (
+                            f"its R peaks leave no whole R-to-R cycle in its frames ({t[0]:.2f}-{t[-1]:.2f} s)")
         except Exception as err:  # a damaged member, or objects that need pickle
             raise ReferenceLoopError(f"{path}: cannot read its arrays: {err}") from None
     return video, fps, cycle
@@ -148,7 +158,7 @@ def _covered_cycle(t: np.ndarray, r_peaks: np.ndarray, step: float) -> tuple[int
     return None
 
 
-def _read_dicom(path: Path) -> tuple[np.ndarray, float | None, tuple[int, int] | None]:
+def _read_dicom(path: Path) -> tuple[np.ndarray, float | None, Cycle]:
     try:
         import pydicom
     except ImportError:
@@ -158,30 +168,61 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, float | None, tuple[int, int] |
         video = ds.pixel_array
     except Exception as err:  # pydicom's errors for a bad file or an unsupported codec vary
         raise ReferenceLoopError(f"{path}: cannot read DICOM pixel data: {err}") from None
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    if frames == 1:
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if video.ndim == (2 if samples == 1 else 3):  # one frame (NumberOfFrames may be absent: pydicom counts)
         video = video[None]
-    if np.issubdtype(video.dtype, np.integer) and video.dtype != np.uint8:
-        bits = int(getattr(ds, "BitsStored", 8) or 8)
-        video = video.astype(np.float32) / float(2 ** bits - 1)  # the stored range, not the type's
-    fps = None
-    if getattr(ds, "FrameTime", None):
-        fps = 1000.0 / float(ds.FrameTime)
-    elif getattr(ds, "CineRate", None):
-        fps = float(ds.CineRate)
+    video = _dicom_levels(path, ds, video)
     pointer = getattr(ds, "RWavePointer", None)
     cycle = None
     if pointer is not None:
         marks = sorted({int(v) - 1 for v in np.atleast_1d(np.asarray(pointer, dtype=np.int64))})  # counted from 1
         marks = [m for m in marks if 0 <= m < len(video)]
-        if len(marks) >= 2:
-            cycle = (marks[0], marks[1])
+        # marks on adjacent frames would make a 1-frame cycle, which the generator refuses
+        pairs = [(a, b) for a, b in zip(marks, marks[1:]) if b - a >= 2]
+        if pairs:
+            cycle = pairs[0]
+        elif len(marks) >= 2:
+            log.warning("%s: the R Wave Pointer marks no cycle of 2 frames or more; the whole file is taken as one "
+                        "cycle", path)
         else:
             log.warning("%s: the R Wave Pointer marks fewer than two frames; the whole file is taken as one cycle", path)
-    return video, fps, cycle
+    return video, _dicom_fps(ds), cycle
 
 
-def _read_video(path: Path) -> tuple[np.ndarray, float | None, tuple[int, int] | None]:
+def _dicom_levels(path: Path, ds: object, video: np.ndarray) -> np.ndarray:
+    """Stored values -> uint8, or float in [0, 1], with white the brightest echo: palette
+    indices looked up, signed values shifted, MONOCHROME1 (lowest value white) inverted."""
+    photometric = str(getattr(ds, "PhotometricInterpretation", "")).strip().upper()
+    bits = int(getattr(ds, "BitsStored", 8) or 8)
+    if photometric == "PALETTE COLOR":  # the stored values are indices into a colour table
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            video = apply_color_lut(video, ds)
+        except Exception as err:  # a missing or malformed table
+            raise ReferenceLoopError(f"{path}: cannot apply its colour palette: {err}") from None
+        bits = 8 if video.dtype == np.uint8 else 16
+    if np.issubdtype(video.dtype, np.integer) and video.dtype != np.uint8:
+        shift = 2.0 ** (bits - 1) if np.issubdtype(video.dtype, np.signedinteger) else 0.0  # two's complement
+        video = np.clip((video.astype(np.float32) + shift) / float(2 ** bits - 1), 0.0, 1.0)  # the stored range
+    if photometric == "MONOCHROME1":
+        video = 255 - video if video.dtype == np.uint8 else 1.0 - video
+    return video
+
+
+def _dicom_fps(ds: object) -> float | None:
+    """Frame Time (ms) or Cine Rate as frames per second; None when neither is a usable number."""
+    for key in ("FrameTime", "CineRate"):
+        try:
+            value = float(getattr(ds, key, None) or "nan")
+        except (TypeError, ValueError):  # a malformed decimal string
+            continue
+        if np.isfinite(value) and value > 0:
+            return 1000.0 / value if key == "FrameTime" else value
+    return None
+
+
+def _read_video(path: Path) -> tuple[np.ndarray, float | None, Cycle]:
     if path.suffix.lower() == ".gif":
         return _read_gif(path)
     import imageio_ffmpeg
@@ -197,7 +238,7 @@ def _read_video(path: Path) -> tuple[np.ndarray, float | None, tuple[int, int] |
             width, height = meta["size"]
             for data in reader:
                 frames.append(np.frombuffer(data, np.uint8).reshape(height, width))
-                if len(frames) > MAX_FRAMES:
+                if len(frames) > MAX_FRAMES or len(frames) * width * height > MAX_VIDEO_BYTES:
                     break
         except Exception as err:  # ffmpeg's failures arrive as OSError or RuntimeError carrying its log
             failure = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -205,8 +246,9 @@ def _read_video(path: Path) -> tuple[np.ndarray, float | None, tuple[int, int] |
             reader.close()
             del reader
             gc.collect()
-    if len(frames) > MAX_FRAMES:
-        raise ReferenceLoopError(f"{path}: more than {MAX_FRAMES} frames; cut one cardiac cycle out first")
+    if len(frames) > MAX_FRAMES or sum(f.size for f in frames) > MAX_VIDEO_BYTES:
+        raise ReferenceLoopError(f"{path}: more than {min(len(frames), MAX_FRAMES)} frames or "
+                                 f"{MAX_VIDEO_BYTES >> 20} MiB of pixels; cut one cardiac cycle out first")
     if failure and not frames:
         raise ReferenceLoopError(f"{path}: cannot decode video: {failure}")
     if failure:
@@ -218,38 +260,55 @@ def _read_video(path: Path) -> tuple[np.ndarray, float | None, tuple[int, int] |
     return np.stack(frames), fps, None
 
 
-def _read_gif(path: Path) -> tuple[np.ndarray, float | None, tuple[int, int] | None]:
+def _read_gif(path: Path) -> tuple[np.ndarray, float | None, Cycle]:
     from PIL import Image, ImageSequence, UnidentifiedImageError
 
+    frames: list[np.ndarray] = []
+    durations: list[float] = []
     try:
         with Image.open(path) as image:
-            frames = [np.asarray(frame.convert("L")) for frame in ImageSequence.Iterator(image)]
-            duration_ms = image.info.get("duration")
+            for frame in ImageSequence.Iterator(image):
+                frames.append(np.asarray(frame.convert("L")))
+                duration = frame.info.get("duration")  # per frame: a loop often pauses on its last
+                if isinstance(duration, (int, float)) and duration > 0:
+                    durations.append(float(duration))
+                if len(frames) > MAX_FRAMES:
+                    break
     except (OSError, UnidentifiedImageError) as err:
         raise ReferenceLoopError(f"{path}: cannot decode GIF: {err}") from None
     if len(frames) > MAX_FRAMES:
         raise ReferenceLoopError(f"{path}: more than {MAX_FRAMES} frames; cut one cardiac cycle out first")
-    fps = 1000.0 / duration_ms if isinstance(duration_ms, (int, float)) and duration_ms > 0 else None
+    fps = 1000.0 / float(np.median(durations)) if durations else None
     return np.stack(frames), fps, None
 
 
 # processing
 
-def _to_gray(path: Path, video: np.ndarray) -> np.ndarray:
-    """Frames T×H×W(×C) of any numeric type -> float32 T×H×W in [0, 255]."""
+def _check_frames(path: Path, video: np.ndarray) -> np.ndarray:
+    """Frames T×H×W(×C) of a numeric type, checked before anything is copied."""
     video = np.asarray(video)
     if video.dtype.kind not in "uif" or video.dtype == np.bool_:
         raise ReferenceLoopError(f"{path}: pixels must be numbers, got {video.dtype}")
+    if not (video.ndim == 3 or (video.ndim == 4 and video.shape[-1] in (1, 3, 4))):
+        raise ReferenceLoopError(f"{path}: expected frames T×H×W or T×H×W×C (C = 1, 3, 4), got shape {video.shape}")
+    if len(video) > MAX_FRAMES:
+        raise ReferenceLoopError(f"{path}: more than {MAX_FRAMES} frames; cut one cardiac cycle out first")
+    if 0 in video.shape[1:3]:
+        raise ReferenceLoopError(f"{path}: empty frames, {video.shape[2]}x{video.shape[1]} pixels")
+    return video
+
+
+def _to_gray(path: Path, video: np.ndarray) -> np.ndarray:
+    """Frames T×H×W(×C) that passed `_check_frames` -> float32 T×H×W in [0, 255]."""
     normalised = video.dtype.kind == "f"  # float frames may be in [0, 1]; integers are 0-255
-    if video.ndim == 4 and video.shape[-1] in (1, 3, 4):
+    if video.dtype.kind in "ui" and video.size and video.max() > 255:  # clipping would turn the heart white
+        raise ReferenceLoopError(f"{path}: {video.dtype} pixels up to {video.max()}; integer pixels must be 0-255 "
+                                 "(scale them, or save floats in 0-1)")
+    if video.ndim == 4:
         if video.shape[-1] == 1:
             video = video[..., 0]
         else:  # luma of RGB(A), alpha ignored
             video = video[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    if video.ndim != 3:
-        raise ReferenceLoopError(f"{path}: expected frames T×H×W or T×H×W×C (C = 1, 3, 4), got shape {video.shape}")
-    if len(video) > MAX_FRAMES:
-        raise ReferenceLoopError(f"{path}: more than {MAX_FRAMES} frames; cut one cardiac cycle out first")
     video = video.astype(np.float32, copy=False)
     if not np.isfinite(video).all():
         raise ReferenceLoopError(f"{path}: pixels hold NaN or infinity")
@@ -258,12 +317,15 @@ def _to_gray(path: Path, video: np.ndarray) -> np.ndarray:
     return np.clip(video, 0, 255)
 
 
-def _select_cycle(path: Path, video: np.ndarray, frames: str | None, cycle: tuple[int, int] | None,
+def _select_cycle(path: Path, video: np.ndarray, frames: str | None, cycle: Cycle,
                   fps: float | None) -> tuple[np.ndarray, str]:
     count = len(video)
     if frames is not None:
         start, stop = _parse_range(path, frames, count)
         return video[start:stop], f"frames={start}:{stop}"
+    if isinstance(cycle, str):
+        raise ReferenceLoopError(f"{path}: {cycle}; pick one with ?frames=A:B (from one end-diastole to the frame "
+                                 "before the next)")
     if cycle is not None:
         start, stop = cycle
         return video[start:stop], f"the file's first R-to-R cycle, frames {start}:{stop}"

@@ -86,6 +86,8 @@ def test_replay_mp4(tmp_path, recording):
          "expected DEVICE=FILE"),
         (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--backend", "model", "--reference",
           "sim-0={tmp}/none.mp4"], "reference for sim-0"),
+        (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--backend", "model", "--reference",
+          "a={csv}", "--reference", "a={csv}"], "a given twice"),
         (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--backend", "sim", "--reference", "a={csv}"],
          "references is for the model backend"),
         (["replay", "{csv}", "--fs", "250", "--out", "{tmp}/o.npz", "--reference", "{csv}"],
@@ -130,6 +132,36 @@ def test_replay_with_a_patients_loop_follows_that_patients_ef(tmp_path, recordin
             efs.append(100.0 * (volumes.max() - volumes.min()) / volumes.max())
         measured[name] = float(np.median(efs))
     assert measured["weak"] + 20 < measured["strong"], measured  # measured here: about 21 and 59
+
+
+@pytest.mark.slow
+def test_replay_with_a_dicom_whose_r_marks_sit_on_adjacent_frames(tmp_path, recording):
+    """R Wave Pointer marks on frames 3 and 4 once made a 1-frame loop that the loader
+    accepted and the generator refused at the first beat: replay ended in a traceback."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from echopulse.core.simulate.paired import simulate_pair
+
+    video = simulate_pair(seed=5, size=64, frames=12, fps=30.0)["video"]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.3.1", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.Modality = meta, "US"
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.NumberOfFrames, ds.SamplesPerPixel = 64, 64, len(video), 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.RWavePointer, ds.PixelData = [3, 4, 10], video.tobytes()
+    ds.save_as(tmp_path / "adjacent.dcm", enforce_file_format=True)
+    rec = tmp_path / "rec.npy"
+    np.save(rec, recording.signal)
+    out = tmp_path / "out.npz"
+    assert main(["replay", str(rec), "--fs", "250", "--out", str(out), "--backend", "model",
+                 "--reference", str(tmp_path / "adjacent.dcm")]) == 0
+    with np.load(out) as z:
+        assert len(z["frames"]) > 0 and str(z["prime"]) == "reference"
 
 
 def test_replay_of_a_file_below_the_detectors_rate_is_a_cli_error(tmp_path, capsys):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -246,3 +247,154 @@ def test_a_dicom_without_pixels_is_a_one_line_error(tmp_path):
     ds.save_as(tmp_path / "empty.dcm", enforce_file_format=True)
     with pytest.raises(ReferenceLoopError, match="empty.dcm: cannot read DICOM pixel data"):
         load_reference_loop(tmp_path / "empty.dcm", 64)
+
+
+# found in review: DICOM levels and colour
+
+def test_a_monochrome1_dicom_is_inverted_so_the_blood_pool_stays_dark(tmp_path):
+    video = cycle(8)  # MONOCHROME1 stores the lowest value as white
+    write_dicom(tmp_path / "m1.dcm", 255 - video, photometric="MONOCHROME1")
+    np.testing.assert_array_equal(load_reference_loop(tmp_path / "m1.dcm", 64).frames, video)
+
+
+def test_a_palette_colour_dicom_reads_through_its_palette(tmp_path):
+    from pydicom import dcmread
+
+    video = cycle(8)
+    write_dicom(tmp_path / "pal.dcm", video)
+    ds = dcmread(tmp_path / "pal.dcm")
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    lut = (np.arange(256, dtype=np.uint16)[::-1] * 257).tobytes()  # index i shows gray 255 - i, 16-bit entries
+    for colour in ("Red", "Green", "Blue"):
+        ds.add_new(f"{colour}PaletteColorLookupTableDescriptor", "US", [256, 0, 16])
+        ds.add_new(f"{colour}PaletteColorLookupTableData", "OW", lut)
+    ds.save_as(tmp_path / "pal.dcm")
+    np.testing.assert_array_equal(load_reference_loop(tmp_path / "pal.dcm", 64).frames, 255 - video)
+
+
+def write_dicom16(path, stored: np.ndarray, bits: int, signed: bool, **tags) -> None:
+    """A 16-bit-allocated DICOM with `bits` stored, unsigned or two's complement."""
+    from pydicom import dcmread
+
+    write_dicom(path, np.zeros(stored.shape, np.uint8), **tags)
+    ds = dcmread(path)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, int(signed)
+    ds.PixelData = stored.astype(np.int16 if signed else np.uint16).tobytes()
+    ds.save_as(path)
+
+
+def test_16_bit_dicoms_keep_their_levels_signed_or_not(tmp_path):
+    video = cycle(6)
+    write_dicom16(tmp_path / "u12.dcm", video.astype(np.uint16) * 16, bits=12, signed=False)
+    assert np.abs(load_reference_loop(tmp_path / "u12.dcm", 64).frames.astype(int) - video).max() <= 1
+    # two's complement: -2048 is black, 2047 white (was all black: negative levels clipped)
+    write_dicom16(tmp_path / "s12.dcm", video.astype(np.int16) * 16 - 2048, bits=12, signed=True)
+    assert np.abs(load_reference_loop(tmp_path / "s12.dcm", 64).frames.astype(int) - video).max() <= 1
+
+
+def test_a_dicom_without_number_of_frames_reads_its_frames(tmp_path):
+    from pydicom import dcmread
+
+    video = cycle(12)
+    for name, frames in (("many.dcm", video), ("single.dcm", video[:1])):
+        write_dicom(tmp_path / name, frames)
+        ds = dcmread(tmp_path / name)
+        del ds.NumberOfFrames  # optional for some SOP classes; pydicom then counts the frames itself
+        ds.save_as(tmp_path / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pydicom says it counted them
+        np.testing.assert_array_equal(load_reference_loop(tmp_path / "many.dcm", 64).frames, video)
+        with pytest.raises(ReferenceLoopError, match="at least 2 frames"):
+            load_reference_loop(tmp_path / "single.dcm", 64)
+
+
+def test_a_malformed_or_negative_frame_time_means_no_frame_rate(tmp_path):
+    write_dicom(tmp_path / "bad.dcm", cycle(8), FrameTime="33.3")
+    data = (tmp_path / "bad.dcm").read_bytes()
+    (tmp_path / "bad.dcm").write_bytes(data.replace(b"33.3", b"abcd"))  # not a decimal string
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pydicom's note on the invalid value
+        assert load_reference_loop(tmp_path / "bad.dcm", 64).fps is None
+    write_dicom(tmp_path / "neg.dcm", cycle(8), FrameTime="-33")
+    assert load_reference_loop(tmp_path / "neg.dcm", 64).fps is None
+
+
+# found in review: cycle selection
+
+def test_adjacent_r_wave_marks_do_not_make_a_one_frame_cycle(tmp_path):
+    """Marks at frames 3 and 4 once gave a 1-frame loop that the generator refused at the
+    first beat (a traceback per beat in serve, a crashed replay): the first R-to-R pair of
+    at least 2 frames is the cycle."""
+    from echopulse.stream.backends import ReferenceLoops
+
+    video = cycle(12)
+    write_dicom(tmp_path / "adj.dcm", video, RWavePointer=[3, 4, 10])
+    loop = load_reference_loop(tmp_path / "adj.dcm", 64)
+    np.testing.assert_array_equal(loop.frames, video[3:9])
+    assert len(ReferenceLoops({"dev": str(tmp_path / "adj.dcm")}, 64).frames("dev")) >= 2
+
+
+def test_an_npz_whose_r_peaks_leave_no_whole_cycle_is_an_error(tmp_path):
+    """The simulator's clip starts a quarter beat before R: 20 frames at 30 fps hold no whole
+    R-to-R cycle, and the whole file (which does not start at R) was taken as one."""
+    from echopulse.core.simulate.paired import simulate_pair
+
+    sample = simulate_pair(seed=3, size=64, frames=20, fps=30.0)
+    np.savez(tmp_path / "short.npz", **{k: sample[k] for k in ("video", "video_t", "r_peaks")})
+    with pytest.raises(ReferenceLoopError, match="short.npz: .*no whole R-to-R cycle.*frames=A:B"):
+        load_reference_loop(tmp_path / "short.npz", 64)
+    assert len(load_reference_loop(f"{tmp_path / 'short.npz'}?frames=10:20", 64).frames) == 10  # the way out
+
+
+# found in review: levels, geometry, frame rate, memory
+
+def test_integer_pixels_above_255_are_refused_not_saturated(tmp_path):
+    np.save(tmp_path / "u16.npy", cycle(6).astype(np.uint16) * 256)  # was read back all white
+    with pytest.raises(ReferenceLoopError, match="u16.npy: .*0-255"):
+        load_reference_loop(tmp_path / "u16.npy", 64)
+
+
+@pytest.mark.parametrize("shape", [(3, 0, 64), (3, 64, 0)])
+def test_empty_frames_are_a_one_line_error(tmp_path, shape):
+    np.save(tmp_path / "flat.npy", np.zeros(shape, np.uint8))  # was a RuntimeError from torch
+    for spec in (tmp_path / "flat.npy", f"{tmp_path / 'flat.npy'}?fit=pad"):
+        with pytest.raises(ReferenceLoopError, match="flat.npy: empty frames"):
+            load_reference_loop(spec, 64)
+
+
+def test_a_gif_with_a_long_last_frame_keeps_its_frame_rate(tmp_path, caplog):
+    from PIL import Image
+
+    video = cycle(20)
+    images = [Image.fromarray(frame) for frame in video]
+    # 40 ms frames and a 2-s pause before the loop repeats: Pillow's info holds the last frame's
+    images[0].save(tmp_path / "pause.gif", save_all=True, append_images=images[1:], duration=[40] * 19 + [2000])
+    with caplog.at_level(logging.WARNING):
+        loop = load_reference_loop(tmp_path / "pause.gif", 64)
+    assert loop.fps == pytest.approx(25.0) and "taken as one cardiac cycle" not in caplog.text
+
+
+def test_picking_a_few_frames_of_a_long_file_does_not_convert_all_of_it(tmp_path):
+    """?frames= of a long recording: only the cycle becomes float (it took 6x the file)."""
+    import tracemalloc
+
+    np.save(tmp_path / "long.npy", np.random.default_rng(0).integers(0, 256, (300, 128, 128, 3), np.uint8))
+    size = (tmp_path / "long.npy").stat().st_size
+    tracemalloc.start()
+    try:
+        loop = load_reference_loop(f"{tmp_path / 'long.npy'}?frames=0:10", 64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert loop.frames.shape == (10, 64, 64) and peak < 1.5 * size, peak / size
+
+
+def test_a_video_of_more_pixels_than_the_budget_is_refused(tmp_path, monkeypatch):
+    import imageio.v2 as imageio
+
+    from echopulse.core import reference_loop
+
+    imageio.mimsave(tmp_path / "long.mp4", list(cycle(20)), fps=25, macro_block_size=1)
+    monkeypatch.setattr(reference_loop, "MAX_VIDEO_BYTES", 10 * 64 * 64)  # ten frames' worth
+    with pytest.raises(ReferenceLoopError, match="MiB of pixels; cut one cardiac cycle out first"):
+        load_reference_loop(tmp_path / "long.mp4", 64)

@@ -180,6 +180,8 @@ def parse_references(items: list[str] | None) -> dict[str, str]:
         device, sep, spec = item.partition("=")
         if not sep or not device or not spec:
             raise CliError(f"--reference {item!r}: expected DEVICE=FILE, e.g. polar-1=patient.mp4")
+        if device in references:
+            raise CliError(f"--reference: {device} given twice ({references[device]}, {spec})")
         references[device] = spec
     return references
 
