@@ -40,11 +40,12 @@ class BeatPublisher(threading.Thread):
 
     def __init__(self, endpoint: str, devices: tuple[str, ...], *, rr: float = 0.5, frames: int = 10,
                  shape: tuple[int, int] = (96, 96), ecg_devices: tuple[str, ...] = (), model: str = "sim",
-                 status_every: int = 0) -> None:
+                 status_every: int = 0, primes: dict[str, str] | None = None) -> None:
         super().__init__(daemon=True)
         self.requested = endpoint
         self.devices, self.rr, self.n_frames, self.shape = devices, rr, frames, shape
         self.ecg_devices, self.model, self.status_every = ecg_devices, model, status_every
+        self.primes = primes or {}  # device -> the "prime" header field a model backend sends
         self.endpoint = ""
         self.sent = 0
         self.error: BaseException | None = None
@@ -71,7 +72,9 @@ class BeatPublisher(threading.Thread):
         seq0 = pub.next_seq(device)
         frames = np.stack([expected_frame(k, beat, i, self.n_frames, seq0 + i, self.shape) for i in range(self.n_frames)])
         r_time = beat * self.rr
-        extra = {"ecg": beat_ecg(self.rr).astype("<f4").tobytes(), "ecg_fs": ECG_FS} if device in self.ecg_devices else None
+        extra = {"ecg": beat_ecg(self.rr).astype("<f4").tobytes(), "ecg_fs": ECG_FS} if device in self.ecg_devices else {}
+        if device in self.primes:
+            extra["prime"] = self.primes[device]
         times = [r_time + i * self.rr / self.n_frames for i in range(self.n_frames)]
         self.sent += pub.publish_frames(device, frames, times=times, beat=beat, r_time=r_time, rr=self.rr,
                                         model=self.model, capture=time.time(), extra=extra)

@@ -95,7 +95,8 @@ async def _page_state(cdp: Cdp, session: str) -> dict:
             return {device: card.querySelector('.device').textContent, rect: [r.x, r.y, r.width, r.height],
                     strip: card.querySelector('.strip-label').textContent,
                     hr: card.querySelector('.hr').textContent,
-                    status: card.querySelector('.status').textContent};
+                    status: card.querySelector('.status').textContent,
+                    prime: card.querySelector('.prime').hidden ? null : card.querySelector('.prime').textContent};
         })})"""
     result = await cdp.call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session)
     return json.loads(result["result"]["value"])
@@ -129,7 +130,8 @@ async def test_viewer_in_headless_chromium_shows_changing_frames(tmp_path, unuse
     if binary is None:
         pytest.skip("no chromium binary (apt-get install chromium)")
     devices = ("bedside-1", "holter-2")
-    publisher = BeatPublisher("tcp://127.0.0.1:0", devices, rr=0.5, ecg_devices=("bedside-1",), status_every=2)
+    publisher = BeatPublisher("tcp://127.0.0.1:0", devices, rr=0.5, ecg_devices=("bedside-1",), status_every=2,
+                              primes={"bedside-1": "reference", "holter-2": "simulated"})
     publisher.start_and_wait()
     viewer = subprocess.Popen(
         [sys.executable, "-m", "echopulse.stream.cli", "view", "--connect", publisher.endpoint, "--port", str(unused_port)],
@@ -183,3 +185,5 @@ async def test_viewer_in_headless_chromium_shows_changing_frames(tmp_path, unuse
         assert "test source beat" in cards[device]["status"]
     assert cards["bedside-1"]["strip"].startswith("ECG")          # the stream carries ECG samples
     assert cards["holter-2"]["strip"] == "Beats and heart rate"   # it does not
+    assert cards["bedside-1"]["prime"] == "patient's echo"          # primed with its patient's loop
+    assert cards["holter-2"]["prime"] == "simulated heart"          # the EF on screen is not the patient's

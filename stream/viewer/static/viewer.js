@@ -115,7 +115,23 @@ function drawCard(d) {
   $(".latency", d.node).textContent = `engine ${fmtMs(h.latency)} · to viewer ${fmtMs(h.recv - h.publish)}`;
   $(".counts", d.node).textContent = `${echopulse.frames[d.id]} shown · ${d.lost} lost`;
   $(".model", d.node).textContent = h.model;
+  drawPrime($(".prime", d.node), h.prime);
   drawStrip(d);
+}
+
+// What the model backends primed the device with: the EF of a simulated heart is not the patient's.
+const PRIMES = {
+  reference: ["patient's echo", "primed with one cycle of this patient's echo"],
+  simulated: ["simulated heart", "no echo of this patient was given: the heart, and its EF, are simulated"],
+};
+
+function drawPrime(node, prime) {
+  const known = PRIMES[prime];
+  node.hidden = !known;
+  if (!known) return;
+  node.textContent = known[0];
+  node.title = known[1];
+  node.classList.toggle("warn", prime === "simulated");
 }
 
 function drawStrip(d) {
