@@ -168,8 +168,9 @@ class Generator:
                                           confidence_noise=confidence_noise).items() if v is not None}
         if "steps" in changes and not 1 <= changes["steps"] <= self.transformer.num_tokens - self.transformer.prime_tokens:
             raise ValueError(f"steps must be between 1 and the number of generated tokens, got {changes['steps']}")
-        if any(changes.get(k, 0) < 0 for k in ("cfg_scale", "temperature", "confidence_noise")):
-            raise ValueError("cfg_scale, temperature and confidence_noise must be >= 0")
+        if not all(math.isfinite(changes.get(k, 0)) and changes.get(k, 0) >= 0
+                   for k in ("cfg_scale", "temperature", "confidence_noise")):
+            raise ValueError("cfg_scale, temperature and confidence_noise must be finite and >= 0")
         self.preset = dataclasses.replace(self.preset, transformer=dataclasses.replace(self.preset.transformer, **changes))
         self.schedule = self._schedule()
 
@@ -251,7 +252,11 @@ class Generator:
 
         The reference loop is forgotten unless `keep_reference` (same patient, new prime)."""
         st = state or self.state
-        video = self._frames_tensor(np.asarray(frame)[None])
+        size = self.preset.tokenizer.image_size
+        if frame.dtype not in (np.uint8, torch.uint8) or tuple(frame.shape) != (size, size):
+            # a whole loop here would only fail at the next beat
+            raise ValueError(f"a prime image is one uint8 frame of {size}x{size}, got {frame.dtype} {tuple(frame.shape)}")
+        video = self._frames_tensor(frame[None])
         st.prime = self.tokenizer.encode(video).flatten(1)
         if not keep_reference:
             st.ref_ids = torch.zeros_like(st.ref_ids)
@@ -356,7 +361,12 @@ class Generator:
         # missing data, so it becomes what `beat_window` makes of a gap (zero, not valid)
         finite = torch.isfinite(w)
         v, w = v & finite, torch.where(finite, w, torch.zeros((), device=self.device))
-        leads = torch.arange(w.shape[0], device=self.device) if lead_ids is None else torch.as_tensor(lead_ids, device=self.device)
+        leads = torch.arange(w.shape[0]) if lead_ids is None else torch.as_tensor(lead_ids, dtype=torch.long)
+        # one id per row of the window: a shorter list would be broadcast over every lead
+        if leads.shape != (w.shape[0],) or not bool(((leads >= 0) & (leads < self.preset.ecg.max_leads)).all()):
+            raise ValueError(f"lead_ids must give each of the {w.shape[0]} leads an id in 0..{self.preset.ecg.max_leads - 1}, "
+                             f"got {leads.tolist()}")
+        leads = leads.to(self.device)
         rng = self._rng if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         rr_t = torch.tensor([float(rr)], device=self.device)
         ids = self.sample_tokens(st.prime, w[None], v[None], leads, rr_t, st.ref_ids, st.ref_valid, rng)

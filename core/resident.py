@@ -514,6 +514,10 @@ class ResidentGenerator:
     def prime_loop(self, frames: np.ndarray, seed: int, beat_locked: bool = True) -> DeviceState:
         """A device primed with a reference loop of its patient (uint8 T×H×W); see Generator.prime_loop."""
         frames = np.asarray(frames)
+        size = self.preset.tokenizer.image_size
+        if frames.dtype != np.uint8 or frames.ndim != 3 or frames.shape[1:] != (size, size) or len(frames) < 2:
+            # checked before any resampling, which would cast a float loop to near-black uint8
+            raise ValueError(f"a reference loop is uint8 frames of {size}x{size}, at least 2, got {frames.dtype} {frames.shape}")
         if not beat_locked:
             frames = beat_locked_clip(frames, self.preset.tokenizer.frames)
         if frames.ndim != 3 or frames.shape[0] != self.preset.tokenizer.frames:
@@ -544,9 +548,11 @@ class ResidentGenerator:
         window = np.zeros((b, leads, samples), np.float32)
         valid = np.zeros((b, leads, samples), bool)
         for i, r in enumerate(rows):
-            w = np.asarray(r.window, np.float32)
-            window[i] = w if w.ndim == 2 else w[None]
-            valid[i] = np.broadcast_to(np.asarray(r.valid, bool), (leads, samples))
+            w = np.asarray(r.window, np.float32).reshape(leads, samples)
+            # a NaN is missing data, as in `Generator.generate_beat`: one would poison its lead's normalisation
+            finite = np.isfinite(w)
+            window[i] = np.where(finite, w, 0.0)
+            valid[i] = np.broadcast_to(np.asarray(r.valid, bool), (leads, samples)) & finite
         buf.window.copy_(torch.from_numpy(window))
         buf.valid.copy_(torch.from_numpy(valid))
         buf.rr.copy_(torch.tensor([float(r.rr) for r in rows]))
@@ -561,12 +567,17 @@ class ResidentGenerator:
         Each request's state moves on to its new prime tokens."""
         if not requests:
             return []
-        leads = np.asarray(requests[0].window).reshape(-1, self.preset.ecg.window_samples).shape[0]
+        samples = self.preset.ecg.window_samples
+        leads = np.asarray(requests[0].window).reshape(-1, samples).shape[0]
         for r in requests:
-            if not r.rr > 0:
-                raise ValueError(f"rr must be positive, got {r.rr}")
-        # padded rows repeat requests[0], so the real rows decide the layout
-        layout = key_layout([bool(r.state.ref_valid) for r in requests], [bool(np.all(r.valid)) for r in requests])
+            if not (r.rr > 0 and math.isfinite(r.rr)):
+                raise ValueError(f"rr must be positive and finite, got {r.rr}")
+            # a window of fewer leads would be broadcast over the batch's leads
+            if np.asarray(r.window).reshape(-1, samples).shape[0] != leads:
+                raise ValueError(f"every window of a batch needs the same number of leads ({leads}), got {np.shape(r.window)}")
+        # padded rows repeat requests[0], so the real rows decide the layout; a NaN is not valid (`fill`)
+        whole = [bool(np.all(r.valid)) and bool(np.isfinite(np.asarray(r.window, np.float32)).all()) for r in requests]
+        layout = key_layout([bool(r.state.ref_valid) for r in requests], whole)
         with self._lock, torch.inference_mode():
             size = padded_size(len(requests)) if self.pad else len(requests)
             buf = self.buffers(size, leads)

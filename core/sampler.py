@@ -45,6 +45,10 @@ def make_schedule(
     """The cosine schedule and annealing, precomputed. At least one token is fixed per step."""
     if steps < 1:
         raise ValueError("steps must be at least 1")
+    settings = {"temperature": temperature, "confidence_noise": confidence_noise, "cfg_scale": cond_scale}
+    for name, value in settings.items():  # a NaN passes `< 0` and would turn every logit into NaN
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {value}")
     counts = []
     previous = num_generated
     for s in range(steps):

@@ -7,6 +7,7 @@ import torch
 
 from echopulse.core.beat_window import beat_window
 from echopulse.core.generator import DEFAULT_WEIGHTS, Generator, beat_locked_clip
+from echopulse.core.sampler import make_schedule
 from echopulse.core.tokenizer import from_uint8
 
 from echopulse.core.config import Preset, TokenizerConfig
@@ -178,3 +179,35 @@ def test_sampling_settings_change_the_schedule_and_are_checked(gen: Generator) -
         gen.set_sampling(steps=0)
     with pytest.raises(ValueError, match=">= 0"):
         gen.set_sampling(temperature=-1.0)
+
+
+def test_lead_ids_must_name_every_lead_of_the_window(gen: Generator) -> None:
+    """One lead id for a 3-lead window was broadcast: all three leads labelled the same lead."""
+    gen.prime_image(_frame(gen))
+    n = gen.preset.ecg.window_samples
+    window = np.random.default_rng(0).standard_normal((3, n)).astype(np.float32)
+    for lead_ids in ([4], [0, 1]):
+        with pytest.raises(ValueError, match="lead_ids"):
+            gen.generate_beat(window, np.ones(n, bool), 5.0, 0.8, seed=0, lead_ids=lead_ids)
+    with pytest.raises(ValueError, match="lead_ids"):  # no lead embedding for a 13th lead
+        gen.generate_beat(window, np.ones(n, bool), 5.0, 0.8, seed=0, lead_ids=[0, 1, 12])
+    a, _ = gen.generate_beat(window, np.ones(n, bool), 5.0, 0.8, seed=0, lead_ids=np.array([0, 1, 2]))
+    gen.prime_image(_frame(gen))
+    b, _ = gen.generate_beat(window, np.ones(n, bool), 5.0, 0.8, seed=0)
+    assert np.array_equal(a, b)  # the default is 0..L-1
+
+
+def test_sampling_settings_and_prime_images_are_checked_where_they_are_given():
+    gen = Generator.default()
+    for bad in (float("nan"), float("inf"), -1.0):  # NaN passed a `< 0` check and made every logit NaN
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            gen.set_sampling(cfg_scale=bad)
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            make_schedule(6, 320, bad, 1.0, 1.5)
+    size = gen.preset.tokenizer.image_size
+    loop = np.zeros((11, size, size), np.uint8)
+    with pytest.raises(ValueError, match="one uint8 frame"):
+        gen.prime_image(loop)  # a loop is not an image: said now, not at the next beat
+    with pytest.raises(ValueError, match="one uint8 frame"):
+        gen.prime_image(loop[0].astype(np.float32))
+    gen.prime_image(torch.from_numpy(loop[0]))  # a uint8 tensor is an image too

@@ -246,3 +246,59 @@ def test_the_cheaper_key_layout_changes_no_beat(priming: str, layout: str) -> No
     assert seen == [layout]
     assert np.array_equal(got.tokens, want_tokens)
     assert np.array_equal(got.frames, want_frames)
+
+
+def _loop_primed(preset_name: str = "small", seed: int = 2) -> tuple[Generator, ResidentGenerator, np.ndarray]:
+    gen = Generator.untrained(_greedy(preset_name), device="cpu", seed=seed)
+    size, count = gen.preset.tokenizer.image_size, gen.preset.tokenizer.frames
+    loop = np.random.default_rng(6).integers(0, 256, (count, size, size), dtype=np.uint8)
+    return gen, ResidentGenerator(gen), loop
+
+
+def test_a_nan_in_the_window_is_missing_data_as_in_the_facade() -> None:
+    """The facade turns a NaN (marked valid or not) into a gap; the resident generator must do
+    the same, key layout included (a loop-primed device with a whole window runs `dense`)."""
+    torch.set_num_threads(1)
+    gen, res, loop = _loop_primed()
+    n = gen.preset.ecg.window_samples
+    rng = np.random.default_rng(7)
+    window = rng.standard_normal((1, n)).astype(np.float32)
+    window[0, 40] = np.nan  # marked valid
+    valid = np.ones(n, bool)
+    for invalid_nan in (False, True):
+        w, v = window.copy(), valid.copy()
+        if invalid_nan:
+            w[0, n - 10], v[n - 10] = np.nan, False  # a NaN where nothing was delivered either
+        gen.prime_loop(loop)
+        want, _ = gen.generate_beat(w, v, 0.0, 0.8)
+        [got] = res.generate([BeatRequest(res.prime_loop(loop, seed=0), w, v, 0.8, 0.0, seed=1)])
+        assert np.array_equal(got.frames, want)
+
+
+def test_a_batch_of_mixed_lead_counts_is_refused() -> None:
+    """A 1-lead window in a 12-lead batch would be broadcast to 12 copies labelled leads I..V6."""
+    gen, res, loop = _loop_primed()
+    n = gen.preset.ecg.window_samples
+    rng = np.random.default_rng(8)
+    twelve = BeatRequest(res.prime_loop(loop, seed=0), rng.standard_normal((12, n)).astype(np.float32), np.ones(n, bool), 0.8, 0.0, seed=1)
+    one = BeatRequest(res.prime_loop(loop, seed=1), rng.standard_normal((1, n)).astype(np.float32), np.ones(n, bool), 0.8, 0.0, seed=2)
+    with pytest.raises(ValueError, match="leads"):
+        res.generate([twelve, one])
+
+
+def test_rr_must_be_positive_and_finite_as_in_the_facade() -> None:
+    gen, res, loop = _loop_primed()
+    n = gen.preset.ecg.window_samples
+    window = np.zeros((1, n), np.float32)
+    for rr in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="rr must be positive"):
+            res.generate([BeatRequest(res.prime_loop(loop, seed=0), window, np.ones(n, bool), rr, 0.0, seed=1)])
+
+
+def test_reference_loops_of_the_wrong_kind_are_refused_before_resampling() -> None:
+    """As in `Generator.prime_loop`: a float loop resampled first would become near-black uint8."""
+    _, res, loop = _loop_primed()
+    for bad in (loop.astype(np.float32) / 255, loop[:1], loop[:, :, :-1]):
+        for beat_locked in (True, False):
+            with pytest.raises(ValueError, match="uint8 frames"):
+                res.prime_loop(bad, seed=0, beat_locked=beat_locked)
