@@ -79,35 +79,62 @@ class Backend(ABC):
         """Extra header fields for a device's frames (optional), e.g. how it was primed."""
         return {}
 
+    def set_references(self, specs: Mapping[str, Any]) -> list[str]:
+        """Replace the patients' echo loops (model backends); returns the devices whose loop
+        changed. ValueError when a file cannot be used or the backend takes none."""
+        raise ValueError(f"the {self.name} backend takes no reference loops (they prime the model backend)")
+
     def close(self) -> None:
         """Release resources (optional)."""
 
 
 class ReferenceLoops:
-    """The patients' own echo loops, by device id, read once at start for the model backends.
+    """The patients' own echo loops, by device id, for the model backends.
 
     `specs` maps a device id to a file (`core/reference_loop.py`: video, DICOM, NumPy, with
     ?frames=, ?crop=, ?fit=). Raises ValueError naming the device and file when one cannot
-    be used, so a wrong path stops the daemon before it serves anyone."""
+    be used, so a wrong path stops the daemon before it serves anyone. `replace` swaps in
+    a new set while the engine runs (`serve` on SIGHUP); each device's loop has a version,
+    so a backend sees that its device's loop changed and re-primes at the next beat."""
 
     def __init__(self, specs: Mapping[str, Any] | None, size: int) -> None:
+        self.size = size
+        self.loops: dict[str, Any] = {}
+        self._versions: dict[str, int] = {}
+        self.replace(specs or {})
+
+    def replace(self, specs: Mapping[str, Any]) -> list[str]:
+        """Read every file of `specs`, then make them the loops; a file that cannot be used
+        raises ValueError and changes nothing. Returns the devices whose loop changed."""
         from ..core.reference_loop import ReferenceLoopError, load_reference_loop
         from .protocol import ProtocolError, check_device
 
-        self.loops: dict[str, Any] = {}
-        for device, spec in (specs or {}).items():
+        loaded: dict[str, Any] = {}
+        for device, spec in specs.items():
             try:
                 check_device(device)
-                loop = load_reference_loop(spec, size)
+                loaded[device] = load_reference_loop(spec, self.size)
             except (ReferenceLoopError, ProtocolError) as err:
                 raise ValueError(f"reference for {device}: {err}") from None
-            log.info("reference loop for %s: %s", device, loop.describe())
-            self.loops[device] = loop
+        changed = sorted(d for d in set(loaded) | set(self.loops)
+                         if d not in loaded or d not in self.loops or not np.array_equal(loaded[d].frames, self.loops[d].frames))
+        # loops first, versions after: a render that reads the old version with the new loop
+        # only re-primes once more, with the same loop
+        self.loops = loaded
+        for device in changed:
+            self._versions[device] = self._versions.get(device, 0) + 1
+            if device in loaded:
+                log.info("reference loop for %s: %s", device, loaded[device].describe())
+        return changed
 
     def frames(self, device: str) -> np.ndarray | None:
         """One cycle of the device's patient (uint8 T×H×W, R first), or None."""
         loop = self.loops.get(device)
         return None if loop is None else loop.frames
+
+    def version(self, device: str) -> int:
+        """Changes whenever the device's loop does."""
+        return self._versions.get(device, 0)
 
     def __len__(self) -> int:
         return len(self.loops)
@@ -170,12 +197,13 @@ class ModelBackend(Backend):
         seed = device_seed(device)
         generator = self._generator_cls(b.preset, b.tokenizer, b.ecg_encoder, b.transformer, b.critic,
                                         device=b.device, seed=seed, name=b.name)
-        return {"generator": generator, "seed": seed, "device": device, "prime": None}
+        return {"generator": generator, "seed": seed, "device": device, "prime": None, "ref_version": None}
 
     def render(self, state: Any, beat: BeatLike) -> tuple[np.ndarray, np.ndarray]:
         generator = state["generator"]
+        version = self.references.version(state["device"])
+        own = self.references.frames(state["device"])
         if state["prime"] is None:
-            own = self.references.frames(state["device"])
             if own is not None:
                 generator.prime_loop(own, beat_locked=False)
                 state["prime"] = "reference"
@@ -184,12 +212,22 @@ class ModelBackend(Backend):
                 generator.prime_loop(simulated_loop(self._sim, state["seed"], size, generator.frames_per_beat, beat),
                                      beat_locked=True)
                 state["prime"] = "simulated"
+        elif version != state["ref_version"] and own is not None:
+            # a new loop for a running device: its context changes, the video goes on from its last frame
+            last = generator.state.prime
+            generator.prime_loop(own, beat_locked=False)
+            generator.state.prime = last
+            state["prime"] = "reference"
+        state["ref_version"] = version
         frames, times = generator.generate_beat(beat.window, beat.valid, float(beat.r_time), float(beat.rr),
                                                 seed=next_beat_seed(state))
         return np.ascontiguousarray(frames, dtype=np.uint8), np.asarray(times, dtype=np.float64)
 
     def frame_fields(self, state: Any) -> dict[str, Any]:
         return {"prime": state["prime"]} if state and state.get("prime") else {}
+
+    def set_references(self, specs: Mapping[str, Any]) -> list[str]:
+        return self.references.replace(specs)
 
     def warm_up(self) -> None:
         self.render(self.new_state("warm-up"), _warm_beat(self.ecg_config))

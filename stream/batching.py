@@ -25,6 +25,7 @@ waiting).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -180,11 +181,18 @@ class BatchingBackend(Backend):
         self.batcher = BeatBatcher(resident.generate, policy)
 
     def new_state(self, device: str) -> Any:
-        return {"seed": device_seed(device), "device": device, "state": None, "prime": None}
+        return {"seed": device_seed(device), "device": device, "state": None, "prime": None, "ref_version": None}
 
     def _request(self, state: Any, beat: BeatLike) -> BeatRequest:
+        version = self.references.version(state["device"])
+        own = self.references.frames(state["device"])
+        if state["state"] is not None and version != state["ref_version"] and own is not None:
+            # a new loop for a running device: its context changes, the video goes on from its last frame
+            fresh = self.resident.prime_loop(own, seed=state["seed"], beat_locked=False)
+            state["state"] = dataclasses.replace(state["state"], ref_ids=fresh.ref_ids, ref_valid=True)
+            state["prime"] = "reference"
+        state["ref_version"] = version
         if state["state"] is None:
-            own = self.references.frames(state["device"])
             if own is not None:
                 state["state"] = self.resident.prime_loop(own, seed=state["seed"], beat_locked=False)
                 state["prime"] = "reference"
@@ -221,6 +229,9 @@ class BatchingBackend(Backend):
 
     def frame_fields(self, state: Any) -> dict[str, Any]:
         return {"prime": state["prime"]} if state and state.get("prime") else {}
+
+    def set_references(self, specs: Mapping[str, Any]) -> list[str]:
+        return self.references.replace(specs)
 
     def warm_up(self) -> None:
         self.resident.warm_up(batch_sizes=self.warm_sizes)

@@ -29,7 +29,7 @@ typo never passes silently; deploy/echopulse.toml is a commented example)::
     max_devices = 256
     workers = 2
 
-    [references]                  # model only: each device's patient echo loop (core/reference_loop.py)
+    [references]                  # model only: each device's patient echo loop (core/reference_loop.py); SIGHUP rereads
     "polar-h10-1" = "loops/patient-7.mp4?frames=12:41"   # relative: to this file's folder
 
     [metrics]                     # present: serve /metrics and /health (stream/metrics.py)

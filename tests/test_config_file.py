@@ -45,6 +45,7 @@ def test_unit_and_image_run_serve_with_the_config_they_install():
     unit = (ROOT / "deploy" / "echopulse.service").read_text()
     image = (ROOT / "deploy" / "Dockerfile").read_text()
     assert "ExecStart=/opt/echopulse/venv/bin/echopulse serve --config /etc/echopulse/echopulse.toml" in unit
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit  # serve rereads the references on SIGHUP
     assert 'CMD ["echopulse", "serve", "--config", "/etc/echopulse/echopulse.toml"]' in image
     assert "COPY deploy/docker.toml /etc/echopulse/echopulse.toml" in image
     assert image.index("torch==2.13.0") < image.index("RUN pip install .")  # the CPU build first
@@ -172,6 +173,57 @@ def test_serve_runs_from_a_config_file_and_serves_metrics(tmp_path):
             proc.communicate()
     assert proc.returncode == 0, err.decode()[-2000:]
     assert any((tmp_path / "data").iterdir())  # data_dir relative to the config file
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_sighup_reloads_the_references_of_running_devices(tmp_path):
+    """A loop added on SIGHUP reaches a running device's frames; a broken file is logged, not fatal."""
+    import numpy as np
+
+    from echopulse.core.simulate.paired import simulate_pair
+    from echopulse.stream.protocol import FrameMessage
+    from echopulse.stream.subscribe import Subscriber
+
+    sample = simulate_pair(seed=5, size=64, frames=60, fps=30.0, ef=30.0)
+    np.savez(tmp_path / "echo.npz", **{k: sample[k] for k in ("video", "video_t", "r_peaks")})
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    head = f"""sources = ["synthetic://?devices=2&hr=120"]\ndata_dir = "data"\nduration_s = 120
+[backend]\nname = "model"\n[publish]\nendpoints = ["{endpoint}"]\n[log]\nlevel = "info"\n[references]\n"""
+    path = write(tmp_path, head + '"sim-0" = "echo.npz"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "echopulse.stream.cli", "serve", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "error"})
+
+    def primes(sub, device: str, want: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = sub.recv(timeout=0.5)
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            if isinstance(msg, FrameMessage) and msg.device == device and msg.header.get("prime") == want:
+                return
+        raise AssertionError(f"{device} never showed prime={want}")
+
+    try:
+        with Subscriber(endpoint) as sub:
+            primes(sub, "sim-0", "reference")
+            primes(sub, "sim-1", "simulated")
+            path.write_text(head + '"sim-1" = "missing.npz"\n')  # a broken reload keeps what runs
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(1.0)
+            path.write_text(head + '"sim-0" = "echo.npz"\n"sim-1" = "echo.npz"\n')
+            proc.send_signal(signal.SIGHUP)
+            primes(sub, "sim-1", "reference")
+            primes(sub, "sim-0", "reference")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    log = err.decode()
+    assert "references not reloaded, the loops in use stay: reference for sim-1" in log
+    assert "changed for sim-1" in log and "Traceback" not in log
 
 
 def test_python_3_10_reads_the_file_with_tomli_or_says_what_is_missing(tmp_path, monkeypatch):

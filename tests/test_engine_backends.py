@@ -71,12 +71,24 @@ def low_ef_loop(tmp_path_factory):
     return path
 
 
+def loop_tokens(path) -> torch.Tensor:
+    """The tokens of a reference loop file in the clip layout, as the shipped tokenizer makes them."""
+    from echopulse.core.generator import Generator, beat_locked_clip
+    from echopulse.core.reference_loop import load_reference_loop
+
+    gen = Generator.default(device="cpu")
+    clip = beat_locked_clip(load_reference_loop(path, 64).frames, gen.preset.tokenizer.frames)
+    return gen.tokenizer.encode(gen._frames_tensor(clip)).flatten().cpu()
+
+
+def context_tokens(state, batching: bool) -> torch.Tensor:
+    """The reference tokens a model backend holds for a device."""
+    return (state["state"].ref_ids if batching else state["generator"].state.ref_ids.flatten()).cpu()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("batching", [False, True])
 def test_model_backends_prime_a_device_with_its_patients_loop(low_ef_loop, batching):
-    from echopulse.core.generator import beat_locked_clip
-    from echopulse.core.reference_loop import load_reference_loop
-
     model = backends.make_backend("model", device="cpu", batching=batching, references={"dev-a": str(low_ef_loop)})
     try:
         beat = detected_beats(config=model.ecg_config)[0]
@@ -85,17 +97,33 @@ def test_model_backends_prime_a_device_with_its_patients_loop(low_ef_loop, batch
         frames_b, _ = model.render(other, beat)
         assert model.frame_fields(own) == {"prime": "reference"}
         assert model.frame_fields(other) == {"prime": "simulated"}
-        # the device's context is its patient's loop, encoded in the clip layout
-        from echopulse.core.generator import Generator
-
-        generator = Generator.default(device="cpu")
-        loop = load_reference_loop(low_ef_loop, 64).frames
-        expected = generator.tokenizer.encode(generator._frames_tensor(beat_locked_clip(loop, 11))).flatten()
-        ref_ids = own["state"].ref_ids if batching else own["generator"].state.ref_ids.flatten()
-        assert torch.equal(ref_ids.cpu(), expected.cpu())
+        assert torch.equal(context_tokens(own, batching), loop_tokens(low_ef_loop))  # its patient's loop
         assert not np.array_equal(frames_a, frames_b)
     finally:
         model.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batching", [False, True])
+def test_a_running_device_takes_a_new_loop_at_its_next_beat(tmp_path, low_ef_loop, batching):
+    model = backends.make_backend("model", device="cpu", batching=batching)
+    try:
+        beats = detected_beats(config=model.ecg_config)
+        state = model.new_state("dev-a")
+        model.render(state, beats[0])
+        assert model.frame_fields(state) == {"prime": "simulated"}
+        with pytest.raises(ValueError, match="reference for dev-a: .*no such file"):
+            model.set_references({"dev-a": str(tmp_path / "none.npz")})
+        assert model.references.version("dev-a") == 0 and len(model.references) == 0  # nothing changed
+        assert model.set_references({"dev-a": str(low_ef_loop)}) == ["dev-a"]
+        assert model.set_references({"dev-a": str(low_ef_loop)}) == []  # the same loop again: no change
+        model.render(state, beats[1])
+        assert model.frame_fields(state) == {"prime": "reference"}
+        assert torch.equal(context_tokens(state, batching), loop_tokens(low_ef_loop))
+    finally:
+        model.close()
+    with pytest.raises(ValueError, match="the sim backend takes no reference loops"):
+        backends.make_backend("sim").set_references({"dev-a": str(low_ef_loop)})
 
 
 def test_references_are_checked_before_anything_serves(tmp_path, low_ef_loop):

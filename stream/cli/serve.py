@@ -16,7 +16,10 @@ files flushed, a "stopped" status per device, sockets closed, exit status 0.
 --reference primes a device with one cardiac cycle of its patient's echo (DICOM cine,
 video or NumPy; FILE?frames=A:B picks the cycle, core/reference_loop.py); a device
 without one starts from a simulated heart, whose EF is not the patient's. Frames carry
-"prime": "reference" or "simulated".
+"prime": "reference" or "simulated". SIGHUP reads the references again (the config
+file's [references] and --reference): a device whose loop changed takes the new one at
+its next beat, its video going on from its last frame; a file that cannot be used is
+logged and the loops in use stay. A removed reference holds until the device restarts.
 """
 from __future__ import annotations
 
@@ -242,17 +245,49 @@ async def serve(args: argparse.Namespace, sources: list[Any], backend: Any, conf
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, engine.stop)
+        reloads: set[asyncio.Task] = set()
+
+        def reload() -> None:  # SIGHUP: the references again, from the config file and --reference
+            task = loop.create_task(reload_references(args, backend))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         log.info("serving on %s, raw ECG in %s, backend %s", ", ".join(publisher.endpoints), args.data_dir, backend.name)
         try:
             await engine.run(duration=args.duration)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             if metrics is not None:
                 await metrics.close()
         return engine.counters()
     finally:
         publisher.close()
+
+
+def current_references(args: argparse.Namespace) -> dict[str, str]:
+    """The references as the command line and config file say now: the file's [references]
+    table, then --reference on top. ConfigError/CliError when either cannot be read."""
+    from ..config_file import load_config
+
+    from_file = dict(load_config(args.config).backend_options.get("references", {})) if args.config else {}
+    return {**from_file, **parse_references(args.reference)}
+
+
+async def reload_references(args: argparse.Namespace, backend: Any) -> list[str] | None:
+    """Read the references again and give them to the backend; a problem is logged and the
+    loops in use stay. Returns the devices whose loop changed (None when nothing changed)."""
+    from ..config_file import ConfigError
+
+    try:
+        specs = current_references(args)
+        changed = await asyncio.to_thread(backend.set_references, specs)
+    except (ConfigError, CliError, ValueError) as err:
+        log.error("references not reloaded, the loops in use stay: %s", err)
+        return None
+    log.info("references reloaded: %d loop(s); changed for %s", len(specs), ", ".join(changed) or "no device")
+    return changed
 
 
 def handle(args: argparse.Namespace) -> int:
