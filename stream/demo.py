@@ -42,6 +42,7 @@ class DemoOptions:
     file: Path | None = None       # a recording instead of the synthetic ECG
     fs: float | None = None        # for a recording that does not say its rate
     lead: int | None = None
+    reference: str | None = None   # the patient's echo loop (model backend), as `serve --reference`
     progress: bool = True
 
 
@@ -65,12 +66,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _device(options: DemoOptions) -> str:
+    """The id the demo's one device streams under."""
+    return "recording" if options.file is not None else "demo-0"
+
+
 def _source(options: DemoOptions) -> Any:
     realtime: float | bool = options.speed if options.speed > 0 else False
     if options.file is not None:
         from ..bridges.replay import FileSource
 
-        return FileSource(options.file, fs=options.fs, lead=options.lead, device="recording", realtime=realtime)
+        return FileSource(options.file, fs=options.fs, lead=options.lead, device=_device(options), realtime=realtime)
     from ..bridges.synthetic import SyntheticSource
 
     return SyntheticSource(devices=1, hr=options.hr, seed=options.seed, realtime=realtime, duration_s=options.seconds, prefix="demo")
@@ -96,7 +102,7 @@ async def stream(options: DemoOptions) -> DemoResult:
     limits = EngineLimits(beat_queue=int(seconds * 200 / 60) + 4, drain_timeout_s=300.0)
     data_dir = options.out / "data"
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    backend = make_backend(options.backend)
+    backend = make_backend(options.backend, references={_device(options): options.reference} if options.reference else None)
     frames: list[FrameMessage] = []
     statuses: list[StatusMessage] = []
     bar = _progress(options)
@@ -239,6 +245,7 @@ def summarise(result: DemoResult, has_areas: bool) -> dict[str, Any]:
     return {
         "device": result.device,
         "model": headers[0]["model"] if headers else None,
+        "prime": headers[0].get("prime") if headers else None,  # model backend: reference or simulated
         "ecg_seconds": result.ecg.shape[1] / result.ecg_fs,
         "wall_seconds": result.wall_s,
         "beats": len(beats),

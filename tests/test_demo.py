@@ -63,3 +63,18 @@ def test_demo_bad_file_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "echopulse-demo").exists()
+
+
+@pytest.mark.slow
+def test_demo_with_a_patients_echo_loop(tmp_path: Path) -> None:
+    from echopulse.core.simulate.paired import simulate_pair
+
+    sample = simulate_pair(seed=5, size=64, frames=60, fps=30.0, ef=30.0)
+    np.savez(tmp_path / "echo.npz", **{k: sample[k] for k in ("video", "video_t", "r_peaks")})
+    out = run_cli("demo", "--out", "d", "--seconds", "5", "--speed", "0", "--backend", "model", "--reference", "echo.npz",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "primed with the patient's echo" in out.stdout
+    assert json.loads((tmp_path / "d" / "summary.json").read_text())["prime"] == "reference"
+    bad = run_cli("demo", "--out", "e", "--backend", "model", "--reference", "none.mp4", cwd=tmp_path)
+    assert bad.returncode == 2 and "none.mp4: no such file" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

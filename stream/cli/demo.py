@@ -1,6 +1,6 @@
 """`echopulse demo`: see an echo beat in step with an ECG, on a laptop, in under two minutes.
 
-    echopulse demo [--out echopulse-demo] [--seconds 20] [--speed 2] [--file RECORDING]
+    echopulse demo [--out echopulse-demo] [--seconds 20] [--speed 2] [--file RECORDING] [--reference ECHO_LOOP]
 
 Streams a synthetic ECG (or, with --file, a recording) through the real engine, a real
 ZeroMQ publisher and a real subscriber, then writes into --out: demo.mp4 (the echo above,
@@ -31,6 +31,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--file", type=Path, default=None, help="replay this ECG recording instead of the synthetic ECG")
     p.add_argument("--fs", type=ranged(float, 50.0, 10000.0, "fs"), default=None, help="sample rate of --file when it does not say")
     p.add_argument("--lead", type=int, default=None, help="lead (column) of --file to use")
+    p.add_argument("--reference", default=None, metavar="FILE",
+                   help="model backend: prime with one cardiac cycle of the patient's echo (DICOM, video, NumPy; "
+                        "FILE?frames=A:B), as serve --reference; default: a simulated heart")
     p.set_defaults(handler=handle)
 
 
@@ -40,14 +43,15 @@ def handle(args: argparse.Namespace) -> int:
     if args.file is not None and not args.file.is_file():
         raise CliError(f"--file {args.file}: no such file")
     options = DemoOptions(out=args.out, seconds=args.seconds, speed=args.speed, hr=args.hr, seed=args.seed,
-                          backend=args.backend, file=args.file, fs=args.fs, lead=args.lead)
+                          backend=args.backend, file=args.file, fs=args.fs, lead=args.lead, reference=args.reference)
     try:
         result = asyncio.run(run_demo(options))
     except (RuntimeError, ValueError) as err:
         raise CliError(str(err)) from None
     s = result.summary
     lat = s["beat_to_last_frame_latency"]
-    print(f"{s['beats']} beats, {s['frames']} frames from {s['model']} in {s['wall_seconds']:.1f} s "
+    primed = {"reference": ", primed with the patient's echo", "simulated": ", primed with a simulated heart"}
+    print(f"{s['beats']} beats, {s['frames']} frames from {s['model']}{primed.get(s.get('prime'), '')} in {s['wall_seconds']:.1f} s "
           f"(beat → last frame p50 {lat.get('p50_ms', float('nan')):.0f} ms, p99 {lat.get('p99_ms', float('nan')):.0f} ms)")
     for name, path in result.files.items():
         print(f"  {name:<14} {path}")
