@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -143,6 +145,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def serving(config: Path) -> Iterator[subprocess.Popen]:
+    """`serve --config` in a subprocess. Leaving the block sends SIGTERM and waits (a block
+    that failed kills it instead); the finished process's stderr is then `proc.log`."""
+    proc = subprocess.Popen([sys.executable, "-m", "echopulse.stream.cli", "serve", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "error"})
+    try:
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        proc.log = proc.communicate(timeout=30)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.network
 def test_serve_runs_from_a_config_file_and_serves_metrics(tmp_path):
     # The acceptance test of the wiring in stream/cli/serve.py; until it exists there is nothing to run.
@@ -152,9 +170,7 @@ def test_serve_runs_from_a_config_file_and_serves_metrics(tmp_path):
     path = write(tmp_path, f"""sources = ["synthetic://?devices=2&hr=90"]\ndata_dir = "data"\nduration_s = 60
 [backend]\nname = "sim"\n[publish]\nendpoints = ["tcp://127.0.0.1:{_free_port()}"]
 [metrics]\nport = {metrics_port}\n""")
-    proc = subprocess.Popen([sys.executable, "-m", "echopulse.stream.cli", "serve", "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "error"})
-    try:
+    with serving(path) as proc:
         deadline, text = time.monotonic() + 60, ""
         while 'echopulse_frames_total{device="sim-1"}' not in text:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -165,13 +181,7 @@ def test_serve_runs_from_a_config_file_and_serves_metrics(tmp_path):
                     text = answer.read().decode()
             except OSError:
                 continue  # not listening yet
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err.decode()[-2000:]
+    assert proc.returncode == 0, proc.log[-2000:]
     assert any((tmp_path / "data").iterdir())  # data_dir relative to the config file
 
 
@@ -191,10 +201,8 @@ def test_sighup_reloads_the_references_of_running_devices(tmp_path):
     head = f"""sources = ["synthetic://?devices=2&hr=120"]\ndata_dir = "data"\nduration_s = 120
 [backend]\nname = "model"\n[publish]\nendpoints = ["{endpoint}"]\n[log]\nlevel = "info"\n[references]\n"""
     path = write(tmp_path, head + '"sim-0" = "echo.npz"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "echopulse.stream.cli", "serve", "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "error"})
 
-    def primes(sub, device: str, want: str, timeout: float = 60) -> None:
+    def primes(proc, sub, device: str, want: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             msg = sub.recv(timeout=0.5)
@@ -203,25 +211,18 @@ def test_sighup_reloads_the_references_of_running_devices(tmp_path):
                 return
         raise AssertionError(f"{device} never showed prime={want}")
 
-    try:
-        with Subscriber(endpoint) as sub:
-            primes(sub, "sim-0", "reference")
-            primes(sub, "sim-1", "simulated")
-            path.write_text(head + '"sim-1" = "missing.npz"\n')  # a broken reload keeps what runs
-            proc.send_signal(signal.SIGHUP)
-            time.sleep(1.0)
-            path.write_text(head + '"sim-0" = "echo.npz"\n"sim-1" = "echo.npz"\n')
-            proc.send_signal(signal.SIGHUP)
-            primes(sub, "sim-1", "reference")
-            primes(sub, "sim-0", "reference")
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err.decode()[-2000:]
-    log = err.decode()
+    with serving(path) as proc, Subscriber(endpoint) as sub:
+        primes(proc, sub, "sim-0", "reference")
+        primes(proc, sub, "sim-1", "simulated")
+        path.write_text(head + '"sim-1" = "missing.npz"\n')  # a broken reload keeps what runs
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        path.write_text(head + '"sim-0" = "echo.npz"\n"sim-1" = "echo.npz"\n')
+        proc.send_signal(signal.SIGHUP)
+        primes(proc, sub, "sim-1", "reference")
+        primes(proc, sub, "sim-0", "reference")
+    assert proc.returncode == 0, proc.log[-2000:]
+    log = proc.log
     assert "references not reloaded, the loops in use stay: reference for sim-1" in log
     assert "changed for sim-1" in log and "Traceback" not in log
 
