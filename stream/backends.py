@@ -148,6 +148,19 @@ def simulated_loop(sim_cls: Any, seed: int, size: int, frames_per_beat: int, bea
     return np.concatenate([frames[-1:], frames])
 
 
+class LoopPrimedBackend(Backend):
+    """What both model backends share: the patients' loops, and the `prime` header field
+    their per-device state (a dict) records."""
+
+    references: ReferenceLoops
+
+    def frame_fields(self, state: Any) -> dict[str, Any]:
+        return {"prime": state["prime"]} if state and state.get("prime") else {}
+
+    def set_references(self, specs: Mapping[str, Any]) -> list[str]:
+        return self.references.replace(specs)
+
+
 class SimBackend(Backend):
     """The simulator's beat-driven heart, one per device."""
 
@@ -171,7 +184,7 @@ class SimBackend(Backend):
         self.render(self.new_state("warm-up"), _warm_beat())
 
 
-class ModelBackend(Backend):
+class ModelBackend(LoopPrimedBackend):
     """The learned generator: one resident model, one generator state per device.
 
     Weights are shared; each device gets its own `Generator` view over them (its own
@@ -222,12 +235,6 @@ class ModelBackend(Backend):
         frames, times = generator.generate_beat(beat.window, beat.valid, float(beat.r_time), float(beat.rr),
                                                 seed=next_beat_seed(state))
         return np.ascontiguousarray(frames, dtype=np.uint8), np.asarray(times, dtype=np.float64)
-
-    def frame_fields(self, state: Any) -> dict[str, Any]:
-        return {"prime": state["prime"]} if state and state.get("prime") else {}
-
-    def set_references(self, specs: Mapping[str, Any]) -> list[str]:
-        return self.references.replace(specs)
 
     def warm_up(self) -> None:
         self.render(self.new_state("warm-up"), _warm_beat(self.ecg_config))

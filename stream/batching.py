@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..core.resident import BATCH_SIZES, BeatRequest, BeatResult, ResidentGenerator
-from .backends import Backend, BeatLike, ReferenceLoops, device_seed, next_beat_seed, simulated_loop
+from .backends import BeatLike, LoopPrimedBackend, ReferenceLoops, device_seed, next_beat_seed, simulated_loop
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class BeatBatcher:
                 p.future.set_result(result)
 
 
-class BatchingBackend(Backend):
+class BatchingBackend(LoopPrimedBackend):
     """The learned generator with beats of all devices batched (`ResidentGenerator.generate`).
 
     A device is primed with its patient's loop from `references`, or else from its
@@ -226,12 +226,6 @@ class BatchingBackend(Backend):
             request = self._request(state, beat)
         result: BeatResult = await asyncio.wrap_future(self._submit(state, request))
         return result.frames, result.times
-
-    def frame_fields(self, state: Any) -> dict[str, Any]:
-        return {"prime": state["prime"]} if state and state.get("prime") else {}
-
-    def set_references(self, specs: Mapping[str, Any]) -> list[str]:
-        return self.references.replace(specs)
 
     def warm_up(self) -> None:
         self.resident.warm_up(batch_sizes=self.warm_sizes)
