@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from .lv_segmenter import LvSegmenter
-from .simulate.measure import disc_volumes
+from .simulate.measure import disc_volumes, ejection_fraction
 
 MIN_LV_FRACTION = 0.005  # an LV mask smaller than this share of the frame counts as not found
 MIN_LARGEST_SHARE = 0.8  # the LV is one region; a mask in scattered pieces is not an LV
@@ -50,15 +50,16 @@ def _largest_share(mask: np.ndarray) -> float:
     return float(np.bincount(labels.ravel())[1:].max() / mask.sum())
 
 
-def check_loop(frames: np.ndarray, segmenter: LvSegmenter) -> LoopCheck:
-    """Measure one cycle (uint8 T×H×W, end-diastole first) and say what looks wrong."""
-    masks = segmenter.masks(frames)
+def check_loop(frames: np.ndarray, segmenter: LvSegmenter, masks: np.ndarray | None = None) -> LoopCheck:
+    """Measure one cycle (uint8 T×H×W, end-diastole first) and say what looks wrong.
+    `masks`: the segmenter's masks of `frames` when the caller has them already."""
+    masks = segmenter.masks(frames) if masks is None else masks
     count = len(frames)
     area = masks.reshape(count, -1).mean(axis=1)
     found = (area >= MIN_LV_FRACTION) & np.array([_largest_share(m) >= MIN_LARGEST_SHARE for m in masks])
     volumes = disc_volumes(masks, 1.0)  # EF is a ratio: the pixel size cancels
     top = float(volumes.max())
-    ef = 100.0 * (top - float(volumes.min())) / top if top > 0 else 0.0
+    ef = ejection_fraction(top, float(volumes.min())) if top > 0 else 0.0
     ed, es = int(np.argmax(volumes)), int(np.argmin(volumes))
     spread = float(area.max() - area.min())
     roughness = float(np.abs(np.diff(area, 2)).mean() / spread) if count >= 3 and spread > 0 else 0.0

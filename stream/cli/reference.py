@@ -51,7 +51,8 @@ def handle(args: argparse.Namespace) -> int:
         loop = load_reference_loop(args.path, size)
     except ReferenceLoopError as err:
         raise CliError(str(err)) from None
-    check = check_loop(loop.frames, segmenter)
+    masks = segmenter.masks(loop.frames)  # once: the check and the figure both read them
+    check = check_loop(loop.frames, segmenter, masks)
     print(loop.describe())
     print(f"EF {check.ef:.1f} % (method of discs on the shipped LV segmenter's masks), "
           f"end-diastole at frame {check.ed_frame}, end-systole at frame {check.es_frame}")
@@ -63,7 +64,7 @@ def handle(args: argparse.Namespace) -> int:
     if args.png:
         from .. import media
 
-        media.save_png(args.png, _figure(loop.frames, segmenter.masks(loop.frames), np.asarray(check.lv_area)))
+        media.save_png(args.png, _figure(loop.frames, masks, np.asarray(check.lv_area)))
     return 0
 
 
