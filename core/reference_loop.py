@@ -21,7 +21,9 @@ Which frames make the cycle, first rule that applies:
 2. the file says where the R peaks are: a DICOM's R Wave Pointer (frame numbers from 1),
    or an .npz written by ``echopulse simulate`` (`video_t` and `r_peaks`, seconds): the
    first whole R-to-R cycle of at least 2 frames (an .npz whose frames hold none is refused:
-   the whole file would not start at R);
+   the whole file would not start at R). A DICOM that marks a single R: one beat from it,
+   its length from the file's Nominal Interval or Heart Rate and frame rate, else from the
+   mark to the end of the file with a warning;
 3. the whole file. When its frame rate says that is longer than one slow beat
    (`LONG_CYCLE_S`), a warning asks for ``?frames=``.
 
@@ -173,6 +175,7 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, float | None, Cycle]:
         video = video[None]
     video = _dicom_levels(path, ds, video)
     pointer = getattr(ds, "RWavePointer", None)
+    fps = _dicom_fps(ds)
     cycle = None
     if pointer is not None:
         marks = sorted({int(v) - 1 for v in np.atleast_1d(np.asarray(pointer, dtype=np.int64))})  # counted from 1
@@ -184,9 +187,43 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, float | None, Cycle]:
         elif len(marks) >= 2:
             log.warning("%s: the R Wave Pointer marks no cycle of 2 frames or more; the whole file is taken as one "
                         "cycle", path)
+        elif len(marks) == 1:
+            cycle = _cycle_at_one_mark(path, marks[0], len(video), fps, _dicom_rr_s(ds))
         else:
-            log.warning("%s: the R Wave Pointer marks fewer than two frames; the whole file is taken as one cycle", path)
-    return video, _dicom_fps(ds), cycle
+            log.warning("%s: the R Wave Pointer marks no frame of the file; the whole file is taken as one cycle", path)
+    return video, fps, cycle
+
+
+def _cycle_at_one_mark(path: Path, mark: int, count: int, fps: float | None, rr_s: float | None) -> Cycle:
+    """A cine loop often marks a single R. One beat from it when the file gives the R-R
+    interval and the frame rate (the beat before the mark when the file ends sooner);
+    else from the mark to the end of the file, which a warning asks to check."""
+    if fps and rr_s:
+        length = round(rr_s * fps)
+        if length >= 2 and mark + length <= count:
+            return mark, mark + length
+        if length >= 2 and mark - length >= 0:
+            return mark - length, mark
+    if count - mark >= 2:
+        log.warning("%s: the R Wave Pointer marks one frame (%d) and the file gives no R-R interval (Nominal Interval "
+                    "or Heart Rate) that fits; frames %d:%d are taken as one cycle: add ?frames=A:B if they hold "
+                    "several beats", path, mark, mark, count)
+        return mark, count
+    log.warning("%s: the R Wave Pointer marks only the last frame; the whole file is taken as one cycle", path)
+    return None
+
+
+def _dicom_rr_s(ds: object) -> float | None:
+    """The R-R interval (s) the file was acquired at: Nominal Interval (ms), else Heart Rate
+    (beats per minute); None when neither is a plausible number."""
+    for key, to_s in (("NominalInterval", lambda v: v / 1000.0), ("HeartRate", lambda v: 60.0 / v if v else 0.0)):
+        try:
+            rr = to_s(float(getattr(ds, key, None) or "nan"))
+        except (TypeError, ValueError):  # a malformed number string
+            continue
+        if np.isfinite(rr) and 0.2 <= rr <= 3.0:  # 20 to 300 bpm
+            return rr
+    return None
 
 
 def _dicom_levels(path: Path, ds: object, video: np.ndarray) -> np.ndarray:
@@ -328,7 +365,7 @@ def _select_cycle(path: Path, video: np.ndarray, frames: str | None, cycle: Cycl
                                  "before the next)")
     if cycle is not None:
         start, stop = cycle
-        return video[start:stop], f"the file's first R-to-R cycle, frames {start}:{stop}"
+        return video[start:stop], f"the R-to-R cycle the file marks, frames {start}:{stop}"
     if count < 2:
         raise ReferenceLoopError(f"{path}: a reference loop needs at least 2 frames of one cardiac cycle, got {count}")
     if fps and count / fps > LONG_CYCLE_S:

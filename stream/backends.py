@@ -101,6 +101,7 @@ class ReferenceLoops:
         self.size = size
         self.loops: dict[str, Any] = {}
         self._versions: dict[str, int] = {}
+        self._seen: set[str] = set()
         self.replace(specs or {})
 
     def replace(self, specs: Mapping[str, Any]) -> list[str]:
@@ -125,6 +126,8 @@ class ReferenceLoops:
             self._versions[device] = self._versions.get(device, 0) + 1
             if device in loaded:
                 log.info("reference loop for %s: %s", device, loaded[device].describe())
+            elif device in self._seen:
+                log.info("reference loop for %s removed: it goes on from a simulated heart", device)
         return changed
 
     def frames(self, device: str) -> np.ndarray | None:
@@ -135,6 +138,23 @@ class ReferenceLoops:
     def version(self, device: str) -> int:
         """Changes whenever the device's loop does."""
         return self._versions.get(device, 0)
+
+    def seen(self, device: str) -> None:
+        """Note that `device` has streamed. The first time a device without a loop streams
+        while loops wait for devices never seen, a warning names them: a device id misspelt
+        on either side would otherwise leave its patient on a simulated heart in silence."""
+        if device in self._seen:
+            return
+        self._seen.add(device)
+        waiting = self.waiting()
+        if device not in self.loops and waiting:
+            log.warning("%s has no reference loop and starts from a simulated heart, while the loops of %s wait "
+                        "for devices not seen yet (is one of them this device under another id?)",
+                        device, ", ".join(waiting))
+
+    def waiting(self) -> list[str]:
+        """Devices with a loop that have not streamed yet."""
+        return sorted(set(self.loops) - self._seen)
 
     def __len__(self) -> int:
         return len(self.loops)
@@ -159,6 +179,17 @@ class LoopPrimedBackend(Backend):
 
     def set_references(self, specs: Mapping[str, Any]) -> list[str]:
         return self.references.replace(specs)
+
+    def prime_loop_for(self, state: Any, beat: BeatLike, size: int, frames_per_beat: int) -> tuple[np.ndarray, bool]:
+        """The loop a device is primed with and whether it is beat-locked: its patient's
+        (any frame count), else a loop of its simulated heart at this beat's RR. Records
+        which one in state["prime"]."""
+        own = self.references.frames(state["device"])
+        if own is not None:
+            state["prime"] = "reference"
+            return own, False
+        state["prime"] = "simulated"
+        return simulated_loop(self._sim, state["seed"], size, frames_per_beat, beat), True
 
 
 class SimBackend(Backend):
@@ -214,23 +245,17 @@ class ModelBackend(LoopPrimedBackend):
 
     def render(self, state: Any, beat: BeatLike) -> tuple[np.ndarray, np.ndarray]:
         generator = state["generator"]
+        self.references.seen(state["device"])
         version = self.references.version(state["device"])
-        own = self.references.frames(state["device"])
+        size = self.base.preset.tokenizer.image_size
         if state["prime"] is None:
-            if own is not None:
-                generator.prime_loop(own, beat_locked=False)
-                state["prime"] = "reference"
-            else:
-                size = self.base.preset.tokenizer.image_size
-                generator.prime_loop(simulated_loop(self._sim, state["seed"], size, generator.frames_per_beat, beat),
-                                     beat_locked=True)
-                state["prime"] = "simulated"
-        elif version != state["ref_version"] and own is not None:
-            # a new loop for a running device: its context changes, the video goes on from its last frame
+            generator.prime_loop(*self.prime_loop_for(state, beat, size, generator.frames_per_beat))
+        elif version != state["ref_version"]:
+            # the device's loop was replaced or removed while it streams: its context
+            # changes, the video goes on from its last frame
             last = generator.state.prime
-            generator.prime_loop(own, beat_locked=False)
+            generator.prime_loop(*self.prime_loop_for(state, beat, size, generator.frames_per_beat))
             generator.state.prime = last
-            state["prime"] = "reference"
         state["ref_version"] = version
         frames, times = generator.generate_beat(beat.window, beat.valid, float(beat.r_time), float(beat.rr),
                                                 seed=next_beat_seed(state))

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..core.resident import BATCH_SIZES, BeatRequest, BeatResult, ResidentGenerator
-from .backends import BeatLike, LoopPrimedBackend, ReferenceLoops, device_seed, next_beat_seed, simulated_loop
+from .backends import BeatLike, LoopPrimedBackend, ReferenceLoops, device_seed, next_beat_seed
 
 log = logging.getLogger(__name__)
 
@@ -184,23 +184,19 @@ class BatchingBackend(LoopPrimedBackend):
         return {"seed": device_seed(device), "device": device, "state": None, "prime": None, "ref_version": None}
 
     def _request(self, state: Any, beat: BeatLike) -> BeatRequest:
+        self.references.seen(state["device"])
         version = self.references.version(state["device"])
-        own = self.references.frames(state["device"])
-        if state["state"] is not None and version != state["ref_version"] and own is not None:
-            # a new loop for a running device: its context changes, the video goes on from its last frame
-            fresh = self.resident.prime_loop(own, seed=state["seed"], beat_locked=False)
-            state["state"] = dataclasses.replace(state["state"], ref_ids=fresh.ref_ids, ref_valid=True)
-            state["prime"] = "reference"
-        state["ref_version"] = version
+        size = self.resident.preset.tokenizer.image_size
         if state["state"] is None:
-            if own is not None:
-                state["state"] = self.resident.prime_loop(own, seed=state["seed"], beat_locked=False)
-                state["prime"] = "reference"
-            else:
-                size = self.resident.preset.tokenizer.image_size
-                loop = simulated_loop(self._sim, state["seed"], size, self.resident.frames_per_beat, beat)
-                state["state"] = self.resident.prime_loop(loop, seed=state["seed"])
-                state["prime"] = "simulated"
+            loop, locked = self.prime_loop_for(state, beat, size, self.resident.frames_per_beat)
+            state["state"] = self.resident.prime_loop(loop, seed=state["seed"], beat_locked=locked)
+        elif version != state["ref_version"]:
+            # the device's loop was replaced or removed while it streams: its context
+            # changes, the video goes on from its last frame
+            loop, locked = self.prime_loop_for(state, beat, size, self.resident.frames_per_beat)
+            fresh = self.resident.prime_loop(loop, seed=state["seed"], beat_locked=locked)
+            state["state"] = dataclasses.replace(state["state"], ref_ids=fresh.ref_ids, ref_valid=True)
+        state["ref_version"] = version
         window = np.asarray(beat.window, np.float32)
         window = window if window.ndim == 2 else window[None]
         return BeatRequest(state["state"], window, np.asarray(beat.valid, bool), float(beat.rr), float(beat.r_time),

@@ -88,6 +88,8 @@ def test_replay_mp4(tmp_path, recording):
           "sim-0={tmp}/none.mp4"], "reference for sim-0"),
         (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--backend", "model", "--reference",
           "a={csv}", "--reference", "a={csv}"], "a given twice"),
+        (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--backend", "model", "--allow-device",
+          "polar-1", "--reference", "polar_1={csv}"], "reference loops for polar_1, which --allow-device does not serve"),
         (["serve", "--source", "synthetic://", "--data-dir", "{tmp}/d", "--backend", "sim", "--reference", "a={csv}"],
          "references is for the model backend"),
         (["replay", "{csv}", "--fs", "250", "--out", "{tmp}/o.npz", "--reference", "{csv}"],

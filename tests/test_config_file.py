@@ -221,10 +221,14 @@ def test_sighup_reloads_the_references_of_running_devices(tmp_path):
         proc.send_signal(signal.SIGHUP)
         primes(proc, sub, "sim-1", "reference")
         primes(proc, sub, "sim-0", "reference")
+        path.write_text(head + '"sim-1" = "echo.npz"\n')  # sim-0's loop taken away
+        proc.send_signal(signal.SIGHUP)
+        primes(proc, sub, "sim-0", "simulated")
     assert proc.returncode == 0, proc.log[-2000:]
     log = proc.log
     assert "references not reloaded, the loops in use stay: reference for sim-1" in log
     assert "changed for sim-1" in log and "Traceback" not in log
+    assert "reference loop for sim-0 removed: it goes on from a simulated heart" in log
 
 
 def test_python_3_10_reads_the_file_with_tomli_or_says_what_is_missing(tmp_path, monkeypatch):

@@ -120,10 +120,36 @@ def test_a_running_device_takes_a_new_loop_at_its_next_beat(tmp_path, low_ef_loo
         model.render(state, beats[1])
         assert model.frame_fields(state) == {"prime": "reference"}
         assert torch.equal(context_tokens(state, batching), loop_tokens(low_ef_loop))
+        # the loop taken away again (a reload without it): back to the device's simulated heart
+        assert model.set_references({}) == ["dev-a"]
+        model.render(state, beats[2])
+        assert model.frame_fields(state) == {"prime": "simulated"}
+        assert not torch.equal(context_tokens(state, batching), loop_tokens(low_ef_loop))
+        assert model.references.frames("dev-a") is None
     finally:
         model.close()
     with pytest.raises(ValueError, match="the sim backend takes no reference loops"):
         backends.make_backend("sim").set_references({"dev-a": str(low_ef_loop)})
+
+
+def test_a_device_without_a_loop_names_the_loops_still_waiting(low_ef_loop, caplog):
+    """A misspelt device id leaves a loop unused and its patient on a simulated heart: the
+    first device that streams without a loop names the loops no device has claimed."""
+    refs = backends.ReferenceLoops({"polar-1": str(low_ef_loop), "polar-2": str(low_ef_loop)}, 64)
+    assert refs.waiting() == ["polar-1", "polar-2"]
+    with caplog.at_level("WARNING", logger="echopulse.stream.backends"):
+        refs.seen("polar-1")  # has its loop: nothing to say
+        assert not caplog.records
+        refs.seen("polar_2")  # the other one, under another id
+        refs.seen("polar_2")  # said once per device
+    assert refs.waiting() == ["polar-2"]
+    assert len(caplog.records) == 1
+    assert "polar_2 has no reference loop" in caplog.text and "the loops of polar-2 wait" in caplog.text
+    caplog.clear()
+    refs.seen("polar-2")
+    with caplog.at_level("WARNING", logger="echopulse.stream.backends"):
+        refs.seen("polar-3")  # every loop is claimed: a device without one is simply not warned about
+    assert refs.waiting() == [] and not caplog.records
 
 
 def test_references_are_checked_before_anything_serves(tmp_path, low_ef_loop):

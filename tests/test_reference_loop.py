@@ -228,11 +228,30 @@ def test_a_jpeg_compressed_colour_dicom_reads_as_gray(tmp_path):
     assert np.abs(loop.frames.astype(int) - video).mean() < 4
 
 
-def test_a_dicom_with_one_r_mark_falls_back_to_the_whole_file(tmp_path, caplog):
-    write_dicom(tmp_path / "one.dcm", cycle(8), RWavePointer=[1])
+@pytest.mark.parametrize("tags, frames", [
+    ({"HeartRate": 120}, (4, 19)),                        # 0.5 s at 30 fps from the mark (frame 5, from 1)
+    ({"NominalInterval": 400, "HeartRate": 120}, (4, 16)),  # the nominal R-R interval (ms) first
+    ({"HeartRate": 500}, (4, 30)),                        # no plausible rate: from the mark to the end, warned
+    ({}, (4, 30)),
+])
+def test_a_dicom_with_one_r_mark_takes_one_beat_from_it(tmp_path, caplog, tags, frames):
+    """Cine loops often mark a single R: the frames before it are not the cycle's start."""
+    video = cycle(30)
+    write_dicom(tmp_path / "one.dcm", video, FrameTime=33.33, RWavePointer=[5], **tags)
     with caplog.at_level(logging.WARNING):
         loop = load_reference_loop(tmp_path / "one.dcm", 64)
-    assert len(loop.frames) == 8 and "fewer than two frames" in caplog.text
+    np.testing.assert_array_equal(loop.frames, video[slice(*frames)])
+    assert ("no R-R interval" in caplog.text) == (frames[1] == 30)
+
+
+def test_a_single_r_mark_near_the_end_takes_the_beat_before_it(tmp_path, caplog):
+    video = cycle(30)
+    write_dicom(tmp_path / "late.dcm", video, FrameTime=33.33, RWavePointer=[26], HeartRate=120)
+    np.testing.assert_array_equal(load_reference_loop(tmp_path / "late.dcm", 64).frames, video[10:25])
+    write_dicom(tmp_path / "last.dcm", cycle(8), RWavePointer=[8])  # no rate, no frames after it
+    with caplog.at_level(logging.WARNING):
+        assert len(load_reference_loop(tmp_path / "last.dcm", 64).frames) == 8
+    assert "marks only the last frame; the whole file" in caplog.text
 
 
 def test_a_dicom_without_pixels_is_a_one_line_error(tmp_path):

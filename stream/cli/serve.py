@@ -19,7 +19,8 @@ without one starts from a simulated heart, whose EF is not the patient's. Frames
 "prime": "reference" or "simulated". SIGHUP reads the references again (the config
 file's [references] and --reference): a device whose loop changed takes the new one at
 its next beat, its video going on from its last frame; a file that cannot be used is
-logged and the loops in use stay. A removed reference holds until the device restarts.
+logged and the loops in use stay. A device whose reference was removed goes on from its
+simulated heart. References for devices that --allow-device leaves out are refused.
 """
 from __future__ import annotations
 
@@ -266,6 +267,11 @@ async def serve(args: argparse.Namespace, sources: list[Any], backend: Any, conf
         publisher.close()
 
 
+def references_not_allowed(references: dict[str, str], allowed: list[str] | None) -> list[str]:
+    """The devices given a loop that the --allow-device list would never serve."""
+    return [] if allowed is None else sorted(set(references) - set(allowed))
+
+
 def current_references(args: argparse.Namespace) -> dict[str, str]:
     """The references as the command line and config file say now: the file's [references]
     table, then --reference on top. ConfigError/CliError when either cannot be read."""
@@ -282,6 +288,8 @@ async def reload_references(args: argparse.Namespace, backend: Any) -> list[str]
 
     try:
         specs = current_references(args)
+        if refused := references_not_allowed(specs, getattr(args, "allow_device", None)):
+            raise CliError(f"reference loops for {', '.join(refused)}, which --allow-device does not serve")
         changed = await asyncio.to_thread(backend.set_references, specs)
     except (ConfigError, CliError, ValueError) as err:
         log.error("references not reloaded, the loops in use stay: %s", err)
@@ -309,6 +317,8 @@ def handle(args: argparse.Namespace) -> int:
             if getattr(args, key, None) is not None:
                 options[key] = getattr(args, key)
         references = {**options.get("references", {}), **parse_references(args.reference)}
+        if refused := references_not_allowed(references, args.allow_device):
+            raise CliError(f"reference loops for {', '.join(refused)}, which --allow-device does not serve")
         if references:
             options["references"] = references
         backend = backends.make_backend(args.backend, **options)
