@@ -43,6 +43,7 @@ from .ecg_encoder import EcgEncoder, load_ecg_encoder
 from .sampler import Schedule, decode, make_schedule
 from .tokenizer import CViViT, from_uint8, load_tokenizer, to_uint8, token_space_sha256
 from .transformer import EcgFeatures, MaskedTransformer, build_transformer, key_layout, load_transformer
+from .training import select_device
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,8 @@ def _check_token_space(directory: Path) -> None:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """None: CUDA when there is one, else CPU; a CUDA device this machine lacks is a RuntimeError."""
+    return select_device("auto" if device is None else str(device))
 
 
 @dataclass

@@ -49,7 +49,9 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("CUDA was asked for but no CUDA device is available")
+        raise RuntimeError(f"{name}: CUDA was asked for but no CUDA device is available (torch {torch.__version__})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -197,7 +197,7 @@ def _references(table: _Table | None, folder: Path) -> dict[str, str]:
         head, sep, query = spec.partition("?")
         if not head.strip():
             table.fail(device, "must name a file (video, DICOM or NumPy), optionally with ?frames=A:B")
-        references[device] = str(folder / Path(head)) + sep + query
+        references[device] = str(folder / Path(head).expanduser()) + sep + query
     return references
 
 
@@ -235,7 +235,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> ServeConfig:
             top.fail("references", "only the model backend primes devices with echo loops ([backend] name = \"model\")")
         options["references"] = references
     return ServeConfig(
-        path=path, sources=_sources(top), data_dir=path.parent / Path(data_dir), duration_s=duration,
+        path=path, sources=_sources(top), data_dir=path.parent / Path(data_dir).expanduser(), duration_s=duration,
         backend=name, backend_options=options,
         publish=publish,
         limits=_limits(top.table("limits")), metrics=_metrics(top.table("metrics")), log_level=level, log_format=log_format,
@@ -269,4 +269,6 @@ def load_config(path: str | Path) -> ServeConfig:
         raise ConfigError(f"{path}: {err.strerror or err}") from None
     except toml.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:  # TOML is UTF-8; tomllib decodes the bytes itself
+        raise ConfigError(f"{path}: not UTF-8 text: {err}") from None
     return parse_config(data, path)

@@ -34,7 +34,7 @@ TRACE_AFTER_S = 0.5
 @dataclass
 class DemoOptions:
     out: Path = Path("echopulse-demo")
-    seconds: float = 20.0          # ECG seconds to stream
+    seconds: float | None = None   # ECG seconds to stream (None: 20 synthetic, a recording whole)
     speed: float = 2.0             # ECG seconds per wall second (0: as fast as possible)
     hr: float = 72.0
     seed: int = 0
@@ -71,15 +71,33 @@ def _device(options: DemoOptions) -> str:
     return "recording" if options.file is not None else "demo-0"
 
 
-def _source(options: DemoOptions) -> Any:
+SYNTHETIC_SECONDS = 20.0  # the synthetic ECG's length when --seconds is not given
+
+
+def _source(options: DemoOptions, recording: Any = None) -> Any:
     realtime: float | bool = options.speed if options.speed > 0 else False
     if options.file is not None:
         from ..bridges.replay import FileSource
 
-        return FileSource(options.file, fs=options.fs, lead=options.lead, device=_device(options), realtime=realtime)
+        source = FileSource(options.file, fs=options.fs, lead=options.lead, device=_device(options), realtime=realtime)
+        source.recording = recording  # read once, already cut to --seconds
+        return source
     from ..bridges.synthetic import SyntheticSource
 
-    return SyntheticSource(devices=1, hr=options.hr, seed=options.seed, realtime=realtime, duration_s=options.seconds, prefix="demo")
+    return SyntheticSource(devices=1, hr=options.hr, seed=options.seed, realtime=realtime,
+                           duration_s=options.seconds or SYNTHETIC_SECONDS, prefix="demo")
+
+
+def _fresh_data_dir(options: DemoOptions) -> Path:
+    """The engine's raw-ECG folder under --out, without an earlier demo's ECG of the same
+    device: the engine appends to a device's store, and the pictures would show both runs."""
+    import shutil
+
+    from .datadir import device_dirname
+
+    data_dir = options.out / "data"
+    shutil.rmtree(data_dir / device_dirname(_device(options)), ignore_errors=True)
+    return data_dir
 
 
 async def stream(options: DemoOptions) -> DemoResult:
@@ -92,15 +110,17 @@ async def stream(options: DemoOptions) -> DemoResult:
     from .session import EngineLimits
     from .subscribe import AsyncSubscriber
 
-    seconds = options.seconds
+    seconds, recording = options.seconds or SYNTHETIC_SECONDS, None
     if options.file is not None:
         # Fail before anything starts, with the reader's own one-line message.
         recording = read_recording(options.file, fs=options.fs, lead=options.lead)
+        if options.seconds is not None:  # a day-long Holter file need not stream whole
+            recording = recording._replace(samples=recording.samples[:, : int(round(options.seconds * recording.fs))])
         seconds = recording.samples.shape[1] / recording.fs
     # The demo is a bounded run that should show every beat: the beat queue holds all of
     # them (200 bpm at most), where a live daemon would drop the oldest under overload.
     limits = EngineLimits(beat_queue=int(seconds * 200 / 60) + 4, drain_timeout_s=300.0)
-    data_dir = options.out / "data"
+    data_dir = _fresh_data_dir(options)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     backend = make_backend(options.backend, references={_device(options): options.reference} if options.reference else None)
     frames: list[FrameMessage] = []
@@ -109,7 +129,7 @@ async def stream(options: DemoOptions) -> DemoResult:
     t_start = time.perf_counter()
     with Publisher(endpoint) as publisher:
         async with AsyncSubscriber(endpoint) as subscriber:
-            engine = Engine([_source(options)], backend, publisher, data_dir, limits=limits)
+            engine = Engine([_source(options, recording)], backend, publisher, data_dir, limits=limits)
             run = asyncio.create_task(engine.run())
             while True:
                 msg = await subscriber.recv(timeout=0.25)
@@ -127,10 +147,9 @@ async def stream(options: DemoOptions) -> DemoResult:
         bar.close()
     wall = time.perf_counter() - t_start
 
-    devices = list_devices(data_dir)
-    if not devices:
+    device = _device(options)
+    if device not in list_devices(data_dir):
         raise RuntimeError("the engine received no ECG")
-    device = devices[0]
     chunks = list(read_chunks(data_dir, device))
     ecg = np.concatenate([c.samples for c in chunks], axis=1)
     fs, t0 = float(chunks[0].entry["fs"]), float(chunks[0].entry["t0"])
@@ -143,7 +162,7 @@ def _progress(options: DemoOptions) -> Any:
         return None
     from tqdm import tqdm
 
-    total = options.seconds if options.file is None else None
+    total = options.seconds or (SYNTHETIC_SECONDS if options.file is None else None)
     return tqdm(total=total, unit="s ECG", desc="streaming", bar_format="{desc}: {n:.1f}/{total} {unit} [{elapsed}]" if total else None)
 
 
@@ -261,7 +280,8 @@ def summarise(result: DemoResult, has_areas: bool) -> dict[str, Any]:
 
 
 async def run_demo(options: DemoOptions) -> DemoResult:
-    """Stream, then write every output; the result carries the file paths and summary."""
+    """Stream, then write every output; the result carries the file paths and summary.
+    OSError when --out cannot be a folder."""
     options.out.mkdir(parents=True, exist_ok=True)
     result = await stream(options)
     if not result.frames:

@@ -67,10 +67,15 @@ class EngineLimits:
     def __post_init__(self) -> None:
         if self.beat_queue < 1 or self.max_devices < 1 or self.workers < 1:
             raise ValueError("beat_queue, max_devices and workers must be >= 1")
-        if min(self.signal_timeout_s, self.watchdog_interval_s) <= 0:
+        # `not x > 0` so that NaN fails too: a NaN timeout would make signal_lost never fire
+        if not (self.signal_timeout_s > 0 and self.watchdog_interval_s > 0):
             raise ValueError("signal_timeout_s and watchdog_interval_s must be > 0")
-        if self.forget_after_s < 0:
-            raise ValueError("forget_after_s must be >= 0 (0: never forget a device)")
+        timers = {"status_interval_s": self.status_interval_s, "drain_timeout_s": self.drain_timeout_s,
+                  "stop_timeout_s": self.stop_timeout_s, "forget_after_s": self.forget_after_s}
+        for name, value in timers.items():
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}" + (" (0: never forget a device)"
+                                                                      if name == "forget_after_s" else ""))
 
 
 def source_status_code(code: str) -> str:

@@ -106,6 +106,24 @@ def test_bad_arguments_give_one_line_and_status_2(argv, words, tmp_path, csv_fil
     assert len(err.splitlines()) == 1 and words in err and "error" in err
 
 
+def test_replay_output_is_checked_before_rendering_and_keeps_its_name(tmp_path, csv_file, capsys):
+    (tmp_path / "dir.npz").mkdir()
+    assert main(["replay", str(csv_file), "--fs", "250", "--out", str(tmp_path / "dir.npz"), "--backend", "sim"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    # np.savez given a name adds ".npz" to an upper-case suffix: OUT.NPZ became OUT.NPZ.npz
+    assert main(["replay", str(csv_file), "--fs", "250", "--out", str(tmp_path / "OUT.NPZ"), "--backend", "sim"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("OUT*")) == ["OUT.NPZ"]
+    assert len(np.load(tmp_path / "OUT.NPZ")["frames"]) > 0
+
+
+def test_a_cuda_device_this_machine_lacks_is_a_clear_error():
+    """A config's torch_device = "cuda" on the CPU build of torch was an AssertionError traceback."""
+    from echopulse.stream import backends
+
+    with pytest.raises(RuntimeError, match="cuda:99: .*CUDA"):
+        backends.make_backend("model", device="cuda:99")
+
+
 @pytest.mark.slow
 def test_replay_with_a_patients_loop_follows_that_patients_ef(tmp_path, recording):
     """--reference: the generated heart contracts like the patient's echo, not like a default heart."""

@@ -114,6 +114,9 @@ def test_reference_mistakes_are_one_line_errors(tmp_path, text, words):
     (MINIMAL + "[limits]\nbeat_queue = true\n", "[limits] beat_queue: must be int, got bool"),
     (MINIMAL + "[limits]\nbeat_queue = 0\n", "[limits] beat_queue, max_devices and workers must be >= 1"),
     (MINIMAL + "[limits]\nqueue = 4\n", "[limits] queue: unknown key"),
+    (MINIMAL + "[limits]\nsignal_timeout_s = nan\n", "[limits] signal_timeout_s and watchdog_interval_s must be > 0"),
+    (MINIMAL + "[limits]\ndrain_timeout_s = -1\n", "[limits] drain_timeout_s must be >= 0"),
+    (MINIMAL + "[limits]\nstop_timeout_s = nan\n", "[limits] stop_timeout_s must be >= 0"),
     (MINIMAL + "[metrics]\nport = 70000\n", "[metrics] port: must be between 0 and 65535"),
     (MINIMAL + '[log]\nlevel = "loud"\n', "[log] level: must be one of"),
     (MINIMAL + 'publish = "tcp://x"\n', "[publish] must be a table"),
@@ -125,6 +128,35 @@ def test_mistakes_are_one_line_errors(tmp_path, text, words):
         load_config(path)
     message = str(err.value)
     assert words in message and message.startswith(str(path)) and "\n" not in message
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "bin.toml"
+    path.write_bytes(MINIMAL.encode() + b"# caf\xe9 in Latin-1\n")
+    with pytest.raises(ConfigError, match="bin.toml: not UTF-8 text"):
+        load_config(path)
+
+
+def test_a_home_folder_data_dir_is_expanded(tmp_path):
+    config = load_config(write(tmp_path, 'sources = ["synthetic://"]\ndata_dir = "~/echopulse-data"\n'))
+    assert config.data_dir == Path.home() / "echopulse-data"
+
+
+def test_command_line_flags_win_over_the_file(tmp_path):
+    """--duration, --workers, --backend, ... were silently replaced by the file's values."""
+    from echopulse.stream.cli import build_parser
+    from echopulse.stream.cli.serve import apply_config, engine_limits
+
+    path = write(tmp_path, MINIMAL + 'duration_s = 60\n[backend]\nname = "sim"\n[limits]\nworkers = 4\nbeat_queue = 9\n')
+    args = build_parser().parse_args(["serve", "--config", str(path), "--duration", "2", "--workers", "3",
+                                      "--publish", "tcp://127.0.0.1:5999", "--data-dir", str(tmp_path / "mine")])
+    config = apply_config(args)
+    assert args.duration == 2.0 and args.publish == ["tcp://127.0.0.1:5999"] and args.data_dir == str(tmp_path / "mine")
+    assert args.source == ["synthetic://?devices=1"] and args.backend == "sim"  # not given: the file's
+    limits = engine_limits(args, config)
+    assert limits.workers == 3 and limits.beat_queue == 9  # the flag on top of the file's [limits]
+    bare = build_parser().parse_args(["serve", "--source", "synthetic://", "--data-dir", "d"])
+    assert engine_limits(bare).workers == 2  # neither: the engine's default
 
 
 def test_missing_file(tmp_path):

@@ -78,3 +78,29 @@ def test_demo_with_a_patients_echo_loop(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "d" / "summary.json").read_text())["prime"] == "reference"
     bad = run_cli("demo", "--out", "e", "--backend", "model", "--reference", "none.mp4", cwd=tmp_path)
     assert bad.returncode == 2 and "none.mp4: no such file" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_run_into_the_same_folder_shows_only_its_own_ecg(tmp_path: Path) -> None:
+    """The engine appends to a device's raw store: a second demo into the same --out once
+    drew the first run's ECG under its echo (and summed both runs' seconds)."""
+    from echopulse.core.simulate import simulate_ecg
+
+    record = simulate_ecg(10.0, fs=250.0, hr=90.0, seed=3)
+    np.savetxt(tmp_path / "ecg.csv", record.signal[0], fmt="%.5f")
+    base = ("demo", "--out", "d", "--file", "ecg.csv", "--fs", "250", "--speed", "0", "--backend", "sim")
+    for extra, seconds in (((), 10.0), (("--seconds", "4"), 4.0)):  # --seconds cuts a recording
+        out = run_cli(*base, *extra, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+        assert summary["ecg_seconds"] == pytest.approx(seconds, abs=0.3)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (("--file", "ecg.csv"), "sample rate unknown"),  # the reader's own line, not a traceback
+    (("--out", "afile"), "--out afile: not a folder"),
+])
+def test_demo_mistakes_are_one_line(tmp_path: Path, argv, words) -> None:
+    np.savetxt(tmp_path / "ecg.csv", np.zeros(2500), fmt="%.1f")
+    (tmp_path / "afile").write_text("x")
+    out = run_cli("demo", "--speed", "0", "--backend", "sim", *argv, cwd=tmp_path)
+    assert out.returncode == 2 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

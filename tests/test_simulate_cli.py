@@ -100,3 +100,35 @@ def test_an_interrupted_run_indexes_the_samples_it_wrote(tmp_path: Path, monkeyp
     index = json.loads((out / "index.json").read_text())  # once written only at the end
     assert [s["file"] for s in index["samples"]] == ["sample_00000000.npz", "sample_00000001.npz"] and not index["complete"]
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "sample_00000000.npz", "sample_00000001.npz"]  # no half file
+
+
+def test_sigterm_also_indexes_the_samples_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler's stop (SIGTERM) once left no index.json: only Ctrl-C unwound the run."""
+    import os
+    import signal
+
+    import echopulse.core.simulate as simulate
+
+    real = simulate.iter_pairs
+
+    def stopped(*args, **kwargs):
+        for k, sample in enumerate(real(*args, **kwargs)):
+            if k == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield sample
+
+    monkeypatch.setattr(simulate, "iter_pairs", stopped)
+    out = tmp_path / "data"
+    with pytest.raises(SystemExit) as exit_:
+        main(["simulate", "--n", "5", "--out", str(out)])
+    assert exit_.value.code == 128 + signal.SIGTERM
+    index = json.loads((out / "index.json").read_text())
+    assert [s["file"] for s in index["samples"]] == ["sample_00000000.npz"] and not index["complete"]
+    assert signal.getsignal(signal.SIGTERM) is not None and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("x")
+    assert main(["simulate", "--n", "1", "--out", str(tmp_path / "file" / "sim")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err

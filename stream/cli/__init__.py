@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="ECG-to-echocardiography engine: simulate, train, evaluate, serve and replay.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text",
-                        help="log records as text or as JSON lines for a log collector (default %(default)s)")
+    parser.add_argument("--log-format", choices=("text", "json"), default=None,
+                        help="log records as text or as JSON lines for a log collector (default text)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CliParser)
     subparsers.required = True
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(logging.WARNING - 10 * min(args.verbose, 2), args.log_format)
+    configure_logging(logging.WARNING - 10 * min(args.verbose, 2), args.log_format or "text")
     try:
         return int(args.handler(args) or 0)
     except CliError as err:

@@ -1,6 +1,6 @@
 """`echopulse demo`: see an echo beat in step with an ECG, on a laptop, in under two minutes.
 
-    echopulse demo [--out echopulse-demo] [--seconds 20] [--speed 2] [--file RECORDING] [--reference ECHO_LOOP]
+    echopulse demo [--out echopulse-demo] [--seconds S] [--speed 2] [--file RECORDING] [--reference ECHO_LOOP]
 
 Streams a synthetic ECG (or, with --file, a recording) through the real engine, a real
 ZeroMQ publisher and a real subscriber, then writes into --out: demo.mp4 (the echo above,
@@ -22,7 +22,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("demo", help="stream an ECG through the engine and write a video, plots and a latency summary",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("echopulse-demo"), help="output folder (default %(default)s)")
-    p.add_argument("--seconds", type=ranged(float, 3.0, 600.0, "seconds"), default=20.0, help="ECG seconds to stream (default %(default)s)")
+    p.add_argument("--seconds", type=ranged(float, 3.0, 600.0, "seconds"), default=None,
+                   help="ECG seconds to stream (default: 20 of synthetic ECG; a --file recording whole)")
     p.add_argument("--speed", type=ranged(float, 0.0, 100.0, "speed"), default=2.0,
                    help="ECG seconds per wall second; 0 = as fast as possible (default %(default)s)")
     p.add_argument("--hr", type=ranged(float, 30.0, 200.0, "hr"), default=72.0, help="synthetic heart rate, bpm (default %(default)s)")
@@ -40,14 +41,20 @@ def register(subparsers: Any) -> None:
 def handle(args: argparse.Namespace) -> int:
     from ..demo import DemoOptions, run_demo
 
+    from ...bridges.recording import ReplayError
+
     if args.file is not None and not args.file.is_file():
         raise CliError(f"--file {args.file}: no such file")
+    if args.out.exists() and not args.out.is_dir():
+        raise CliError(f"--out {args.out}: not a folder")
     options = DemoOptions(out=args.out, seconds=args.seconds, speed=args.speed, hr=args.hr, seed=args.seed,
                           backend=args.backend, file=args.file, fs=args.fs, lead=args.lead, reference=args.reference)
     try:
         result = asyncio.run(run_demo(options))
-    except (RuntimeError, ValueError) as err:
+    except (RuntimeError, ValueError, ReplayError) as err:
         raise CliError(str(err)) from None
+    except OSError as err:  # --out cannot be made or written
+        raise CliError(f"--out {args.out}: {err}") from None
     s = result.summary
     lat = s["beat_to_last_frame_latency"]
     primed = {"reference": ", primed with the patient's echo", "simulated": ", primed with a simulated heart"}

@@ -123,18 +123,35 @@ def write_mp4(out: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from ...bridges.recording import ReplayError, read_recording
-    from .. import backends
-    from ..protocol import ProtocolError, check_device
-
     out = Path(args.out)
     kind = out.suffix.lower()
     if kind not in (".npz", ".mp4"):
         raise CliError(f"--out must end in .npz or .mp4, got {out.name}")
     if not out.parent.is_dir():
         raise CliError(f"--out: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise CliError(f"--out {out}: is a folder")
     if not Path(args.path).exists() and not Path(args.path + ".hea").exists():
         raise CliError(f"{args.path}: no such file")
+    existed = out.exists()
+    try:  # an output that cannot be written fails now, not after the rendering
+        with out.open("ab"):
+            pass
+    except OSError as err:
+        raise CliError(f"--out {out}: {err}") from None
+    try:
+        return _replay(args, out, kind)
+    except BaseException:
+        if not existed and out.is_file() and out.stat().st_size == 0:
+            out.unlink()  # no empty file left where the run failed
+        raise
+
+
+def _replay(args: argparse.Namespace, out: Path, kind: str) -> int:
+    from ...bridges.recording import ReplayError, read_recording
+    from .. import backends
+    from ..protocol import ProtocolError, check_device
+
     try:
         check_device(args.device)
     except ProtocolError as err:
@@ -176,12 +193,16 @@ def handle(args: argparse.Namespace) -> int:
         log.warning("%s: %s", code, message)
     arrays = result.arrays()
     n_beats, n_frames = len(arrays["r_peaks"]), len(arrays["frames"])
-    if kind == ".npz":
-        np.savez(out, **arrays)
-    elif n_frames == 0:
-        raise CliError(f"{args.path}: no beats detected, no video to write")
-    else:
-        write_mp4(out, arrays)
+    try:
+        if kind == ".npz":
+            with out.open("wb") as f:  # a handle: np.savez given a name adds ".npz" to "X.NPZ"
+                np.savez(f, **arrays)
+        elif n_frames == 0:
+            raise CliError(f"{args.path}: no beats detected, no video to write")
+        else:
+            write_mp4(out, arrays)
+    except OSError as err:  # a full disk, or the folder gone meanwhile
+        raise CliError(f"--out {out}: {err}") from None
     log.info("%s: %d beats, %d frames -> %s", args.path, n_beats, n_frames, out)
     if n_beats == 0:
         log.warning("%s: no beats detected", args.path)

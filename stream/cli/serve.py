@@ -67,15 +67,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="serve /metrics (Prometheus text) and /health on this address (default: off)")
     p.add_argument("--duration", type=ranged(float, 0.001, 1e9, "duration"), default=None,
                    help="stop after S seconds (default: run until stopped)")
-    p.add_argument("--beat-queue", type=positive_int("beat-queue"), default=4,
-                   help="beats waiting per device before the oldest is dropped (default %(default)s)")
-    p.add_argument("--signal-timeout", type=ranged(float, 0.01, 3600.0, "signal-timeout"), default=3.0,
-                   help="seconds without ECG before a device's signal counts as lost (default %(default)s)")
-    p.add_argument("--workers", type=positive_int("workers"), default=2, help="backend threads (default %(default)s)")
+    # limits default to None: given, they win over a config file's [limits]; else EngineLimits' defaults
+    p.add_argument("--beat-queue", type=positive_int("beat-queue"), default=None,
+                   help="beats waiting per device before the oldest is dropped (default 4)")
+    p.add_argument("--signal-timeout", type=ranged(float, 0.01, 3600.0, "signal-timeout"), default=None,
+                   help="seconds without ECG before a device's signal counts as lost (default 3)")
+    p.add_argument("--workers", type=positive_int("workers"), default=None, help="backend threads (default 2)")
     p.add_argument("--allow-device", action="append", default=None, metavar="ID",
                    help="serve only these device ids (repeatable; default: any, up to --max-devices)")
-    p.add_argument("--max-devices", type=positive_int("max-devices"), default=256,
-                   help="devices served at most; more are refused with a status (default %(default)s)")
+    p.add_argument("--max-devices", type=positive_int("max-devices"), default=None,
+                   help="devices served at most; more are refused with a status (default 256)")
     p.set_defaults(handler=handle)
 
 
@@ -198,24 +199,38 @@ def _metrics_address(text: str) -> tuple[str, int]:
 
 
 def apply_config(args: argparse.Namespace) -> Any:
-    """Fill `args` from --config FILE.toml; return the ServeConfig (its limits and metrics are used by serve)."""
+    """Fill `args` from --config FILE.toml where the command line left them out (a flag
+    given wins over the file); return the ServeConfig (its limits and metrics are used by serve)."""
     from ..config_file import ConfigError, load_config
 
     try:
         config = load_config(args.config)
     except ConfigError as err:
         raise CliError(str(err)) from None
-    args.source, args.data_dir, args.publish = list(config.sources), str(config.data_dir), list(config.publish)
-    args.backend, args.duration = config.backend, config.duration_s
-    configure_logging(config.log_level, config.log_format)
+    args.source = args.source or list(config.sources)
+    args.data_dir = args.data_dir or str(config.data_dir)
+    args.publish = args.publish or list(config.publish)
+    args.backend = args.backend or config.backend
+    args.duration = args.duration if args.duration is not None else config.duration_s
+    level = logging.WARNING - 10 * min(args.verbose, 2) if getattr(args, "verbose", 0) else config.log_level
+    configure_logging(level, getattr(args, "log_format", None) or config.log_format)
     return config
+
+
+def engine_limits(args: argparse.Namespace, config: Any = None) -> Any:
+    """The config file's [limits], with the limits given on the command line on top."""
+    from ..session import EngineLimits
+
+    given = {"beat_queue": args.beat_queue, "signal_timeout_s": args.signal_timeout, "workers": args.workers,
+             "max_devices": args.max_devices}
+    base = dict(config.limits) if config is not None else {}
+    return EngineLimits(**{**base, **{key: value for key, value in given.items() if value is not None}})
 
 
 async def serve(args: argparse.Namespace, sources: list[Any], backend: Any, config: Any = None) -> dict:
     from ..engine import Engine
     from ..metrics import MetricsServer
     from ..publish import Publisher
-    from ..session import EngineLimits
 
     from ...bridges.recording import ReplayError
 
@@ -230,11 +245,7 @@ async def serve(args: argparse.Namespace, sources: list[Any], backend: Any, conf
     except OSError as err:
         raise CliError(str(err)) from None
     try:
-        if config is not None:
-            limits = EngineLimits(**config.limits)
-        else:
-            limits = EngineLimits(beat_queue=args.beat_queue, signal_timeout_s=args.signal_timeout,
-                                  workers=args.workers, max_devices=args.max_devices)
+        limits = engine_limits(args, config)
         engine = Engine(sources, backend, publisher, args.data_dir, limits=limits, devices=args.allow_device)
         address = _metrics_address(args.metrics) if args.metrics else (config.metrics if config is not None else None)
         metrics = MetricsServer(engine.counters, *address) if address else None

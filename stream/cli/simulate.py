@@ -9,10 +9,14 @@ more ground truth. Every argument is checked before anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,14 +114,18 @@ def run(args: argparse.Namespace) -> int:
     from echopulse.core.simulate import iter_pairs
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"--out {args.out}: {err}") from None
     kw = _pair_kwargs(args)
     entries: list[dict[str, Any]] = []
     first = None
     pairs = iter_pairs(args.seed, args.n, workers=args.workers, **kw)
     try:
-        first = _write_samples(args, out, pairs, entries)
-    finally:  # an interrupted run still indexes the samples it wrote
+        with _sigterm_exits():
+            first = _write_samples(args, out, pairs, entries)
+    finally:  # an interrupted run (Ctrl-C, SIGTERM) still indexes the samples it wrote
         index = {"args": {k: v for k, v in vars(args).items() if k != "handler"}, "samples": entries,
                  "complete": len(entries) == args.n}
         (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
@@ -125,6 +133,24 @@ def run(args: argparse.Namespace) -> int:
         write_preview(Path(args.preview), first, args)
     log.info("wrote %d samples to %s", len(entries), out)
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM (a job scheduler's stop, `kill`) unwinds like Ctrl-C, so `finally` blocks run;
+    the exit status is 143, the shell's for SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _write_samples(args: argparse.Namespace, out: Path, pairs: Any, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
