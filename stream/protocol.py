@@ -74,7 +74,7 @@ STATUS_CODES = (
     "error",            # the engine failed on this device's data (a bug): the beat is skipped
 )
 
-_DEVICE_RE = re.compile(r"^[^\s/]{1,128}$")
+_DEVICE_RE = re.compile(r"[^\s/]{1,128}")  # used with fullmatch: "$" would let "bed1\n" through
 
 # name -> (accepted python types, check) for every header field.
 _INT = (int,)
@@ -150,7 +150,7 @@ Message = Union[FrameMessage, StatusMessage]
 
 def check_device(device: Any) -> str:
     """Return `device` if it is a valid device id, else raise ProtocolError."""
-    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+    if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
         raise ProtocolError(f"bad device id {device!r}: 1-128 characters, no whitespace or '/'")
     return device
 
@@ -232,10 +232,42 @@ def beat_ecg_fields(window: np.ndarray, valid: np.ndarray, fs: float, pre_r_s: f
     return {"ecg": trace.tobytes(), "ecg_fs": float(fs)}
 
 
+_BINARY = (bytes, bytearray, memoryview)
+_JSON_DEPTH = 32  # deeper nesting in an extra field is cut (a recursion limit must not crash a consumer)
+
+
+def _json_key(key: Any) -> str:
+    return key.decode("utf-8", errors="replace") if isinstance(key, _BINARY) else str(key)
+
+
+def json_safe(value: Any, _depth: int = 0) -> Any:
+    """`value` made JSON-safe, for any message that passed validation (extra fields may hold
+    anything msgpack carries): binary values are left out of maps and become null in lists,
+    NaN/inf become null, keys become text, and types JSON lacks become their text."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None  # JSON has no NaN; browsers reject it
+    if _depth >= _JSON_DEPTH:
+        return None
+    if isinstance(value, dict):
+        return {_json_key(k): json_safe(v, _depth + 1) for k, v in value.items() if not isinstance(v, _BINARY)}
+    if isinstance(value, (list, tuple)):
+        return [None if isinstance(v, _BINARY) else json_safe(v, _depth + 1) for v in value]
+    if isinstance(value, _BINARY):
+        return None
+    return str(value)
+
+
+def to_json(value: Any, **dumps_args: Any) -> str:
+    """JSON text of :func:`json_safe` (`value`): never fails on a valid message, never writes NaN."""
+    return json.dumps(json_safe(value), allow_nan=False, **dumps_args)
+
+
 def header_json(header: dict[str, Any]) -> str:
     """A header as JSON text, for saving beside its frames. Binary fields (the beat's
     "ecg") are left out: JSON has no bytes, and every frame of a beat repeats them."""
-    return json.dumps({k: v for k, v in header.items() if not isinstance(v, (bytes, bytearray, memoryview))})
+    return to_json(header)
 
 
 def decode_ecg(header: dict[str, Any]) -> np.ndarray | None:

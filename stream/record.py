@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .datadir import device_dirname
-from .protocol import FrameMessage, Message, StatusMessage, header_json
+from .protocol import FrameMessage, Message, StatusMessage, header_json, to_json
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ _COLUMNS = (
     ("rr", "rr", np.float64), ("hr", "hr", np.float64), ("capture", "capture", np.float64),
     ("publish", "publish", np.float64), ("latency", "latency", np.float64),
 )
+
+
+_SPLITS = ("restart", "shape", "rotate_time", "rotate_frames")  # close reasons the next segment opens with
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,9 @@ class Recorder:
         self.open: dict[str, Segment] = {}
         self.closed: list[dict[str, Any]] = []  # index lines of the segments written so far
         self.frames = 0
+        self.failed = 0  # segments that could not be written (each logged)
         self._count: dict[str, int] = {}  # segments started per device
+        self._last_close: dict[str, str] = {}  # device -> why its last segment closed: its next one's "opened"
 
     def add(self, msg: Message) -> None:
         if isinstance(msg, StatusMessage):
@@ -157,13 +162,14 @@ class Recorder:
         now = self.clock()
         device = msg.device
         segment = self.open.get(device)
-        reason = "start"
         if segment is not None:
             reason = self._split_reason(segment, msg, now)
             if reason:
                 self._close(device, reason)
                 segment = None
         if segment is None:
+            last = self._last_close.pop(device, "")
+            reason = last if last in _SPLITS else "start"  # after close(): a new start
             index = self._count.get(device, 0)
             self._count[device] = index + 1
             segment = Segment(self.out / device_dirname(device), device, index, msg, reason, now, self.fps)
@@ -197,14 +203,21 @@ class Recorder:
 
     def _close(self, device: str, reason: str) -> None:
         segment = self.open.pop(device)
-        line = segment.close(reason)
+        self._last_close[device] = reason
+        try:
+            line = segment.close(reason)
+        except Exception as err:  # one segment that cannot be written must not stop the recording
+            self.failed += 1
+            log.error("%s: segment %d could not be written (%s): %s", device, segment.index, type(err).__name__, err)
+            return
         self.closed.append(line)
         self._append_line("segments.jsonl", line)
         log.info("%s: segment %d closed (%s): %d frames", device, segment.index, reason, line["frames"])
 
     def _append_line(self, name: str, record: dict[str, Any]) -> None:
+        text = to_json(record)  # a status's extra fields may hold bytes or NaN: never a failed write
         with open(self.out / name, "a", encoding="utf-8") as f:  # opened per line: always flushed
-            f.write(json.dumps(record) + "\n")
+            f.write(text + "\n")
 
     def __enter__(self) -> "Recorder":
         return self

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import time
 from typing import AsyncIterator, Iterable, Iterator
 
 import zmq
@@ -83,6 +85,19 @@ class _SubscriberCore:
         return msg
 
 
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + max(0.0, timeout)
+
+
+def _remaining_ms(deadline: float | None) -> int | None:
+    """What is left of a recv's timeout, for poll (None: wait forever)."""
+    return None if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
 def _subscribe(socket: zmq.Socket, endpoint: str, topics: Iterable[str], rcvhwm: int) -> None:
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVHWM, rcvhwm)
@@ -99,15 +114,18 @@ class Subscriber(_SubscriberCore):
     def recv(self, timeout: float | None = None) -> Message | None:
         """The next valid message, or None after `timeout` seconds (None: wait forever).
 
-        Malformed messages are counted in :attr:`errors` and skipped.
+        Malformed messages are counted in :attr:`errors` and skipped; they do not restart
+        the timeout (a stream of nothing but bad messages must not block the caller forever).
         """
-        wait_ms = None if timeout is None else max(0, int(timeout * 1000))
+        deadline = _deadline(timeout)
         while True:
-            if not self._socket.poll(wait_ms):
+            if not self._socket.poll(_remaining_ms(deadline)):
                 return None
             msg = self.decode(self._socket.recv_multipart(copy=False))
             if msg is not None:
                 return msg
+            if _expired(deadline):
+                return None
 
     def messages(self, timeout: float | None = None) -> Iterator[Message]:
         """Yield messages until none arrives for `timeout` seconds."""
@@ -127,14 +145,17 @@ class AsyncSubscriber(_SubscriberCore):
     _context_class = zmq.asyncio.Context
 
     async def recv(self, timeout: float | None = None) -> Message | None:
-        """The next valid message, or None after `timeout` seconds (None: wait forever)."""
-        wait_ms = None if timeout is None else max(0, int(timeout * 1000))
+        """The next valid message, or None after `timeout` seconds (None: wait forever);
+        malformed messages are skipped without restarting the timeout, as in :class:`Subscriber`."""
+        deadline = _deadline(timeout)
         while True:
-            if not await self._socket.poll(wait_ms):
+            if not await self._socket.poll(_remaining_ms(deadline)):
                 return None
             msg = self.decode(await self._socket.recv_multipart(copy=False))
             if msg is not None:
                 return msg
+            if _expired(deadline):
+                return None
 
     async def messages(self, timeout: float | None = None) -> AsyncIterator[Message]:
         """Yield messages until none arrives for `timeout` seconds."""

@@ -124,3 +124,40 @@ def good_parts() -> list[bytes]:
 def test_decode_rejects_malformed_messages(mangle, words):
     with pytest.raises(ProtocolError, match=words):
         protocol.decode(mangle(good_parts()))
+
+
+@pytest.mark.parametrize("device", ["bed1\n", "bed1\r\n", "\nbed1", "bed 1", "bed1\t", "a/b", "", "x" * 129])
+def test_device_ids_with_whitespace_or_slash_are_rejected(device):
+    with pytest.raises(ProtocolError, match="device id"):
+        protocol.check_device(device)  # "bed1\n" once passed: re.match with "$" allows a final newline
+    with pytest.raises(ProtocolError):
+        protocol.validate_header({**frame_header(device=device), "shape": [4, 4], "dtype": "uint8"})
+
+
+def strict_json(text: str):
+    """json.loads as a browser's JSON.parse reads: NaN and Infinity are errors."""
+    import json
+
+    def reject(word: str):
+        raise ValueError(f"not JSON: {word}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_header_json_of_any_valid_header_is_strict_json():
+    odd = {"probe": {"raw": b"\x00", "list": [b"\x01", 1.5, math.nan], b"key": 1}, "ecg": b"\0\0\0\0",
+           "gain": math.inf, "stamp": msgpack.Timestamp(1, 0), "deep": [[[[1]]]] * 2}
+    header = {**frame_header(), "shape": [4, 4], "dtype": "uint8", **odd}
+    msg = protocol.decode([bytes(p) for p in protocol.encode_frame(header, np.zeros((4, 4), np.uint8))])
+    got = strict_json(protocol.header_json(msg.header))  # once: TypeError on the nested bytes
+    assert "ecg" not in got and got["gain"] is None and got["seq"] == 7
+    assert got["probe"] == {"list": [None, 1.5, None], "key": 1}  # bytes left out of maps, null in lists
+    assert isinstance(got["stamp"], str) and got["deep"] == [[[[1]]]] * 2
+
+
+def test_to_json_cuts_deep_nesting_instead_of_failing():
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    text = protocol.to_json({"deep": deep})  # a recursion limit must not crash a recorder or viewer
+    assert strict_json(text) and text.count("[") <= 40 and "null" in text

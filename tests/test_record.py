@@ -60,7 +60,7 @@ def test_segments_rotate_on_frames_restart_and_shape(tmp_path):
     rec.close()
     lines = _segments(tmp_path)
     assert [(x["device"], x["opened"], x["closed"], x["frames"]) for x in lines] == [
-        ("a", "start", "rotate_frames", 8), ("a", "start", "restart", 2), ("a", "restart", "shape", 3),
+        ("a", "start", "rotate_frames", 8), ("a", "rotate_frames", "restart", 2), ("a", "restart", "shape", 3),
         ("a", "shape", "stopped", 2), ("b", "start", "stopped", 4)]
     assert rec.frames == len(sent) == sum(x["frames"] for x in lines)
     # Every frame is in exactly one NPZ, bit for bit, with its header fields.
@@ -107,7 +107,7 @@ def test_rotate_on_time_and_gaps_are_marked_not_split(tmp_path):
     rec.close()
     first, second = _segments(tmp_path)
     assert (first["closed"], first["frames"], first["lost"]) == ("rotate_time", 2, 4)
-    assert second["opened"] == "start" and second["seq"] == [6, 6]
+    assert second["opened"] == "rotate_time" and second["seq"] == [6, 6]  # once "start"
     with np.load(tmp_path / "a" / first["npz"]) as z:
         assert list(z["gap"]) == [0, 4] and list(z["seq"]) == [0, 5]
         assert list(z["recv"]) == [clock.now - 2.5] * 2
@@ -163,3 +163,54 @@ def test_record_bad_arguments_are_one_line_exit_2(argv, words, tmp_path, capsys)
         status = exit.code
     err = capsys.readouterr().err.strip()
     assert status == 2 and words in err and len(err.splitlines()) == 1
+
+
+def _strict_lines(path) -> list[dict]:
+    def reject(word: str):
+        raise ValueError(f"not JSON: {word}")
+
+    return [json.loads(line, parse_constant=reject) for line in path.read_text().splitlines()]
+
+
+def test_odd_statuses_and_headers_valid_in_v1_are_recorded(tmp_path):
+    # Extra fields are allowed in v1: a publisher other than the engine may send bytes, NaN, nesting.
+    status = {"v": 1, "device": "a", "code": "source", "message": "battery", "counters": {"volts": float("nan")},
+              "time": 5.0, "raw": b"\x01\x02"}
+    status_msg = protocol.decode(protocol.encode_status(status))
+    frame = frame_msg("a", 0)
+    header = {**frame.header, "probe": {"raw": b"\x00", "gain": float("inf")}}
+    odd = FrameMessage(frame.topic, header, frame.pixels)
+    rec = Recorder(tmp_path)
+    rec.add(status_msg)                 # once: TypeError from json.dumps, the recorder stopped
+    rec.add(odd)
+    rec.add(frame_msg("b", 0))
+    rec.close()                         # once: TypeError in header_json, both NPZs lost
+    (saved,) = _strict_lines(tmp_path / "statuses.jsonl")
+    assert saved["counters"] == {"volts": None} and "raw" not in saved and saved["message"] == "battery"
+    assert sorted(s["device"] for s in _strict_lines(tmp_path / "segments.jsonl")) == ["a", "b"]
+    with np.load(tmp_path / "a" / rec.closed[0]["npz"]) as z:
+        assert json.loads(z["headers"][0])["probe"] == {"gain": None}
+
+
+def test_a_segment_that_cannot_be_written_does_not_lose_the_others(tmp_path, monkeypatch):
+    from echopulse.stream import record
+
+    rec = Recorder(tmp_path)
+    for device in ("a", "b", "c"):
+        rec.add(frame_msg(device, 0))
+    real_close = record.Segment.close
+
+    def close(self, reason):
+        if self.device == "b":
+            self._writer.close()        # no ffmpeg left behind
+            raise OSError("disk full")
+        return real_close(self, reason)
+
+    monkeypatch.setattr(record.Segment, "close", close)
+    rec.close()                         # once: the OSError ended close() and "c" was never written
+    assert rec.failed == 1 and not rec.open
+    assert [s["device"] for s in _segments(tmp_path)] == ["a", "c"]
+    monkeypatch.undo()
+    rec.add(frame_msg("b", 1))          # and recording goes on
+    rec.close()
+    assert [s["device"] for s in _segments(tmp_path)] == ["a", "c", "b"]

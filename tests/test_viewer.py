@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import urllib.error
 import urllib.request
 
@@ -126,3 +127,33 @@ def test_view_bad_arguments_are_one_line_exit_2(argv, words, capsys):
         status = exit.code
     err = capsys.readouterr().err.strip()
     assert status == 2 and words in err and len(err.splitlines()) == 1
+
+
+def _strict_json(text):
+    def reject(word: str):
+        raise ValueError(f"not JSON: {word}")  # a browser's JSON.parse rejects NaN and Infinity
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_payloads_of_odd_but_valid_messages_are_strict_json():
+    status = {"v": 1, "device": "d1", "code": "overload", "message": "m", "counters": {"rate": float("nan")},
+              "time": 1.0, "raw": b"\x00", "nested": {"x": float("-inf"), "b": b"\x01"}}
+    got = _strict_json(event_payload("status", status))  # once: NaN in the text, the page's feed died
+    assert got["counters"] == {"rate": None} and got["nested"] == {"x": None} and "raw" not in got
+    msg = FrameMessage("echo/d1", _header(probe={"gain": float("nan"), "raw": b"\x00"}), np.zeros((4, 6), np.uint8))
+    payload = frame_payload(msg, recv=1.0)
+    (n,) = struct.unpack_from(">I", payload)
+    header = _strict_json(payload[4:4 + n])
+    assert header["probe"] == {"gain": None}
+
+
+def test_page_survives_a_message_it_cannot_parse():
+    from importlib import resources
+
+    script = (resources.files("echopulse.stream.viewer") / "static" / "viewer.js").read_text()
+    # Every JSON.parse sits in the one guarded helper: an unreadable message is skipped, not fatal.
+    assert script.count("JSON.parse(") == 1
+    helper = script[script.index("function parseJson"):]
+    assert helper.index("try {") < helper.index("JSON.parse(") < helper.index("catch")
+    assert "parseJson(ev.data)" in script and "parseJson(decoder.decode(" in script

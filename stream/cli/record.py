@@ -72,5 +72,6 @@ def handle(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     lost = sum(line["lost"] for line in recorder.closed)
-    log.warning("recorded %d frames in %d segment(s), %d lost in transit", recorder.frames, len(recorder.closed), lost)
+    log.warning("recorded %d frames in %d segment(s), %d lost in transit%s", recorder.frames, len(recorder.closed), lost,
+                f", {recorder.failed} segment(s) failed to write" if recorder.failed else "")
     return 0

@@ -10,18 +10,27 @@ Lines go to stdout (that is this command's output):
 
 The .npz holds `frames` (uint8 N×H×W), `device`, `seq`, `beat`, `frame`, `t`, `hr`
 (one entry per frame), `headers` (each frame's header as JSON) and `statuses` (JSON).
+Frames of a size other than the first one received (devices served by different
+models) go to FILE_<H>x<W>.npz beside it, with the same arrays, so nothing is lost.
+Without --out only counts are kept, so a long watch does not grow in memory. When
+stdout closes (`| head -1`) the watch stops as Ctrl-C would, and the capture is saved.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .args import CliError, positive_int, ranged
+
+if TYPE_CHECKING:
+    from ..subscribe import Subscriber
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +60,33 @@ def status_line(status: dict) -> str:
     return f"status {status['device']} {status['code']}: {status['message']}"
 
 
+class Capture:
+    """What a watch keeps: counts for the summary always, frames and headers only when saving."""
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self.frames = 0
+        self.statuses = 0
+        self.devices: set[str] = set()
+        # frame size -> (pixels, headers), in arrival order; one file per size at save time
+        self.by_shape: dict[tuple[int, ...], tuple[list[np.ndarray], list[dict]]] = {}
+        self.status_maps: list[dict] = []
+
+    def add_frame(self, header: dict, pixels: np.ndarray) -> None:
+        self.frames += 1
+        self.devices.add(header["device"])
+        if self.keep:
+            frames, headers = self.by_shape.setdefault(pixels.shape, ([], []))
+            frames.append(pixels.copy())  # the view dies with the message
+            headers.append(header)
+
+    def add_status(self, status: dict) -> None:
+        self.statuses += 1
+        if self.keep:
+            self.status_maps.append(status)
+
+
 def handle(args: argparse.Namespace) -> int:
-    from ..protocol import FrameMessage
     from ..subscribe import DEFAULT_TOPICS, Subscriber
 
     out = Path(args.out) if args.out else None
@@ -64,45 +98,84 @@ def handle(args: argparse.Namespace) -> int:
         sub = Subscriber(args.endpoint, topics=args.topic or DEFAULT_TOPICS)
     except OSError as err:
         raise CliError(str(err)) from None
-    frames: list[np.ndarray] = []
-    headers: list[dict] = []
-    statuses: list[dict] = []
+    capture = Capture(keep=out is not None)
     started = time.monotonic()
+    printing = True
     try:
-        while args.count is None or len(headers) < args.count:
-            msg = sub.recv(timeout=args.timeout)
-            if msg is None:
-                break
-            if isinstance(msg, FrameMessage):
-                headers.append(msg.header)
-                if out is not None:
-                    frames.append(msg.pixels.copy())  # the view dies with the message
-                if not args.summary:
-                    print(frame_line(msg.header, msg.gap), flush=True)
-            else:
-                statuses.append(msg.status)
-                if not args.summary:
-                    print(status_line(msg.status), flush=True)
+        watch(sub, args, capture)
     except KeyboardInterrupt:
         pass  # Ctrl-C ends a watch normally: save what came
+    except BrokenPipeError:
+        printing = _stdout_gone()  # the reader (`| head -1`) is done: stop as Ctrl-C would, and save
     finally:
         lost, errors = sum(sub.lost.values()), sub.errors
         sub.close()
-    if args.summary:
-        devices = sorted({h["device"] for h in headers})
-        print(f"frames={len(headers)} statuses={len(statuses)} devices={len(devices)} lost={lost} "
-              f"malformed={errors} seconds={time.monotonic() - started:.1f}")
     if out is not None:
-        save(out, frames, headers, statuses)
+        save_all(out, capture)  # before the summary: a closed stdout must not cost the capture
+    if args.summary and printing:
+        try:
+            print(f"frames={capture.frames} statuses={capture.statuses} devices={len(capture.devices)} lost={lost} "
+                  f"malformed={errors} seconds={time.monotonic() - started:.1f}", flush=True)
+        except BrokenPipeError:
+            _stdout_gone()
     return 0
 
 
-def save(out: Path, frames: list[np.ndarray], headers: list[dict], statuses: list[dict]) -> None:
-    from ..protocol import header_json
+def watch(sub: "Subscriber", args: argparse.Namespace, capture: Capture) -> None:
+    """Receive until --count frames, --timeout of silence, or an exception (Ctrl-C, closed stdout)."""
+    from ..protocol import FrameMessage
 
-    shapes = {f.shape for f in frames}
-    if len(shapes) > 1:
-        raise CliError(f"frames of several shapes {sorted(shapes)} cannot be saved in one array; use --topic")
+    while args.count is None or capture.frames < args.count:
+        msg = sub.recv(timeout=args.timeout)
+        if msg is None:
+            return
+        if isinstance(msg, FrameMessage):
+            capture.add_frame(msg.header, msg.pixels)
+            if not args.summary:
+                print(frame_line(msg.header, msg.gap), flush=True)
+        else:
+            capture.add_status(msg.status)
+            if not args.summary:
+                print(status_line(msg.status), flush=True)
+
+
+def _stdout_gone() -> bool:
+    """Point stdout at /dev/null so the interpreter's last flush does not fail again; False: stop printing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is no real file (tests, embedding): nothing will flush it at exit
+    return False
+
+
+def shape_path(out: Path, shape: tuple[int, ...], first: bool) -> Path:
+    """Where the frames of one size go: FILE.npz for the first size received, FILE_HxW.npz for others."""
+    return out if first else out.with_name(f"{out.stem}_{'x'.join(map(str, shape))}{out.suffix}")
+
+
+def save_all(out: Path, capture: Capture) -> list[Path]:
+    """Save the capture, one .npz per frame size (statuses in the first); return the paths written."""
+    groups = list(capture.by_shape.items()) or [((0, 0), ([], []))]
+    paths = []
+    for i, (shape, (frames, headers)) in enumerate(groups):
+        path = shape_path(out, shape, first=i == 0)
+        try:
+            save(path, frames, headers, capture.status_maps if i == 0 else [])
+        except OSError as err:
+            raise CliError(f"--out: cannot write {path}: {err}") from None
+        paths.append(path)
+    if len(paths) > 1:
+        log.warning("frames of %d sizes: saved %s", len(paths), ", ".join(
+            f"{'x'.join(map(str, shape))} to {path.name}" for (shape, _), path in zip(groups, paths)))
+    return paths
+
+
+def save(out: Path, frames: list[np.ndarray], headers: list[dict], statuses: list[dict]) -> None:
+    """Save frames of one size, their headers and `statuses` to one .npz."""
+    from ..protocol import header_json, to_json
+
     stacked = np.stack(frames) if frames else np.zeros((0, 0, 0), np.uint8)
     column = lambda key, dtype: np.array([h[key] for h in headers], dtype=dtype)  # noqa: E731
     np.savez(
@@ -115,6 +188,6 @@ def save(out: Path, frames: list[np.ndarray], headers: list[dict], statuses: lis
         t=column("t", np.float64),
         hr=column("hr", np.float64),
         headers=np.array([header_json(h) for h in headers], dtype=str),  # the beat's binary ECG left out
-        statuses=np.array([json.dumps(s) for s in statuses], dtype=str),
+        statuses=np.array([to_json(s) for s in statuses], dtype=str),
     )
     log.info("saved %d frames to %s", len(headers), out)

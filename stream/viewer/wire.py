@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..protocol import FrameMessage
+from ..protocol import FrameMessage, json_safe, to_json
 
 _LENGTH = struct.Struct(">I")
 MAX_ECG_SAMPLES = 4096  # a beat's worth at any sane rate; more is a malformed header
@@ -35,9 +35,7 @@ def _json_value(key: str, value: Any) -> Any:
             return None
         samples = np.frombuffer(bytes(value), dtype="<f4")
         return [round(float(s), 4) if math.isfinite(s) else None for s in samples]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN; the page treats a missing number as unknown
-    return value
+    return json_safe(value)  # NaN -> None (left out; the page treats it as unknown), nested oddities too
 
 
 def frame_payload(msg: FrameMessage, recv: float | None = None) -> bytes:
@@ -49,7 +47,7 @@ def frame_payload(msg: FrameMessage, recv: float | None = None) -> bytes:
             header[key] = safe
     header["gap"] = msg.gap
     header["recv"] = time.time() if recv is None else recv
-    head = json.dumps(header, separators=(",", ":"), default=str).encode()  # extra fields of odd types: as text
+    head = to_json(header, separators=(",", ":")).encode()  # JSON.parse rejects NaN; keys must be text
     return _LENGTH.pack(len(head)) + head + msg.pixels.tobytes()
 
 
@@ -62,5 +60,5 @@ def parse_frame_payload(payload: bytes) -> tuple[dict[str, Any], np.ndarray]:
 
 
 def event_payload(kind: str, body: dict[str, Any]) -> str:
-    """A JSON text message: ``{"type": kind, **body}``."""
-    return json.dumps({"type": kind, **body}, separators=(",", ":"), default=str)
+    """A JSON text message: ``{"type": kind, **body}``; NaN/inf as null, binary fields left out."""
+    return to_json({"type": kind, **body}, separators=(",", ":"))

@@ -10,11 +10,16 @@ const BAD = new Set(["signal_lost", "bad_input", "error"]);
 const WARN = new Set(["overload", "source", "stopped"]);
 
 // Public for tests and the curious: frames drawn per device.
-const echopulse = { frames: {}, devices: new Map(), connected: false };
+const echopulse = { frames: {}, devices: new Map(), connected: false, unreadable: 0 };
 window.echopulse = echopulse;
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const decoder = new TextDecoder();
+
+function parseJson(text) {
+  // One message the page cannot read is skipped and counted; it must not stop the feed.
+  try { return JSON.parse(text); } catch (err) { echopulse.unreadable++; return null; }
+}
 
 function setPill(el, cls, text) {
   el.className = `${el.className.split(" ").filter(c => !["ok", "warn", "bad", "off"].includes(c)).join(" ")} ${cls}`;
@@ -40,7 +45,8 @@ function device(id) {
 function onFrame(buffer) {
   // Frames come a beat at a time; queue them and play them out at their ECG times (tick).
   const n = new DataView(buffer).getUint32(0);
-  const header = JSON.parse(decoder.decode(new Uint8Array(buffer, 4, n)));
+  const header = parseJson(decoder.decode(new Uint8Array(buffer, 4, n)));
+  if (!header) return;
   const d = device(header.device);
   const lag = performance.now() / 1000 - header.t;  // arrival, local clock, minus ECG time
   const last = d.queue.length ? d.queue[d.queue.length - 1].header.t : -Infinity;
@@ -216,7 +222,8 @@ function connect(delay = 500) {
   ws.onopen = () => { echopulse.connected = true; setPill($("#conn"), "ok", "connected"); delay = 500; };
   ws.onmessage = ev => {
     if (typeof ev.data !== "string") return onFrame(ev.data);
-    const msg = JSON.parse(ev.data);
+    const msg = parseJson(ev.data);
+    if (!msg) return;
     if (msg.type === "status") onStatus(msg);
     else if (msg.type === "stats") onStats(msg);
     else if (msg.type === "hello") $("#endpoint").textContent = msg.endpoint;
