@@ -73,6 +73,18 @@ class Engine:
         out[ENGINE_DEVICE] = dict(self.engine_counters)
         return out
 
+    def primes(self) -> dict[str, Any]:
+        """How each device's generator was primed (model backends): {"devices": {device:
+        "reference" | "simulated"}, "references_waiting": [devices with a loop not seen yet]};
+        for /health and /metrics, so an operator sees which patients run on a simulated heart."""
+        devices = {}
+        for device, session in list(self.sessions.items()):
+            prime = self.backend.frame_fields(session.state).get("prime") if session.state is not None else None
+            if prime:
+                devices[device] = prime
+        references = getattr(self.backend, "references", None)
+        return {"devices": devices, "references_waiting": references.waiting() if references is not None else []}
+
     def stop(self) -> None:
         """Ask `run` to finish (safe to call from a signal handler on the loop)."""
         self._stop.set()

@@ -5,7 +5,10 @@
         await engine.run()
 
 `counters_fn` returns ``{device: {counter: number}}`` (``Engine.counters()`` does); each
-counter becomes ``echopulse_<counter>_total{device="..."}``. The server is a few lines
+counter becomes ``echopulse_<counter>_total{device="..."}``. `primes_fn` (``Engine.primes()``)
+adds how each device's generator was primed: ``echopulse_primed_with_reference{device}``
+(1: its patient's echo loop, 0: a simulated heart) and ``echopulse_references_waiting``
+(loops for devices not seen yet), and the same under "primes" in /health. The server is a few lines
 of asyncio: one GET per connection, answered and closed, with a timeout on the read so a
 silent client cannot hold a connection open.
 """
@@ -17,7 +20,7 @@ import logging
 import math
 import re
 import time
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,24 @@ def _number(value: float) -> str:
     return repr(value) if isinstance(value, float) else str(int(value))
 
 
-def render_prometheus(counters: Counters, uptime_s: float) -> str:
+def render_primes(primes: Mapping[str, Any]) -> list[str]:
+    """Gauges of how devices were primed (see the module docstring)."""
+    lines = [
+        "# HELP echopulse_primed_with_reference 1 when a device follows its patient's echo loop, 0 on a simulated heart.",
+        "# TYPE echopulse_primed_with_reference gauge",
+    ]
+    devices = primes.get("devices", {})
+    lines.extend(f'echopulse_primed_with_reference{{device="{_label(d)}"}} {int(devices[d] == "reference")}'
+                 for d in sorted(devices))
+    lines += [
+        "# HELP echopulse_references_waiting Reference loops for devices that have not streamed yet.",
+        "# TYPE echopulse_references_waiting gauge",
+        f"echopulse_references_waiting {len(primes.get('references_waiting', []))}",
+    ]
+    return lines
+
+
+def render_prometheus(counters: Counters, uptime_s: float, primes: Mapping[str, Any] | None = None) -> str:
     """The text exposition of every counter of every device, grouped by metric (one HELP/TYPE each)."""
     by_metric: dict[str, list[tuple[str, float]]] = {}
     for device in sorted(counters):
@@ -62,14 +82,18 @@ def render_prometheus(counters: Counters, uptime_s: float) -> str:
         lines.append(f"# HELP {name} Engine counter {counter!r} per device.")
         lines.append(f"# TYPE {name} counter")
         lines.extend(f'{name}{{device="{_label(d)}"}} {_number(v)}' for d, v in by_metric[counter])
+    if primes is not None:
+        lines += render_primes(primes)
     return "\n".join(lines) + "\n"
 
 
 class MetricsServer:
     """Serve /metrics and /health for `counters_fn` on host:port (port 0: any free port, see .port)."""
 
-    def __init__(self, counters_fn: Callable[[], Counters], host: str = "127.0.0.1", port: int = 9108) -> None:
+    def __init__(self, counters_fn: Callable[[], Counters], host: str = "127.0.0.1", port: int = 9108,
+                 primes_fn: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self.counters_fn = counters_fn
+        self.primes_fn = primes_fn
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
@@ -104,15 +128,19 @@ class MetricsServer:
             return "404 Not Found", "text/plain", b"try /metrics or /health\n"
         try:
             counters = self.counters_fn()
+            primes = self.primes_fn() if self.primes_fn is not None else None
         except Exception:  # a broken callback is a 500, never a dead server
             log.exception("counters callback failed")
             return "500 Internal Server Error", "text/plain", b"counters unavailable\n"
         uptime = time.monotonic() - self._started
         if path == "/metrics":
-            return "200 OK", "text/plain; version=0.0.4; charset=utf-8", render_prometheus(counters, uptime).encode()
+            body = render_prometheus(counters, uptime, primes)
+            return "200 OK", "text/plain; version=0.0.4; charset=utf-8", body.encode()
         health = {"status": "ok", "uptime_s": round(uptime, 3),
                   "devices": sorted(d for d in counters if not d.startswith("_")),
                   "counters": {d: dict(c) for d, c in counters.items()}}
+        if primes is not None:
+            health["primes"] = primes
         return "200 OK", "application/json", json.dumps(health).encode()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

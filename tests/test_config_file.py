@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -229,10 +230,11 @@ def test_sighup_reloads_the_references_of_running_devices(tmp_path):
 
     sample = simulate_pair(seed=5, size=64, frames=60, fps=30.0, ef=30.0)
     np.savez(tmp_path / "echo.npz", **{k: sample[k] for k in ("video", "video_t", "r_peaks")})
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint, port = f"tcp://127.0.0.1:{_free_port()}", _free_port()
     head = f"""sources = ["synthetic://?devices=2&hr=120"]\ndata_dir = "data"\nduration_s = 120
-[backend]\nname = "model"\n[publish]\nendpoints = ["{endpoint}"]\n[log]\nlevel = "info"\n[references]\n"""
-    path = write(tmp_path, head + '"sim-0" = "echo.npz"\n')
+[backend]\nname = "model"\n[publish]\nendpoints = ["{endpoint}"]\n[log]\nlevel = "info"
+[metrics]\nport = {port}\n[references]\n"""
+    path = write(tmp_path, head + '"sim-0" = "echo.npz"\n"sim-9" = "echo.npz"\n')  # sim-9 never streams
 
     def primes(proc, sub, device: str, want: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -246,6 +248,10 @@ def test_sighup_reloads_the_references_of_running_devices(tmp_path):
     with serving(path) as proc, Subscriber(endpoint) as sub:
         primes(proc, sub, "sim-0", "reference")
         primes(proc, sub, "sim-1", "simulated")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
+            health = json.loads(answer.read())
+        assert health["primes"] == {"devices": {"sim-0": "reference", "sim-1": "simulated"},
+                                    "references_waiting": ["sim-9"]}
         path.write_text(head + '"sim-1" = "missing.npz"\n')  # a broken reload keeps what runs
         proc.send_signal(signal.SIGHUP)
         time.sleep(1.0)
@@ -261,6 +267,7 @@ def test_sighup_reloads_the_references_of_running_devices(tmp_path):
     assert "references not reloaded, the loops in use stay: reference for sim-1" in log
     assert "changed for sim-1" in log and "Traceback" not in log
     assert "reference loop for sim-0 removed: it goes on from a simulated heart" in log
+    assert "sim-1 has no reference loop and starts from a simulated heart, while the loops of sim-9 wait" in log
 
 
 def test_python_3_10_reads_the_file_with_tomli_or_says_what_is_missing(tmp_path, monkeypatch):

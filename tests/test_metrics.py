@@ -69,6 +69,22 @@ async def test_metrics_and_health_over_http():
     assert len(calls) == 2  # counters are read per request, never cached
 
 
+async def test_how_devices_were_primed_is_a_gauge_and_in_health():
+    """An operator sees which patients run on a simulated heart, and loops no device claimed."""
+    primes = {"devices": {"strap-1": "reference", 'odd"dev': "simulated"}, "references_waiting": ["strap_2"]}
+    async with MetricsServer(lambda: COUNTERS, "127.0.0.1", 0, primes_fn=lambda: primes) as server:
+        base = f"http://127.0.0.1:{server.port}"
+        body = (await asyncio.wait_for(asyncio.to_thread(_get, base + "/metrics"), 10))[2].splitlines()
+        assert 'echopulse_primed_with_reference{device="strap-1"} 1' in body
+        assert 'echopulse_primed_with_reference{device="odd\\"dev"} 0' in body
+        assert "echopulse_references_waiting 1" in body
+        assert body.count("# TYPE echopulse_primed_with_reference gauge") == 1
+        health = json.loads((await asyncio.wait_for(asyncio.to_thread(_get, base + "/health"), 10))[2])
+        assert health["primes"] == primes
+    # without a primes callback (the sim backend's serve has one too, empty) nothing is added
+    assert "primed" not in render_prometheus(COUNTERS, 1.0)
+
+
 async def test_a_failing_callback_is_a_500_and_the_server_lives_on():
     state = {"fail": True}
 

@@ -248,7 +248,7 @@ async def serve(args: argparse.Namespace, sources: list[Any], backend: Any, conf
         limits = engine_limits(args, config)
         engine = Engine(sources, backend, publisher, args.data_dir, limits=limits, devices=args.allow_device)
         address = _metrics_address(args.metrics) if args.metrics else (config.metrics if config is not None else None)
-        metrics = MetricsServer(engine.counters, *address) if address else None
+        metrics = MetricsServer(engine.counters, *address, primes_fn=engine.primes) if address else None
         if metrics is not None:
             try:
                 await metrics.start()
