@@ -246,6 +246,12 @@ class PairCache:
         _save_npz(path, arrays)
         return cls(arrays)
 
+    @classmethod
+    def cached(cls, path: Path, seeds: Iterable[int], token_space: str | None = None) -> "PairCache | None":
+        """The pairs at `path` when they hold exactly `seeds` in `token_space`, else None (nothing written)."""
+        arrays = _load_npz(path, list(seeds), token_space)
+        return None if arrays is None else cls(arrays)
+
     def indices(self, step: int, batch: int, seed: int = 0) -> np.ndarray:
         """The pairs of training step `step` (a function of the step alone: resumable)."""
         return np.random.default_rng([seed, step]).integers(0, len(self), batch)

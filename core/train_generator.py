@@ -32,7 +32,8 @@ from .data_pairs import PairCache, PairSample, simulated_pair
 from .ecg_encoder import EcgEncoder, load_ecg_encoder, save_ecg_encoder
 from .ecg_windows import ecg_batch
 from .tokenizer import load_tokenizer, token_space_sha256
-from .training import Ema, TrainingState, adamw, clip_gradients, losses_postfix, progress, select_device, warmup_cosine
+from .training import (Ema, TrainingState, adamw, clip_gradients, losses_postfix, open_run, progress, select_device,
+                       warmup_cosine)
 from .transformer import EcgFeatures, build_transformer, load_transformer, save_transformer
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,12 @@ def _loop(
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def checkpoint(at: int) -> None:
-        state.save(at, modules, {"opt": optimizer}, emas, extra={"config": config})
+        # the model files first: a run stopped between the two resumes from the state before
+        # and writes them again, where the other order left a finished state without them
         averaged = copy.deepcopy(model)
         ema.copy_to(averaged)
         save(averaged, at)
+        state.save(at, modules, {"opt": optimizer}, emas, extra={"config": config})
 
     logged: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -134,6 +137,7 @@ def _loop(
 def train_ecg(preset: Preset, recipe: Recipe, out: Path, resume: bool = False, device: str = "auto", leads: int = 0) -> dict[str, float]:
     """MAE pretraining on simulated ECG beat windows. `leads` 0: 1..max_leads drawn per step."""
     dev = select_device(device)
+    open_run(out, asdict(recipe), resume)  # before anything is written into a run it would refuse
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     model = EcgEncoder(preset.ecg).to(dev)
@@ -174,6 +178,7 @@ def train_transformer(
     `init`: a generator directory whose transformer (and ECG encoder) weights start the run,
     e.g. one trained with an earlier tokenizer: everything but the token table carries over."""
     dev = select_device(device)
+    open_run(out, asdict(recipe), resume)  # before anything is written into a run it would refuse
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, tok_preset = load_tokenizer(tokenizer_dir, device=dev)
     preset = Preset(name=preset.name, tokenizer=tok_preset.tokenizer, ecg=preset.ecg, transformer=preset.transformer)
@@ -240,15 +245,19 @@ def train_critic(
 ) -> dict[str, float]:
     """Token-critic training on the (frozen) transformer's samples; saves critic.* into `out`."""
     dev = select_device(device)
+    open_run(out, asdict(recipe), resume, name="critic_train_state")  # before anything is written into a run it would refuse
     out.mkdir(parents=True, exist_ok=True)
     transformer, gen_preset = load_transformer(generator_dir, device=dev)
     ecg, _ = load_ecg_encoder(generator_dir, device=dev)
     transformer.requires_grad_(False)
     ecg.requires_grad_(False)
     tokenizer, _ = load_tokenizer(generator_dir, device=dev)
-    cache = generator_dir / "pairs.npz" if (generator_dir / "pairs.npz").is_file() else out / "pairs.npz"
-    data = PairCache.build(cache, gen_preset, tokenizer, range(recipe.seed, recipe.seed + recipe.train_subjects), dev, pairs,
-                           workers=recipe.workers, token_space=token_space_sha256(generator_dir / "tokenizer.safetensors"))
+    seeds = range(recipe.seed, recipe.seed + recipe.train_subjects)
+    token_space = token_space_sha256(generator_dir / "tokenizer.safetensors")
+    # the generator's own pairs when they are these subjects; else made in --out, never
+    # over the caches a later `train transformer --resume` of that generator would reuse
+    data = PairCache.cached(generator_dir / "pairs.npz", seeds, token_space) or PairCache.build(
+        out / "pairs.npz", gen_preset, tokenizer, seeds, dev, pairs, workers=recipe.workers, token_space=token_space)
     del tokenizer
     torch.manual_seed(recipe.seed)
     critic = TokenCritic(gen_preset.transformer, gen_preset.tokenizer, gen_preset.ecg.dim).to(dev)

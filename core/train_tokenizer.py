@@ -33,7 +33,8 @@ from .config import Preset
 from .lora import DEFAULT_TARGETS, apply_lora, lora_parameters, save_lora
 from .losses import Discriminator3d, adaptive_gan_weight, hinge_d_loss, hinge_g_loss, perceptual_loss
 from .tokenizer import CViViT, load_tokenizer, save_tokenizer
-from .training import Ema, TrainingState, adamw, clip_gradients, losses_postfix, progress, select_device, set_lr, warmup_cosine
+from .training import (Ema, TrainingState, adamw, clip_gradients, losses_postfix, open_run, progress, select_device,
+                       set_lr, warmup_cosine)
 from .video_clips import CachedClips, batch, clip_source, contrast_augment
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,7 @@ def train_tokenizer(
     dev = select_device(device)
     out = paths.out
     state = TrainingState(out)
-    if not resume and state.exists():
-        raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
+    open_run(out, asdict(recipe), resume)
     torch.manual_seed(recipe.seed)
     model = build_model(preset, recipe, paths.init).to(dev)  # refuses a bad recipe before anything is written
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def train_tokenizer(
              preset.name, config["data"], sum(p.numel() for p in trainable), getattr(perceptual, "name", "?"), dev)
 
     def save(at: int) -> None:
-        state.save(at, {"model": model, "disc": disc}, {"opt": opt, "disc_opt": disc_opt}, {"ema": ema}, extra={"config": config})
+        # the model files first, the state last: see train_generator._loop
         averaged = copy.deepcopy(model)
         ema.copy_to(averaged)
         if recipe.lora_rank:
@@ -144,6 +144,7 @@ def train_tokenizer(
         else:
             dtype = torch.float16 if recipe.half_weights else None
             save_tokenizer(averaged, preset, out, dtype=dtype, step=at, perceptual=getattr(perceptual, "name", None), train=config)
+        state.save(at, {"model": model, "disc": disc}, {"opt": opt, "disc_opt": disc_opt}, {"ema": ema}, extra={"config": config})
 
     logged: dict[str, float] = {}
     aug_gen = torch.Generator()

@@ -29,11 +29,12 @@ from typing import Any, Iterable, Iterator, Mapping, TypeVar
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import load_json, load_optimizer_tensors, load_tensors, optimizer_tensors, save_json, save_tensors
+from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,38 @@ def losses_postfix(values: Mapping[str, float]) -> dict[str, str]:
 
 
 def _embedded_state(path: Path) -> dict[str, Any] | None:
-    with safe_open(str(path), framework="pt") as f:
-        text = (f.metadata() or {}).get("train_state")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("train_state")
+    except (SafetensorError, OSError) as err:  # truncated by a full disk or a copy cut short
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     return json.loads(text) if text else None
+
+
+# settings a resumed run may change: how long it runs, and how it is watched and fed
+RESUMABLE = frozenset({"steps", "checkpoint_every", "log_every", "workers"})
+
+
+def open_run(out: Path, recipe: Mapping[str, Any], resume: bool, name: str = "train_state",
+             may_change: frozenset[str] = RESUMABLE) -> None:
+    """Before anything is written to `out`: refuse a new run over an existing one, and a
+    resume with settings other than the run's (a resumed run that quietly took another
+    batch, rate or seed would be neither run; only `may_change` may differ). ValueError /
+    FileExistsError with one line; CheckpointError for a state that cannot be read."""
+    state = TrainingState(out, name)
+    if not state.exists():
+        return
+    if not resume:
+        raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
+    saved = state.read_meta().get("extra", {}).get("config", {}).get("recipe")
+    if not isinstance(saved, dict):
+        return  # a state from before recipes were saved in it: nothing to compare
+    now = json.loads(json.dumps(dict(recipe), default=str))  # as it was saved: tuples are lists there
+    differ = [key for key, value in now.items() if key in saved and key not in may_change and saved[key] != value]
+    if differ:
+        settings = ", ".join(f"{key} {saved[key]!r} (now {now[key]!r})" for key in differ)
+        raise ValueError(f"{out} was trained with {settings}: a resumed run keeps its settings, only "
+                         f"{', '.join(sorted(may_change))} may change; give the run's values or start a new --out")
 
 
 class TrainingState:
@@ -197,6 +227,10 @@ class TrainingState:
 
     def exists(self) -> bool:
         return self.tensors_path.is_file() and self.json_path.is_file()
+
+    def read_meta(self) -> dict[str, Any]:
+        """The saved step, optimizer and EMA settings and `extra`, without the tensors."""
+        return _embedded_state(self.tensors_path) or load_json(self.json_path)  # states saved before it was embedded
 
     def save(
         self,
@@ -234,7 +268,7 @@ class TrainingState:
         """Restore in place; returns (step, extra). Tensors are read to CPU and copied to wherever
         the modules and optimizer parameters live (optimizer step counters stay on CPU).
         `until`: the run's total steps; a state already there says so instead of ending silently."""
-        meta = _embedded_state(self.tensors_path) or load_json(self.json_path)  # states saved before it was embedded
+        meta = self.read_meta()
         tensors = load_tensors(self.tensors_path)
         for name, module in modules.items():
             head = f"module.{name}."

@@ -161,6 +161,7 @@ def test_cli_train_lora_and_evaluate(tmp_path, capsys) -> None:
     assert main(["evaluate", "tokenizer", "--checkpoint", str(base), "--lora", str(tuned), "--n", "3",
                  "--data", "synthetic", "--out", str(report)]) == 0
     result = json.loads(report.read_text())
+    assert result["lora"] == str(tuned)  # the adapters scored are named beside the checkpoint
     for key in ("mse", "mae", "ssim", "psnr", "codebook_usage", "codebook_perplexity", "encode_ms_per_clip", "decode_ms_per_clip"):
         assert key in result
     assert "sigma_1" in result["lowpass_reference"]

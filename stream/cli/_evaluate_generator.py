@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._targets import write_report
-from .args import CliError, positive_int, ranged
+from ._targets import check_outputs, write_report
+from .args import CliError, positive_int, ranged, seed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="generator directory (default: the shipped tiny model)")
     p.add_argument("--segmenter", help="directory holding segmenter.safetensors + segmenter.json (default: the shipped one)")
     p.add_argument("--n", type=positive_int("n"), default=100, help="number of held-out subjects")
-    p.add_argument("--seed", type=int, default=1_000_000, help="first subject seed (held out from training)")
+    p.add_argument("--seed", type=seed, default=1_000_000, help="first subject seed (held out from training)")
     p.add_argument("--leads", type=ranged(int, 1, 12, "leads"), default=1, help="ECG leads given to the generator (1..12)")
     p.add_argument("--critic", action="store_true", help="remask by the token critic (if the checkpoint has one)")
     p.add_argument("--steps", type=positive_int("steps"), help="MaskGIT decoding steps (default: the checkpoint's)")
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_outputs(args.out, args.png)
     try:
         gen = Generator.load(args.checkpoint, device=select_device(args.device), use_critic=args.critic)
         segmenter = load_segmenter(args.segmenter or DEFAULT_WEIGHTS)
@@ -54,12 +55,14 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise CliError(str(err)) from None
     result = evaluate_generator(gen, segmenter, range(args.seed, args.seed + args.n), leads=args.leads)
-    if args.png:
-        subject_figure(gen, segmenter, args.seed, args.png, leads=args.leads)
     tcfg = gen.preset.transformer
     sampling = {"steps": tcfg.steps, "cfg_scale": tcfg.cfg_scale, "temperature": tcfg.temperature,
                 "confidence_noise": tcfg.confidence_noise}
+    # every setting that changes the figures, so two reports can be told apart
     result = {"checkpoint": args.checkpoint or "shipped", "model": gen.name, "critic": gen.critic is not None,
-              "sampling": sampling, "device": str(gen.device), **result}
-    write_report(result, args.out)
+              "sampling": sampling, "segmenter": args.segmenter or "shipped", "leads": args.leads, "seed": args.seed,
+              "n": args.n, "device": str(gen.device), **result}
+    write_report(result, args.out)  # before the figure: a figure that fails must not cost the report
+    if args.png:
+        subject_figure(gen, segmenter, args.seed, args.png, leads=args.leads)
     return 0

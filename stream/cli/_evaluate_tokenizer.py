@@ -7,10 +7,13 @@ seeds from its --seed upward, batch × steps of them).
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
-from ._targets import write_report
-from .args import CliError, positive_int
+from ._targets import check_outputs, write_report
+from .args import CliError, positive_int, seed
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="directory holding tokenizer.safetensors + tokenizer.json")
     p.add_argument("--lora", help="directory holding lora.safetensors + lora.json to apply on top")
     p.add_argument("--n", type=positive_int("n"), default=200, help="number of clips")
-    p.add_argument("--seed", type=int, default=1_000_000, help="first clip seed (held out from training)")
+    p.add_argument("--seed", type=seed, default=1_000_000, help="first clip seed (held out from training)")
     p.add_argument("--data", help="folder of .npz clips, or 'synthetic' (default: the simulator)")
     p.add_argument("--batch", type=positive_int("batch"), default=8)
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
@@ -48,17 +51,20 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"{flag} needs at least 2 draws and the simulator (no --data)")
     if not (Path(args.checkpoint) / "tokenizer.json").is_file():
         raise CliError(f"--checkpoint {args.checkpoint}: no tokenizer.json there")
+    check_outputs(args.out, args.png)
     try:
         device = select_device(args.device)
         model, preset = load_tokenizer(args.checkpoint, device=device)
         if args.lora:
+            _check_lora_base(args.lora, args.checkpoint)
             load_lora(model, args.lora)
             model.to(device)
         source = clip_source(args.data, preset.tokenizer.frames, preset.tokenizer.image_size)
     except (RuntimeError, FileNotFoundError, ValueError) as err:
         raise CliError(str(err)) from None
     result = evaluate_tokenizer(model, source, range(args.seed, args.seed + args.n), batch_size=args.batch)
-    result = {"checkpoint": args.checkpoint, "preset": preset.name, "seed": args.seed, "data": args.data or "simulator", **result}
+    result = {"checkpoint": args.checkpoint, "lora": args.lora, "preset": preset.name, "seed": args.seed,
+              "data": args.data or "simulator", **result}
     if args.noise_floor or args.speckle_floor:
         from echopulse.core.noise_floor import noise_floor
 
@@ -67,7 +73,19 @@ def run(args: argparse.Namespace) -> int:
             result["noise_floor"] = noise_floor(seeds, tok.frames, tok.image_size, args.noise_floor)
         if args.speckle_floor:
             result["speckle_floor"] = noise_floor(seeds, tok.frames, tok.image_size, args.speckle_floor, speckle=True)
+    write_report(result, args.out)  # before the figure: a figure that fails must not cost the report
     if args.png:
         comparison_png(model, source, range(args.seed, args.seed + min(3, args.n)), args.png)
-    write_report(result, args.out)
     return 0
+
+
+def _check_lora_base(lora: str, checkpoint: str) -> None:
+    """Adapters trained on another tokenizer load without an error and score nonsense: warn."""
+    from echopulse.core.checkpoint import load_json
+
+    try:
+        base = load_json(Path(lora) / "lora.json").get("base")
+    except (FileNotFoundError, ValueError):
+        return  # load_lora names the problem
+    if base and Path(base).resolve() != Path(checkpoint).resolve():
+        log.warning("--lora %s was trained on %s, not on --checkpoint %s", lora, base, checkpoint)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pkgutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from .args import CliParser, positive_int, ranged
+from .args import CliError, CliParser, positive_int, ranged
 
 
 def add_targets(parser: argparse.ArgumentParser, command: str) -> None:
@@ -43,11 +44,27 @@ def add_run_options(parser: argparse.ArgumentParser, *, steps: int, batch: int, 
     parser.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads (default: torch's choice)")
 
 
+def check_outputs(out: str | None, png: str | None = None) -> None:
+    """Refuse, before an evaluation of many minutes, outputs it could not write at its end."""
+    for flag, path in (("--out", out), ("--png", png)):
+        if path and Path(path).is_dir():
+            raise CliError(f"{flag} {path}: is a folder")
+    if png and Path(png).suffix.lower() != ".png":
+        raise CliError(f"--png must name a .png file, got {png!r}")
+
+
 def write_report(result: dict[str, Any], out: str | None) -> None:
-    """An evaluation's JSON to `out` (its folder made) or, without one, to stdout."""
+    """An evaluation's JSON to `out` (its folder made; written whole or not at all) or,
+    without one, to stdout."""
     text = json.dumps(result, indent=2) + "\n"
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
-    else:
+    if not out:
         sys.stdout.write(text)
+        return
+    path = Path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as err:
+        raise CliError(f"--out {out}: {err}") from None

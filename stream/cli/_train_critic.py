@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from ._targets import add_run_options
-from .args import CliError, positive_int
+from .args import CliError, positive_int, seed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory (critic.safetensors/json, log.jsonl)")
     add_run_options(p, steps=1000, batch=16, warmup=100)
     p.add_argument("--subjects", type=positive_int("subjects"), default=2000, help="simulated training pairs")
-    p.add_argument("--seed", type=int, default=0, help="first training subject seed")
+    p.add_argument("--seed", type=seed, default=0, help="first training subject seed")
     p.add_argument("--workers", type=positive_int("workers"), default=1,
                    help="processes simulating the training pairs (done once, then cached)")
     p.set_defaults(handler=run)

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ._targets import add_run_options
-from .args import CliError
+from .args import CliError, seed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_run_options(p, steps=2000, batch=32, warmup=100)
     p.add_argument("--out", required=True, help="run directory (ecg.safetensors/json, log.jsonl)")
     p.add_argument("--leads", type=int, default=0, help="leads per window (0: 1, 2, 3 or 12 in turn)")
-    p.add_argument("--seed", type=int, default=0, help="first training window index")
+    p.add_argument("--seed", type=seed, default=0, help="first training window index")
     p.set_defaults(handler=run)
 
 
@@ -37,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed, checkpoint_every=args.checkpoint_every)
     try:
         train_ecg(chosen, recipe, Path(args.out), resume=args.resume, device=args.device, leads=args.leads)
-    except (FileExistsError, RuntimeError) as err:
+    except (FileExistsError, RuntimeError, ValueError) as err:
         raise CliError(str(err)) from None
     return 0

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from ._targets import add_run_options
-from .args import CliError, positive_int, ranged
+from .args import CliError, positive_int, ranged, seed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", type=ranged(int, 0, 10_000_000, "cache"), default=0, metavar="N", help="cycle through N clips kept in memory (0: a new clip every time)")
     p.add_argument("--workers", type=positive_int("workers"), metavar="N",
                    help="make the whole --cache pool before training, in N processes (for a GPU that trains faster than one core simulates)")
-    p.add_argument("--seed", type=int, default=0, help="first training clip index (evaluate on seeds beyond the run)")
+    p.add_argument("--seed", type=seed, default=0, help="first training clip index (evaluate on seeds beyond the run)")
     p.add_argument("--vgg", help="local VGG16 weights (safetensors) for the perceptual loss; default: gradient+SSIM fallback")
     p.add_argument("--perceptual-weight", type=ranged(float, 0.0, 100.0, "perceptual weight"), default=1.0)
     p.add_argument("--gan-weight", type=ranged(float, 0.0, 100.0, "gan weight"), default=0.1)

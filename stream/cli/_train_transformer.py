@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from ._targets import add_run_options
-from .args import CliError, positive_int, ranged
+from .args import CliError, positive_int, ranged, seed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ecg-lr-scale", type=ranged(float, 0.0, 1.0, "ecg lr scale"), default=0.1,
                    help="ECG encoder learning rate as a fraction of --lr (0: frozen)")
     p.add_argument("--subjects", type=positive_int("subjects"), default=2000, help="simulated training pairs")
-    p.add_argument("--seed", type=int, default=0, help="first training subject seed")
+    p.add_argument("--seed", type=seed, default=0, help="first training subject seed")
     p.add_argument("--workers", type=positive_int("workers"), default=1,
                    help="processes simulating the training pairs (done once, then cached)")
     p.add_argument("--data", help="folder of your own paired .npz clips (the `echopulse simulate` layout) "

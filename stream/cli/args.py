@@ -52,3 +52,14 @@ def positive_int(name: str) -> Callable[[str], int]:
 
     parse.__name__ = name
     return parse
+
+
+def seed(text: str) -> int:
+    """An argparse type for seeds: integers >= 0 (numpy's generators refuse negative ones)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seed must be 0 or more, got {value}")
+    return value

@@ -15,7 +15,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from .args import CliError, ranged
+from .args import CliError, ranged, seed
 
 
 def register(subparsers: Any) -> None:
@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--speed", type=ranged(float, 0.0, 100.0, "speed"), default=2.0,
                    help="ECG seconds per wall second; 0 = as fast as possible (default %(default)s)")
     p.add_argument("--hr", type=ranged(float, 30.0, 200.0, "hr"), default=72.0, help="synthetic heart rate, bpm (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="synthetic ECG seed (default %(default)s)")
+    p.add_argument("--seed", type=seed, default=0, help="synthetic ECG seed (default %(default)s)")
     p.add_argument("--backend", choices=("sim", "model"), default=None, help="frame backend (default: model if shipped, else sim)")
     p.add_argument("--file", type=Path, default=None, help="replay this ECG recording instead of the synthetic ECG")
     p.add_argument("--fs", type=ranged(float, 50.0, 10000.0, "fs"), default=None, help="sample rate of --file when it does not say")

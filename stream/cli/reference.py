@@ -45,7 +45,14 @@ def handle(args: argparse.Namespace) -> int:
         target = getattr(args, option)
         if target is not None and not Path(target).parent.is_dir():
             raise CliError(f"--{option}: folder {Path(target).parent} does not exist")
-    segmenter = load_segmenter(args.segmenter or DEFAULT_WEIGHTS)
+        if target is not None and Path(target).is_dir():
+            raise CliError(f"--{option} {target}: is a folder")
+    if args.png is not None and Path(args.png).suffix.lower() != ".png":
+        raise CliError(f"--png must name a .png file, got {args.png!r}")
+    try:
+        segmenter = load_segmenter(args.segmenter or DEFAULT_WEIGHTS)
+    except (FileNotFoundError, ValueError) as err:
+        raise CliError(f"--segmenter: {err}") from None
     size = _model_size(DEFAULT_WEIGHTS)
     try:
         loop = load_reference_loop(args.path, size)
@@ -58,13 +65,16 @@ def handle(args: argparse.Namespace) -> int:
           f"end-diastole at frame {check.ed_frame}, end-systole at frame {check.es_frame}")
     for warning in check.warnings:
         print(f"warning: {warning}")
-    if args.json:
-        report = {"file": str(loop.path), "cycle": loop.cycle, "fps": loop.fps, "size": size, **check.as_dict()}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if args.png:
-        from .. import media
+    try:
+        if args.json:
+            report = {"file": str(loop.path), "cycle": loop.cycle, "fps": loop.fps, "size": size, **check.as_dict()}
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        if args.png:
+            from .. import media
 
-        media.save_png(args.png, _figure(loop.frames, masks, np.asarray(check.lv_area)))
+            media.save_png(args.png, _figure(loop.frames, masks, np.asarray(check.lv_area)))
+    except OSError as err:
+        raise CliError(f"cannot write {err.filename or 'the output'}: {err.strerror or err}") from None
     return 0
 
 

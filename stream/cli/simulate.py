@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .args import CliError, positive_int, ranged
+from .args import CliError, positive_int, ranged, seed
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +43,6 @@ def _size(text: str) -> int:
 _size.__name__ = "size"
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"seed must be 0 or more, got {value}")
-    return value
-
-
-_seed.__name__ = "seed"
 
 
 def register(subparsers: Any) -> None:
@@ -66,7 +55,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--n", type=positive_int("n"), default=1, help="number of samples (default 1)")
     p.add_argument("--size", type=_size, default=64, help="frame side, 64 or 128 (default 64)")
     p.add_argument("--frames", type=positive_int("frames"), default=11, help="frames per clip (default 11)")
-    p.add_argument("--seed", type=_seed, default=0, help="first seed; sample i uses seed + i (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="first seed; sample i uses seed + i (default 0)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--fps", type=ranged(float, 1.0, 1000.0, "fps"), default=None,
                    help="fixed frame rate instead of beat-locked frames")
