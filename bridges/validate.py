@@ -22,9 +22,21 @@ keeps the original), DROP (nothing to use). Issues and what happens:
 | gap           | t0 later than the previous chunk's end + tolerance | accept (the engine restarts its detector) |
 | fs_change     | sample rate differs from the previous chunk        | accept (the engine resets resampling) |
 | leads_change  | number of leads differs from the previous chunk    | accept              |
-| non_finite    | NaN/inf samples (count)                            | repaired: the lead's last finite value, or 0 |
+| non_finite    | NaN/inf samples (count)                            | repaired: the lead's last finite value (see below), or 0 |
 | saturation    | runs at a rail (count of clipped samples)          | accept (flagged)    |
 | flat_line     | a lead's std below `flat_std_mv` over `flat_s`     | accept (the engine must not detect beats) |
+
+The repaired copy is for the checks' statistics: a consumer that can mark samples
+invalid (the engine's beat windows) should use `raw`'s NaN instead (`result.raw`, trimmed
+like `chunk`), so no made-up sample passes as ECG. Before a lead's first finite value
+there is nothing to carry forward: the first finite value is held back (a 0 would be a
+step to any DC offset), and a lead with none yet is 0 (it reads as flat: a lead that
+sends only NaN is off). `nan_fill="zero"` puts 0 everywhere.
+
+Thresholds and rails are in millivolts: convert a chunk in another unit first.
+`result.flat` says, per lead and sample, whether the `flat_s` seconds up to and including
+that sample were flat, so a consumer can tell where in a long chunk a flat line began
+(the `flat_line` issue is the verdict at the chunk's last sample).
 
 Saturation: with `rails_mv=(lo, hi)` any sample at or past a rail counts. Without rails
 the rail is inferred: a run of equal samples lasting ≥ `saturation_run_s` at the lead's
@@ -83,6 +95,7 @@ class CheckResult:
     issues: tuple[Issue, ...]
     chunk: EcgChunk | None  # what to use: the input, a repaired copy, or None if dropped
     raw: EcgChunk
+    flat: np.ndarray | None = None  # (leads, n) bool per sample of `chunk`: the flat_s s up to it were flat
 
     @property
     def codes(self) -> list[str]:
@@ -125,7 +138,7 @@ class ChunkChecker:
         self._reset_signal_state(0)
 
     def _reset_signal_state(self, leads: int) -> None:
-        self._last_value = np.zeros(leads)            # per lead, for NaN fill
+        self._last_value = np.full(leads, np.nan)     # per lead, last finite value (NaN: none yet), for NaN fill
         self._hi = np.full(leads, -np.inf)            # running extremes, for saturation
         self._lo = np.full(leads, np.inf)
         self._tail = np.zeros((leads, 0), np.float32)  # last flat_s seconds, for flat line
@@ -133,8 +146,8 @@ class ChunkChecker:
     def check(self, chunk: EcgChunk) -> CheckResult:
         issues: list[Issue] = []
 
-        def result(decision: Decision, out: EcgChunk | None) -> CheckResult:
-            return CheckResult(decision, tuple(issues), out, chunk)
+        def result(decision: Decision, out: EcgChunk | None, flat_mask: np.ndarray | None = None) -> CheckResult:
+            return CheckResult(decision, tuple(issues), out, chunk, flat_mask)
 
         x = np.asarray(chunk.samples)
         problem = self._shape_problem(chunk, x)
@@ -206,11 +219,13 @@ class ChunkChecker:
             issues.append(Issue(NON_FINITE, f"{n_bad} NaN/inf sample(s) replaced", n_bad))
             x = self._fill(x, bad)
             repaired = True
-        self._last_value = x[:, -1].astype(np.float64)
+        else:
+            self._last_value = x[:, -1].astype(np.float64)
         clipped = self._saturated(x, fs)
         if clipped:
             issues.append(Issue(SATURATION, f"{clipped} sample(s) at a rail", clipped))
-        flat = self._flat_leads(x, fs)
+        flat_mask = self._flat_mask(x, fs)
+        flat = [int(i) for i in np.flatnonzero(flat_mask[:, -1])]
         if flat:
             issues.append(Issue(FLAT_LINE, f"lead(s) {flat} flat for {self.flat_s:g} s (lead off?)", len(flat)))
 
@@ -223,8 +238,8 @@ class ChunkChecker:
         self._expected_end = t0 + n / fs
         if repaired:
             out = dataclasses.replace(chunk, samples=np.ascontiguousarray(x), t0=t0)
-            return result(Decision.REPAIRED, out)
-        return result(Decision.ACCEPT, chunk)
+            return result(Decision.REPAIRED, out, flat_mask)
+        return result(Decision.ACCEPT, chunk, flat_mask)
 
     def _shape_problem(self, chunk: EcgChunk, x: np.ndarray) -> str | None:
         if x.ndim != 2:
@@ -244,9 +259,21 @@ class ChunkChecker:
         return None
 
     def _fill(self, x: np.ndarray, bad: np.ndarray) -> np.ndarray:
+        held = self._carry_forward(x, bad)
+        self._last_value = held[:, -1].astype(np.float64)  # NaN while a lead has had no finite value
         if self.nan_fill == "zero":
             return np.where(bad, np.float32(0), x)
-        # carry the last finite value forward, starting from the previous chunk's last
+        lead_in = ~np.isfinite(held)  # before a lead's first finite value: nothing to carry
+        if lead_in.any():
+            first = np.argmax(~lead_in, axis=1)
+            some = (~lead_in).any(axis=1)
+            start = np.where(some, held[np.arange(held.shape[0]), first], np.float32(0))
+            held = np.where(lead_in, start[:, None].astype(np.float32), held)
+        return held
+
+    def _carry_forward(self, x: np.ndarray, bad: np.ndarray) -> np.ndarray:
+        """Each non-finite sample replaced by its lead's last finite value, starting from
+        the previous chunk's last (NaN where there is none yet)."""
         n = x.shape[1]
         ext = np.concatenate([self._last_value[:, None].astype(np.float32), x], axis=1)
         ok = np.concatenate([np.ones((x.shape[0], 1), bool), ~bad], axis=1)
@@ -265,12 +292,27 @@ class ChunkChecker:
         at_rail &= (self._hi > self._lo)[:, None]  # a lead that never varied is flat, not clipped
         return _long_runs(at_rail, min_run)
 
-    def _flat_leads(self, x: np.ndarray, fs: float) -> list[int]:
-        need = int(round(self.flat_s * fs))
-        self._tail = np.concatenate([self._tail, x], axis=1)[:, -need:]
-        if self._tail.shape[1] < need:
-            return []
-        return [int(i) for i in np.flatnonzero(self._tail.std(axis=1) < self.flat_std_mv)]
+    def _flat_mask(self, x: np.ndarray, fs: float) -> np.ndarray:
+        """(leads, n): True where the `flat_s` seconds ending at that sample are flat."""
+        need = max(1, int(round(self.flat_s * fs)))
+        joined = np.concatenate([self._tail, x], axis=1)
+        self._tail = joined[:, -need:].copy()  # a copy: a view would keep a long chunk alive
+        old = joined.shape[1] - x.shape[1]
+        mask = np.zeros(x.shape, bool)
+        if joined.shape[1] < need:
+            return mask
+        # running sums of windows of `need`, centred first so a DC offset cannot cancel the variance away
+        d = joined.astype(np.float64)
+        d -= d.mean(axis=1, keepdims=True)
+        c1 = np.zeros((d.shape[0], d.shape[1] + 1))
+        c2 = np.zeros_like(c1)
+        np.cumsum(d, axis=1, out=c1[:, 1:])
+        np.cumsum(d * d, axis=1, out=c2[:, 1:])
+        ends = np.arange(max(need, old + 1), joined.shape[1] + 1)  # one past each window's last sample
+        s1 = (c1[:, ends] - c1[:, ends - need]) / need
+        var = (c2[:, ends] - c2[:, ends - need]) / need - s1 * s1
+        mask[:, ends - 1 - old] = var < self.flat_std_mv ** 2
+        return mask
 
 
 def _crc(x: np.ndarray) -> int:

@@ -5,11 +5,19 @@ the encoder's rate (250 Hz), in the recording's units (the encoder normalises ea
 itself, so mV and µV sources look alike to it). Samples the recording does not have (before its start,
 after its end, after `available_until` in a live stream, NaN) are zero and marked
 invalid; the encoder hides patches that are not fully valid. The streaming engine's
-beat segmenter emits exactly such windows.
+beat segmenter (`stream/beats.py`) emits windows of the same geometry (start, length,
+rate, zeros where invalid), but not the same samples: it resamples with a Hann-windowed
+sinc (`kernels/resample.py`), and marks invalid the outputs within that kernel's reach
+of a missing sample as well.
 
-Resampling is linear interpolation at the target sample times. Downsampling from
+Resampling here is linear interpolation at the target sample times. Downsampling from
 360-512 Hz to 250 Hz folds only content above 125 Hz, where surface ECG has little
-energy, so no extra anti-alias filter is applied.
+energy, so no extra anti-alias filter is applied. Measured against the live windows of
+the same beats (simulated ECG, 70 bpm, 60 s): the largest per-beat difference is a
+median 0.09 mV (up to 0.12) at 130 Hz, 0.02 mV (up to 0.035) at 360 Hz and 0.03 mV (up
+to 0.05) at 512 Hz; at the R sample itself under 0.01 mV. Kept as it is on purpose: the
+shipped ECG encoder was trained on these windows (`core/ecg_windows.py`), and changing
+them changes its training distribution and the published figures.
 """
 from __future__ import annotations
 

@@ -2,8 +2,17 @@
 
 Window i comes from a simulated recording drawn from seed i: random heart rate, lead
 count, sample rate (so resampling is part of what the encoder sees) and, for some
-windows, a cut-off at the next R peak as in live streaming, where the samples after the
-beat's end have not arrived yet. Deterministic in the index, so a run resumes exactly.
+windows, a cut-off 0.1 s after the next R peak, standing in for live streaming, where
+the samples after the beat's end have not arrived yet. Deterministic in the index, so a
+run resumes exactly.
+
+Not the live path exactly: windows here are linearly interpolated (`core/beat_window.py`
+gives the measured difference from the engine's windowed sinc), and the engine's valid
+ECG ends where the detector confirmed the next R, less the resampling kernel's reach:
+0.10-0.19 s after the next R (medians 0.12-0.18 s at 130-500 Hz and 50-150 bpm; later
+for beats released at the end of the detector's learning period). Both are kept as they
+are: the shipped encoder was trained on these windows, and changing them changes its
+training distribution and the published figures.
 """
 from __future__ import annotations
 
@@ -16,7 +25,7 @@ from .config import EcgEncoderConfig
 from .simulate.ecg import simulate_ecg
 
 SAMPLE_RATES = (130.0, 250.0, 360.0, 500.0, 512.0)
-STREAM_CUT_PROB = 0.5  # chance a window ends where a live stream would (next R + 0.1 s)
+STREAM_CUT_PROB = 0.5  # chance a window ends near where a live stream would (next R + 0.1 s; live: see above)
 
 
 def ecg_window(index: int, cfg: EcgEncoderConfig, leads: int) -> tuple[np.ndarray, np.ndarray]:

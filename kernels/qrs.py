@@ -18,7 +18,9 @@ in plain Python (the reference, `backend="python"`) and jitted unchanged by Numb
 (`backend="numba"`, the default).
 
 Never inventing beats: a peak counts only if its band-passed amplitude reaches
-`min_amplitude_mv` (input is in millivolts). A flat line, NaN held over, or electrode
+`min_amplitude_mv` (input is in millivolts). Leading NaN/inf is skipped: the filters
+start at steady state for the first finite sample and learning starts there, so a DC
+offset is no step. A flat line, NaN held over, or electrode
 noise up to ~40 µV RMS makes no beats. Louder pure noise does (as it does for every
 Pan–Tompkins-style detector): its peaks look like QRS complexes one at a time, and a
 per-beat SNR gate tried here could not separate them from noisy ECG at high heart rates
@@ -69,7 +71,8 @@ S_LASTEVT = 21   # last beat or decay (for the decay timer)
 S_WAKE = 22      # next sample at which a timer is due (learning end, search-back, decay)
 S_DECAYLEN = 23  # current wait before a decay: decay_rr mean RRs, at least S_DECAY
 S_RR = 24        # 8 RR intervals
-S_HDR = 32       # then: pending R (K), noise R (K)
+S_START = 32     # index of the first finite sample: filters and learning start there (-1 before)
+S_HDR = 33       # then: pending R (K), noise R (K)
 
 # state layout: float64 array `f`
 F_SOS = 0        # 2 sections x (b0 b1 b2 a0 a1 a2)
@@ -81,7 +84,7 @@ F_NPK = 22       # running noise-peak level
 F_MWISUM = 23
 F_MPREV = 24     # previous MWI value
 F_CANDV = 25
-F_LASTX = 26     # last finite input (held over NaN/inf)
+F_LASTX = 26     # last finite input (held over NaN/inf); NaN before the first
 F_LASTBP = 27
 F_LEARNMAX = 28
 F_LEARNSUM = 29
@@ -153,12 +156,24 @@ def detect_chunk(x, f, s, out):
         v = float(x[i])
         if v - v != 0.0:  # NaN or inf: hold the last finite value (no step, no beat)
             v = lastx
-        lastx = v
-        if n == 0:
+            if v - v != 0.0:  # none yet: nothing to filter or learn from (a 0 held would step to the offset)
+                hpos += 1
+                if hpos == H:
+                    hpos = 0
+                n += 1
+                continue
+        elif lastx - lastx != 0.0:
+            # the first finite sample: the filters start at steady state for it (no DC
+            # step), the history before it holds it, and learning starts here
             z0 = f[F_ZIU + 0] * v
             z1 = f[F_ZIU + 1] * v
             z2 = f[F_ZIU + 2] * v
             z3 = f[F_ZIU + 3] * v
+            for j in range(H):
+                f[o_raw + j] = v
+            s[S_START] = n
+            wake = n + s[S_LEARN] - 1
+        lastx = v
         # band-pass: two transposed direct-form II biquads
         # (input terms first: they do not wait for y, which keeps the recurrence short)
         y = b00 * v + z0
@@ -277,10 +292,10 @@ def detect_chunk(x, f, s, out):
             f[o_pa + k] = amp
             s[S_NPEND] = k + 1
 
-        if learning == 1 and n + 1 >= s[S_LEARN]:
+        if learning == 1 and n + 1 >= s[S_START] + s[S_LEARN]:
             learning = 0
             f[F_SPK] = 0.5 * learnmax
-            f[F_NPK] = 0.5 * learnsum / (n + 1)
+            f[F_NPK] = 0.5 * learnsum / (n + 1 - s[S_START])
             s[S_LASTEVT] = n
 
         if learning == 0:
@@ -404,7 +419,7 @@ def detect_chunk(x, f, s, out):
                 n_out += 1
         # next sample at which a timer is due
         if learning == 1:
-            wake = s[S_LEARN] - 1
+            wake = s[S_START] + s[S_LEARN] - 1
         else:
             wake = s[S_LASTEVT] + s[S_DECAYLEN] + 1
             lastr = s[S_LASTR]
@@ -505,7 +520,9 @@ class QrsDetector:
         s[S_CANDI] = -1
         s[S_LASTR] = -1
         s[S_LEARNING] = 1
-        s[S_WAKE] = s[S_LEARN] - 1
+        s[S_START] = -1
+        s[S_WAKE] = s[S_LEARN] - 1  # reset at the first finite sample
+        f[F_LASTX] = np.nan  # no finite sample yet
         f[F_SOS:F_SOS + 12] = band.sos.ravel()
         f[F_ZIU:F_ZIU + 4] = band.zi_unit.ravel()
         f[F_MINAMP] = p.min_amplitude_mv

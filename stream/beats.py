@@ -13,9 +13,12 @@ ring at emission time.
 Determinism: the window holds only samples cleaned by the time the sample that confirmed
 R_{k+1} arrived (`detected_at`), as if the stream arrived sample by sample; later samples are
 zero and `valid` is False there, as for samples lost to a gap or NaN (and for outputs
-within the resampling kernel's reach of a NaN, which the zeros in its place would bend). So the beats,
-windows included, do not depend on how the stream was chunked. `cut_window` cuts a
-window from whatever the ring holds now, for a caller that wants the longer view.
+within the resampling kernel's reach of a NaN, which the zeros in its place would bend, or
+of the last sample delivered or the oldest one used, where the kernel would read past
+them); it reaches back at most RING_S (plus the kernel's support) from that last sample,
+however far the ring has run on by emission time. So the beats, windows included, do
+not depend on how the stream was chunked. `cut_window` cuts a window from whatever the
+ring holds now, for a caller that wants the longer view.
 
 Time: sample i of the stream is at `t0 + i / fs`, t0 being the first chunk's; the
 segmenter treats chunks as contiguous. A caller that sees a gap or a change of rate
@@ -40,8 +43,8 @@ from ..kernels.qrs import QrsDetector, QrsParams
 from ..kernels.resample import kernel_table, resample, support
 from .ring import SampleRing
 
-RING_S = 12.0  # raw history kept: the longest RR plus a window's lead-in and search-back
-PIECE_S = 1.0  # long chunks are taken in pieces so the ring still holds each beat's start
+RING_S = 12.0  # history a window may use, back from its last delivered sample: the longest RR plus a lead-in
+PIECE_S = 1.0  # long chunks are taken in pieces; the ring holds one more, run past the confirming sample
 N_HR = 8       # RR intervals the current heart rate is a median of
 DRIFT_S = 0.02  # re-anchor the timeline when chunk t0 and the sample count part by more (the checker's gap tolerance)
 
@@ -84,6 +87,7 @@ class BeatSegmenter:
         self._grid = np.arange(n, dtype=np.float64) * (self.fs / self.config.fs) - self.config.pre_r_s * self.fs
         self._support = support(self.fs, self.config.fs)
         self._reach = kernel_table(self.fs, self.config.fs)[1]  # input samples each output reads, either side
+        self._piece = max(1, int(PIECE_S * self.fs))
         self.reset()
 
     def reset(self) -> None:
@@ -91,7 +95,12 @@ class BeatSegmenter:
         self._detector = QrsDetector(self.fs, self._params, self._backend)
         self._blanker = SpikeBlanker(self.fs, self.n_leads, backend=self._backend, enabled=self._remove_spikes)
         self._received = 0
-        self._ring = SampleRing(self.n_leads, int(math.ceil(RING_S * self.fs)) + 2 * self._support)
+        # A window reads at most `_keep` samples back from its last delivered one (as if the
+        # stream came sample by sample); the ring also holds the rest of the piece that
+        # confirmed the beat, so what a window sees does not depend on the chunking. The
+        # spike blanker's lag needs nothing more: ring and detector both count its output.
+        self._keep = int(math.ceil(RING_S * self.fs)) + 2 * self._support
+        self._ring = SampleRing(self.n_leads, self._keep + self._piece)
         self._anchors: list[tuple[int, float]] = []  # (absolute sample index, its time), by index
         self._last_r: int | None = None
         self._rr: deque[int] = deque(maxlen=N_HR)
@@ -152,7 +161,7 @@ class BeatSegmenter:
             raise ValueError(f"expected ({self.n_leads}, n) samples, got {samples.shape}")
         self._anchor(float(t0))
         beats: list[Beat] = []
-        piece = max(1, int(PIECE_S * self.fs))
+        piece = self._piece
         for i in range(0, samples.shape[1], piece):
             part = self._blanker.push(samples[:, i:i + piece])
             self._received += min(piece, samples.shape[1] - i)
@@ -192,10 +201,10 @@ class BeatSegmenter:
         return beat
 
     def _window(self, r: float, upto: int) -> tuple[np.ndarray, np.ndarray]:
-        """Resample samples [ring start, upto) onto the window grid of an R at index r."""
+        """Resample samples [upto - keep, upto) onto the window grid of an R at index r."""
         pos = r + self._grid
         n_out = pos.shape[0]
-        lo = max(self._ring.start, int(math.floor(pos[0])) - self._support)
+        lo = max(self._ring.start, upto - self._keep, int(math.floor(pos[0])) - self._support)
         hi = min(upto, self._ring.end, int(math.ceil(pos[-1])) + self._support + 1)
         window = np.zeros((self.n_leads, n_out), dtype=np.float32)
         valid = np.zeros(n_out, dtype=bool)
@@ -213,6 +222,9 @@ class BeatSegmenter:
             at = np.searchsorted(bad, rel)
             gap = np.minimum(np.abs(rel - bad[np.maximum(at - 1, 0)]), np.abs(rel - bad[np.minimum(at, len(bad) - 1)]))
             valid &= gap >= self._reach
+        # nor may the samples not held (before lo, from hi on: not delivered yet, or let go),
+        # which the resampler would stand in for by repeating the edge sample
+        valid &= (pos - (lo - 1) >= self._reach) & (hi - pos >= self._reach)
         if valid.any():
             out = resample(seg, pos - lo, self.fs, self.config.fs, backend=self._backend)
             window[:, valid] = out[:, valid]

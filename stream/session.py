@@ -8,13 +8,22 @@ sockets. What each checker issue does here:
 - gap, fs change, lead-count change, seq reset: the beat detector restarts, so no RR
   interval is measured across a discontinuity (no beat invented);
 - flat line on every lead: ``signal_lost`` and the detector is dropped (the beat begun
-  before the flat line is abandoned); the first chunk that is not flat again gives
-  ``signal_restored``;
-- NaN/inf (repaired by the checker), saturation, seq gap, overlap: reported, data used.
+  before the flat line is abandoned); the first sample that is not flat again gives
+  ``signal_restored``. Decided sample by sample (the checker's `flat` mask), so a long
+  chunk's beats before the flat line are kept, as they would be in small chunks;
+- flat line on the detection lead only: detection restarts on the first lead that is
+  not flat (``bad_input`` ``detect_lead``, counter ``detect_lead_switches``); it stays
+  there until that lead goes flat in turn, so it never flips back and forth;
+- NaN/inf, saturation, seq gap, overlap: reported, data used. The beat detector gets the
+  NaN itself (beat windows mark those samples invalid); the checker's repaired copy
+  feeds only its own statistics.
+
+Chunks in V or µV are converted to mV before the checker, whose thresholds are in mV.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -112,6 +121,30 @@ class RhythmBeat:
         return 60.0 / self.rr
 
 
+def _in_mv(chunk: EcgChunk) -> EcgChunk:
+    """The chunk in millivolts; one the checker will refuse (unknown unit, bad shape) as it is."""
+    factor = UNIT_TO_MV.get(chunk.unit)
+    x = np.asarray(chunk.samples)
+    if chunk.unit == "mV" or factor is None or x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+        return chunk
+    return dataclasses.replace(chunk, samples=x.astype(np.float32) * np.float32(factor), unit="mV")
+
+
+def _with_gaps(used: EcgChunk, raw: EcgChunk) -> np.ndarray:
+    """`used`'s samples (float32) with NaN where the checker filled a NaN/inf in: the beat
+    windows must not take a made-up sample for ECG. `used` may be `raw` trimmed at the front."""
+    samples = np.asarray(used.samples, dtype=np.float32)
+    original = np.asarray(raw.samples)[:, raw.n_samples - used.n_samples:]
+    finite = np.isfinite(original)
+    return samples if finite.all() else np.where(finite, samples, np.float32(np.nan))
+
+
+def _run_end(mask: np.ndarray, i: int) -> int:
+    """One past the last index of the run of mask[i]'s value that starts at i."""
+    other = np.flatnonzero(mask[i:] != mask[i])
+    return i + int(other[0]) if other.size else mask.shape[0]
+
+
 @dataclass
 class Session:
     device: str
@@ -133,6 +166,7 @@ class Session:
         self._in_flight = False
         self._last_report: dict[tuple[str, str], float] = {}
         self._rhythm_clock: float | None = None  # R time the next rhythm-only beat starts at
+        self.detect_lead = 0                # the lead beats are detected on
 
     # -- input --------------------------------------------------------------------------
 
@@ -142,14 +176,14 @@ class Session:
         capture = time.time()
         self.counters["chunks"] += 1
         events: list[Event] = []
+        chunk = _in_mv(chunk)  # the checker's flat and rail thresholds are in mV
         result = self.checker.check(chunk)  # first: a chunk of the wrong shape has no n_samples
         self.counters["samples"] += chunk.n_samples if np.ndim(chunk.samples) == 2 else 0
-        restart = flat = False
+        restart = False
         for issue in result.issues:
             self.counters[f"issue_{issue.code}"] += 1
             if issue.code == validate.FLAT_LINE and issue.count >= chunk.n_leads:
-                flat = True
-                continue
+                continue  # every lead flat: signal_lost, decided sample by sample below
             self.counters["bad_input"] += 1
             events.append(("bad_input", f"{issue.code}: {issue.message}"))
             restart |= issue.code in _RESTART_DETECTOR
@@ -161,37 +195,63 @@ class Session:
             self.counters["chunks_dropped"] += 1
             self.counters["bad_input"] += 1
             return [*events, ("bad_input", f"unknown_unit: {used.unit!r}")]
-        if flat:
-            self.counters["flat_chunks"] += 1
-            self.segmenter = None  # abandon the beat begun before the flat line
-            if self.lost != "flat line":  # new, or data came back after silence but flat
-                self.lost = "flat line"
-                self.counters["signal_lost"] += 1
-                events.append(("signal_lost", f"flat line on every lead for {self.checker.flat_s:g} s (lead off?)"))
-            return events
-        if self.lost is not None:
-            # After a flat line the detector starts afresh; after silence the checker
-            # says whether time jumped (a gap restarts it) or the stream simply resumed.
-            restart |= self.lost == "flat line"
-            events.append(self._restore())
         if restart and self.segmenter is not None:
             self.segmenter = None
             self.counters["detector_restarts"] += 1
-        events.extend(self._segment(used, capture))
+        if validate.LEADS_CHANGE in result.codes:
+            self.detect_lead = 0  # lead numbers mean other leads now
+        samples = _with_gaps(used, result.raw)
+        flat = result.flat if result.flat is not None else np.zeros(samples.shape, bool)
+        events.extend(self._use(used, samples, flat, capture))
         return events
 
-    def _segment(self, chunk: EcgChunk, capture: float) -> list[Event]:
+    def _use(self, chunk: EcgChunk, samples: np.ndarray, flat: np.ndarray, capture: float) -> list[Event]:
+        """Segment the chunk's samples run by run: a flat line on every lead stops
+        detection, one on the detection lead moves it to another lead."""
+        events: list[Event] = []
+        all_flat = flat.all(axis=0)
+        if all_flat.any():
+            self.counters["flat_chunks"] += 1
+        n, i = samples.shape[1], 0
+        while i < n:
+            if all_flat[i]:
+                i = _run_end(all_flat, i)
+                events.extend(self._flat_line())
+                continue
+            if self.lost is not None:
+                events.append(self._restore())
+            if flat[self.detect_lead, i]:
+                events.append(self._switch_lead(flat[:, i]))
+            j = _run_end(~(all_flat | flat[self.detect_lead]), i)
+            events.extend(self._segment(chunk, samples[:, i:j], chunk.t0 + i / chunk.fs, capture))
+            i = j
+        return events
+
+    def _flat_line(self) -> list[Event]:
+        self.segmenter = None  # abandon the beat begun before the flat line
+        if self.lost == "flat line":
+            return []
+        self.lost = "flat line"  # new, or data came back after silence but flat
+        self.counters["signal_lost"] += 1
+        return [("signal_lost", f"flat line on every lead for {self.checker.flat_s:g} s (lead off?)")]
+
+    def _switch_lead(self, flat: np.ndarray) -> Event:
+        """Detect on the first lead not flat now (the caller knows one is not)."""
+        old, self.detect_lead = self.detect_lead, int(np.flatnonzero(~flat)[0])
+        self.segmenter = None
+        self.counters["detect_lead_switches"] += 1
+        self.counters["bad_input"] += 1
+        return ("bad_input", f"detect_lead: lead {old} flat (lead off?); beats detected on lead {self.detect_lead} now")
+
+    def _segment(self, chunk: EcgChunk, samples: np.ndarray, t0: float, capture: float) -> list[Event]:
         from .beats import BeatSegmenter  # numba: imported when the first chunk arrives
 
         if self.segmenter is None:
-            self.segmenter = BeatSegmenter(chunk.fs, chunk.n_leads, self.config,
+            self.segmenter = BeatSegmenter(chunk.fs, chunk.n_leads, self.config, detect_lead=self.detect_lead,
                                            remove_spikes=self.limits.remove_pacing_spikes)
-        samples = np.asarray(chunk.samples, dtype=np.float32)
-        if chunk.unit != "mV":
-            samples = samples * np.float32(UNIT_TO_MV[chunk.unit])
         events = []
         removed = self.segmenter.spikes_removed
-        for beat in self.segmenter.push(samples, chunk.t0):
+        for beat in self.segmenter.push(samples, t0):
             events.extend(self._enqueue(beat, capture))
         # pacemaker spikes taken out before detection: a paced patient's, or impulse noise
         self.counters["pacing_spikes_removed"] += self.segmenter.spikes_removed - removed

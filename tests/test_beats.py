@@ -64,7 +64,8 @@ def test_window_is_the_ecg_around_r(fs):
 
 def test_valid_ends_at_the_sample_that_emitted_the_beat():
     """The window holds what the spike blanker had released when the beat's confirming
-    sample arrived: samples up to `spike_lag` before `detected_at`."""
+    sample arrived (samples up to `spike_lag` before `detected_at`), less the outputs
+    whose resampling kernel would reach past the last of them (8 samples at 250 Hz)."""
     cfg = EcgEncoderConfig()
     fs = 250.0
     rec = simulate_ecg(20.0, fs=fs, hr=75, seed=1, noise=0.5)
@@ -73,7 +74,9 @@ def test_valid_ends_at_the_sample_that_emitted_the_beat():
     assert seg.spike_lag == 6
     for b in beats[1:]:
         t_grid = b.r_time - cfg.pre_r_s + np.arange(cfg.window_samples) / cfg.fs
-        np.testing.assert_array_equal(b.valid, t_grid <= b.detected_at - seg.spike_lag / fs + 0.5 / fs)
+        last = b.detected_at - seg.spike_lag / fs  # the last sample the ring held
+        ahead = np.round((t_grid - last) * fs)  # whole samples at 250 Hz
+        np.testing.assert_array_equal(b.valid, ahead <= 1 - 8)
         assert not b.window[:, ~b.valid].any()  # padding is zeros
 
 
