@@ -149,7 +149,7 @@ def test_policy_rejects_nonsense():
 
 @pytest.mark.parametrize("argv, words", [
     (["record", "tcp://127.0.0.1:5556", "--out", "{tmp}/r", "--rotate-s", "0"], "rotate-s must be between"),
-    (["record", "tcp://127.0.0.1:5556", "--out", "{tmp}/r", "--rotate-frames", "0"], "rotate-frames must be at least 1"),
+    (["record", "tcp://127.0.0.1:5556", "--out", "{tmp}/r", "--rotate-frames", "0"], "rotate-frames must be 1 or more"),
     (["record", "nonsense", "--out", "{tmp}/r"], "cannot connect"),
     (["record", "tcp://127.0.0.1:5556", "--out", "{tmp}/file.txt/r"], "--out"),
 ])

@@ -38,28 +38,26 @@ def _number(x: float) -> str:
     return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"  # 10,000,000 rather than 1e+07
 
 
-def positive_int(name: str) -> Callable[[str], int]:
-    """An argparse type for integers >= 1."""
+def at_least(low: int, name: str) -> Callable[[str], int]:
+    """An argparse type for integers >= `low`."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{name} must be {low} or more, got {value}")
         return value
 
     parse.__name__ = name
     return parse
 
 
-def seed(text: str) -> int:
-    """An argparse type for seeds: integers >= 0 (numpy's generators refuse negative ones)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"seed must be 0 or more, got {value}")
-    return value
+def positive_int(name: str) -> Callable[[str], int]:
+    """An argparse type for integers >= 1."""
+    return at_least(1, name)
+
+
+# seeds: numpy's generators refuse negative ones
+seed = at_least(0, "seed")
