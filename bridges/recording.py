@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -64,7 +65,7 @@ def read_recording(path: str | Path, fs: float | None = None, lead: str | int | 
             rec = read_text(path, fs, unit, lead)
     except ReplayError:
         raise
-    except (OSError, ValueError, KeyError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # BadZipFile: a cut-off .npz
         raise ReplayError(f"{path.name}: cannot read: {_one_line(exc)}") from None
     return select_lead(rec, lead, path.name)
 
@@ -132,7 +133,7 @@ def _read_npy(path: Path, fs: float | None, unit: str | None) -> Recording:
 
 
 def _read_npz(path: Path, fs: float | None, unit: str | None) -> Recording:
-    with np.load(path, allow_pickle=False) as z:
+    with path.open("rb") as f, np.load(f, allow_pickle=False) as z:  # our handle: np.load leaks its own on a cut-off file
         keys = list(z.keys())
         key = next((k for k in NPZ_SAMPLE_KEYS if k in keys), None)
         if key is None:
@@ -156,11 +157,14 @@ def _read_wfdb(path: Path, fs: float | None, lead: str | int | None) -> Recordin
     import wfdb  # local: wfdb pulls in pandas, slow to import for other formats
 
     name = path.with_suffix("") if path.suffix.lower() in (".hea", ".dat") else path
-    record = wfdb.rdrecord(str(name))
+    try:
+        record = wfdb.rdrecord(str(name))
+    except Exception as exc:  # wfdb fails on a damaged header with whatever it hit (IndexError, TypeError...)
+        raise ReplayError(f"{path.name}: cannot read: {_one_line(exc)}") from None
     if record.p_signal is None:
         raise ReplayError(f"{path.name}: WFDB record has no physical signal")
     arr = record.p_signal.T  # (leads, n), physical units per channel
-    names = [str(s) for s in (record.sig_name or default_names(arr.shape[0]))]
+    names = [str(s) if s else f"ch{i}" for i, s in enumerate(record.sig_name or [None] * arr.shape[0])]  # a header may name none
     units = [_VOLTS.get(str(u).lower(), str(u)) for u in (record.units or ["mV"] * arr.shape[0])]
     if lead is not None:
         keep = [lead_index(names, lead, path.name)]
