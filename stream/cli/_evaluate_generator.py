@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_outputs(args.out, args.png)
+    check_outputs({"--out": args.out, "--png": args.png})
     try:
         gen = Generator.load(args.checkpoint, device=select_device(args.device), use_critic=args.critic)
         segmenter = load_segmenter(args.segmenter or DEFAULT_WEIGHTS)

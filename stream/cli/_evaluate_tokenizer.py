@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"{flag} needs at least 2 draws and the simulator (no --data)")
     if not (Path(args.checkpoint) / "tokenizer.json").is_file():
         raise CliError(f"--checkpoint {args.checkpoint}: no tokenizer.json there")
-    check_outputs(args.out, args.png)
+    check_outputs({"--out": args.out, "--png": args.png})
     try:
         device = select_device(args.device)
         model, preset = load_tokenizer(args.checkpoint, device=device)

@@ -15,7 +15,7 @@ import os
 import pkgutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .args import CliError, CliParser, positive_int, ranged
 
@@ -44,13 +44,13 @@ def add_run_options(parser: argparse.ArgumentParser, *, steps: int, batch: int, 
     parser.add_argument("--threads", type=positive_int("threads"), help="torch CPU threads (default: torch's choice)")
 
 
-def check_outputs(out: str | None, png: str | None = None) -> None:
-    """Refuse, before an evaluation of many minutes, outputs it could not write at its end."""
-    for flag, path in (("--out", out), ("--png", png)):
+def check_outputs(paths: Mapping[str, str | None]) -> None:
+    """Refuse, before minutes of work, outputs ({flag: path}) it could not write at its end."""
+    for flag, path in paths.items():
         if path and Path(path).is_dir():
             raise CliError(f"{flag} {path}: is a folder")
-    if png and Path(png).suffix.lower() != ".png":
-        raise CliError(f"--png must name a .png file, got {png!r}")
+        if path and flag == "--png" and Path(path).suffix.lower() != ".png":
+            raise CliError(f"--png must name a .png file, got {path!r}")
 
 
 def write_report(result: dict[str, Any], out: str | None) -> None:

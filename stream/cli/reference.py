@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 import numpy as np
 
+from ._targets import check_outputs
 from .args import CliError
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,7 @@ def handle(args: argparse.Namespace) -> int:
         target = getattr(args, option)
         if target is not None and not Path(target).parent.is_dir():
             raise CliError(f"--{option}: folder {Path(target).parent} does not exist")
-        if target is not None and Path(target).is_dir():
-            raise CliError(f"--{option} {target}: is a folder")
-    if args.png is not None and Path(args.png).suffix.lower() != ".png":
-        raise CliError(f"--png must name a .png file, got {args.png!r}")
+    check_outputs({"--png": args.png, "--json": args.json})
     try:
         segmenter = load_segmenter(args.segmenter or DEFAULT_WEIGHTS)
     except (FileNotFoundError, ValueError) as err:
