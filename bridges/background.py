@@ -80,17 +80,24 @@ class BackgroundSource:
             self._reported_drops = self._queue.dropped
             self.counters["dropped"] += n
             return SourceStatus(self._overflow_device, status.OVERFLOW, f"queue full: dropped the {n} oldest item(s)")
-        if len(self._queue):
-            return self._convert(await self._queue.get())
-        # Wait for the next item or for the task's end, whichever comes first: a connection
-        # loop that died must reach the consumer as an error, not as a wait that never ends.
+        if not len(self._queue):
+            await self._wait_for_item()
+        return self._convert(self._queue.get_nowait())
+
+    async def _wait_for_item(self) -> None:
+        """Wait for the next item or for the task's end, whichever comes first: a connection
+        loop that died must reach the consumer as an error, not as a wait that never ends."""
         task = self._task
         assert task is not None
-        get = asyncio.ensure_future(self._queue.get())
-        await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
-        if get.done():
-            return self._convert(get.result())
-        get.cancel()  # nothing was taken: `get` pops only once it stops waiting
+        # The waiter only waits: the item is taken after it, so a consumer cancelled here
+        # leaves it queued (a getter task left behind would take the next item and drop it).
+        waiter = asyncio.ensure_future(self._queue.wait())
+        try:
+            await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if len(self._queue):
+            return
         if task.cancelled() or task.exception() is None:
             raise StopAsyncIteration
         raise RuntimeError(f"{self._name} stopped: {type(task.exception()).__name__}: {task.exception()}") from task.exception()

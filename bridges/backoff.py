@@ -8,7 +8,8 @@ class Backoff:
     """Delays initial·factor^k, capped at `maximum`, each scaled by a random factor in
     [1 − jitter, 1] so that many clients cut off together do not return together.
 
-    `reset()` after a connection that worked, so the next loss retries quickly.
+    `connection_ended(lasted)` after a live connection ends: one that lasted `stable_s`
+    worked, so the next retry is quick again; one cut off sooner keeps the delay growing.
     """
 
     def __init__(
@@ -18,6 +19,7 @@ class Backoff:
         factor: float = 2.0,
         jitter: float = 0.5,
         rng: random.Random | None = None,
+        stable_s: float = 10.0,
     ) -> None:
         if initial <= 0 or maximum < initial or factor < 1 or not 0 <= jitter <= 1:
             raise ValueError("need 0 < initial <= maximum, factor >= 1, 0 <= jitter <= 1")
@@ -25,6 +27,7 @@ class Backoff:
         self.maximum = maximum
         self.factor = factor
         self.jitter = jitter
+        self.stable_s = stable_s
         self._rng = rng or random.Random()
         self.attempt = 0
 
@@ -36,3 +39,11 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+    def connection_ended(self, lasted: float) -> None:
+        """Reset only after a connection that held `stable_s` seconds. Resetting at every
+        connect let a link that is accepted and then cut at once (two engines sharing a
+        client id take the session from each other; a sensor that drops at once) retry at
+        the initial delay for ever: several reconnects a second, a warning each."""
+        if lasted >= self.stable_s:
+            self.reset()

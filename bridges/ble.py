@@ -113,12 +113,11 @@ class _BleSource(BackgroundSource):
         while True:
             lost = asyncio.Event()
             client = self.client_factory(self.address, disconnected_callback=lambda _c, ev=lost: ev.set())  # ev: this attempt's event
-            live = False
+            live, since = False, 0.0
             try:
                 await asyncio.wait_for(client.connect(), self.connect_timeout)
                 await asyncio.wait_for(self._subscribe(client), self.connect_timeout)
-                live = True
-                self.backoff.reset()
+                live, since = True, time.monotonic()
                 connected_before, code = True, status.RECONNECTED if connected_before else status.CONNECTED
                 self._emit(code, f"streaming from {self.address}")
                 await lost.wait()
@@ -127,6 +126,8 @@ class _BleSource(BackgroundSource):
                 self._emit(status.DISCONNECTED if live else status.CONNECT_FAILED, f"{self.address}: {_describe(exc)}")
             finally:
                 await self._release(client)
+            if live:
+                self.backoff.connection_ended(time.monotonic() - since)
             await asyncio.sleep(self.backoff.next_delay())
 
     async def _release(self, client: Any) -> None:

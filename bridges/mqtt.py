@@ -5,7 +5,9 @@
             ...
 
 The device id is the topic's last level (`ecg/strap-7` → "strap-7"); payloads are
-decoded by `payload.decode_payload` (JSON or msgpack, format documented there).
+decoded by `payload.decode_payload` (JSON or msgpack, format documented there). Retained
+messages are skipped with a `retained` status: the broker re-sends its stored copy at
+every subscribe, so it is old ECG, not a new chunk.
 
 Reliability (REFERENCE "Streaming reliability facts"): a loop around `async with
 aiomqtt.Client`, re-subscribing after every connect, with capped jittered exponential
@@ -34,6 +36,12 @@ from .status import SourceStatus
 log = logging.getLogger(__name__)
 
 Item = Union[EcgChunk, SourceStatus]
+
+# Chunks without t0 follow on from the device's previous chunk while their arrival is at
+# most this late (network jitter; later: a pause or lost chunks, a gap) or this early (a
+# backlog delivered at once runs ahead of the arrival clock by its length).
+MAX_LATE_S = 0.5
+MAX_AHEAD_S = 60.0
 
 
 class _ClosingSSLSocket(ssl.SSLSocket):
@@ -89,6 +97,7 @@ class MqttSource(BackgroundSource):
         self.keepalive = keepalive
         self.backoff = backoff or Backoff()
         self._seq: dict[str, int] = {}  # our numbering for devices that send no seq
+        self._clock: dict[str, tuple[int, float, float]] = {}  # devices that send no t0: (seq, t_end, fs) of the last chunk
 
     # -- connection loop -------------------------------------------------------------
 
@@ -107,17 +116,16 @@ class MqttSource(BackgroundSource):
                 timeout=self.connect_timeout,
                 keepalive=self.keepalive,
             )
-            live = False
+            live, since = False, 0.0
             try:
                 async with client:
                     await client.subscribe(self.topic_filter, qos=self.qos)
-                    live = True
-                    self.backoff.reset()
+                    live, since = True, time.monotonic()
                     code = status.RECONNECTED if connected_before else status.CONNECTED
                     connected_before = True
                     self._emit(SourceStatus(None, code, f"subscribed to {self.topic_filter} on {self.host}:{self.port}"))
                     async for message in client.messages:
-                        self._handle(str(message.topic), message.payload)
+                        self._handle(str(message.topic), message.payload, bool(message.retain))
             except aiomqtt.MqttError as exc:
                 code = status.DISCONNECTED if live else status.CONNECT_FAILED
                 self._emit(SourceStatus(None, code, f"{self.host}:{self.port}: {exc}"))
@@ -125,6 +133,8 @@ class MqttSource(BackgroundSource):
                 log.exception("mqtt %s:%s: unexpected error", self.host, self.port)
                 code = status.DISCONNECTED if live else status.CONNECT_FAILED
                 self._emit(SourceStatus(None, code, f"{self.host}:{self.port}: {type(exc).__name__}: {exc}"))
+            if live:
+                self.backoff.connection_ended(time.monotonic() - since)
             delay = self.backoff.next_delay()
             log.info("mqtt %s:%s: retrying in %.2f s", self.host, self.port, delay)
             await asyncio.sleep(delay)
@@ -135,10 +145,13 @@ class MqttSource(BackgroundSource):
             log.log(status.log_level(item.code), "%s %s: %s", item.device or "-", item.code, item.message)
         self._queue.put_nowait(item)
 
-    def _handle(self, topic: str, payload: object) -> None:
+    def _handle(self, topic: str, payload: object, retained: bool = False) -> None:
         device = topic.rsplit("/", 1)[-1]
         if not device:
             self._emit(SourceStatus(None, status.BAD_TOPIC, f"no device id in topic {topic!r}"))
+            return
+        if retained:  # re-sent by the broker at every (re)subscribe: old ECG, not a new chunk
+            self._emit(SourceStatus(device, status.RETAINED, "retained message skipped; publish ECG without retain"))
             return
         if not isinstance(payload, (bytes, bytearray)):
             self._emit(SourceStatus(device, status.MALFORMED, f"payload of type {type(payload).__name__}"))
@@ -158,7 +171,28 @@ class MqttSource(BackgroundSource):
             seq = self._seq.get(device, -1) + 1
         self._seq[device] = seq
         now = time.monotonic()
-        t0 = decoded.t0 if decoded.t0 is not None else now - n / decoded.fs
+        if decoded.t0 is not None:
+            t0 = decoded.t0
+            self._clock.pop(device, None)
+        else:
+            t0 = self._receiver_t0(device, seq, n, decoded.fs, now)
         self.counters["chunks"] += 1
         self.counters["samples"] += n
         self._emit(EcgChunk(device=device, samples=decoded.samples, fs=decoded.fs, t0=t0, seq=seq, unit="mV", received=now))
+
+    def _receiver_t0(self, device: str, seq: int, n: int, fs: float, now: float) -> float:
+        """t0 for a chunk that brought none. Arrival times jitter and come in bursts (a
+        backlog after an outage): stamped by arrival alone, consecutive chunks overlap or
+        part, and the checker trims the overlaps away (a burst of ten lost nine tenths).
+        So a device's next chunk (seq one up, same rate) starts where its previous one
+        ended, while that stays within MAX_LATE_S before, or MAX_AHEAD_S after, its
+        arrival; otherwise (a first chunk, a pause, lost chunks) at arrival − duration."""
+        arrival = now - n / fs
+        t0 = arrival
+        last = self._clock.get(device)
+        if last is not None:
+            last_seq, last_end, last_fs = last
+            if last_seq + 1 == seq and last_fs == fs and -MAX_AHEAD_S <= arrival - last_end <= MAX_LATE_S:
+                t0 = last_end
+        self._clock[device] = (seq, t0 + n / fs, fs)
+        return t0

@@ -1,18 +1,19 @@
 """Decode one ECG message (MQTT payload) into an `EcgChunk`.
 
 Wire format: a map `{fs, t0, seq, unit, samples[, shape]}`, as JSON (UTF-8 text whose
-first non-blank byte is `{`) or as msgpack (anything else).
+first non-blank byte is `{`, after any byte order mark) or as msgpack (anything else).
 
 - fs: sample rate in Hz (number > 0). Required.
-- unit: a key of `UNIT_TO_MV` ("mV", "uV", "µV", "V"). Required: a guessed unit is off by
-  a factor of 1000.
+- unit: a key of `UNIT_TO_MV` ("mV", "uV", "µV", "V"; "μV" with a Greek mu too). Required:
+  a guessed unit is off by a factor of 1000.
 - samples, one of:
     a list of numbers (one lead);
     a list of lists, one per lead, all the same length;
     little-endian float32 bytes with `shape` = [n] or [leads, n] (row-major): msgpack
-    `bin`, or in JSON a base64 string.
+    `bin`, or in JSON a base64 string (line breaks allowed).
 - t0: time of the first sample in seconds on the device's clock. Optional: the receiver
-  puts its own monotonic receive time minus the chunk's duration instead.
+  stamps the chunk on its monotonic clock instead, at its receive time minus its duration,
+  or at the end of the device's previous chunk when it follows on (`MqttSource`).
 - seq: integer chunk counter. Optional: the receiver numbers the device's chunks itself.
 
 Non-finite samples are passed through: `validate.ChunkChecker` reports and repairs them.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import json
 import math
 from dataclasses import dataclass
@@ -33,6 +35,10 @@ from .chunk import UNIT_TO_MV
 from . import status
 
 MAX_LEADS = 12
+
+# Units that look like a key of UNIT_TO_MV but are other code points: Greek mu (U+03BC,
+# what NFKC makes of the micro sign) was refused with "unknown unit 'μV'; known: ... µV".
+_LOOKALIKE_UNITS = {"\u03bcV": "\u00b5V"}
 
 
 class PayloadError(ValueError):
@@ -62,6 +68,8 @@ def decode_payload(payload: bytes, max_payload: int = 262144, max_leads: int = M
     if not (math.isfinite(fs) and fs > 0):
         raise PayloadError(status.BAD_FIELD, f"fs must be a positive finite number, got {fs!r}")
     unit = msg.get("unit")
+    if isinstance(unit, str):
+        unit = _LOOKALIKE_UNITS.get(unit, unit)
     if not isinstance(unit, str) or unit not in UNIT_TO_MV:
         raise PayloadError(status.UNKNOWN_UNIT, f"unknown unit {unit!r}; known: {', '.join(UNIT_TO_MV)}")
     t0 = _number(msg, "t0", required=False)
@@ -76,6 +84,10 @@ def decode_payload(payload: bytes, max_payload: int = 262144, max_leads: int = M
 
 
 def _parse(payload: bytes) -> Any:
+    # A UTF-8 byte order mark (a file saved by Notepad, sent with `mosquitto_pub -f`) is
+    # still JSON; without this it was read as msgpack and refused as "bad msgpack".
+    if payload.startswith(codecs.BOM_UTF8):
+        payload = payload[len(codecs.BOM_UTF8):]
     if payload.lstrip()[:1] == b"{":
         try:
             return json.loads(payload)
@@ -129,7 +141,9 @@ def _samples(msg: dict, max_leads: int) -> np.ndarray:
 def _from_bytes(raw: bytes | bytearray | str, shape: Any) -> np.ndarray:
     if isinstance(raw, str):
         try:
-            raw = base64.b64decode(raw, validate=True)
+            # Line breaks are left out first: MIME encoders (Python's base64.encodebytes)
+            # wrap every 76 characters, and validate=True refuses them.
+            raw = base64.b64decode("".join(raw.split()), validate=True)
         except (binascii.Error, ValueError):
             raise PayloadError(status.MALFORMED, "samples string is not base64") from None
     if not (isinstance(shape, list) and 1 <= len(shape) <= 2 and all(type(s) is int and s > 0 for s in shape)):

@@ -36,7 +36,16 @@ class DropOldestQueue(Generic[T]):
         return dropped
 
     async def get(self) -> T:
+        await self.wait()
+        return self._items.popleft()
+
+    async def wait(self) -> None:
+        """Until an item is queued. Takes none, so a waiter cancelled in between (a timeout
+        around the consumer's `anext`) cannot carry an item off with it."""
         while not self._items:
             self._ready.clear()
             await self._ready.wait()
+
+    def get_nowait(self) -> T:
+        """The oldest item; IndexError when empty."""
         return self._items.popleft()

@@ -35,6 +35,7 @@ UNKNOWN_UNIT = "unknown_unit"      # unit not in UNIT_TO_MV
 BAD_SHAPE = "bad_shape"            # samples not leads × n, too many leads, empty
 BAD_FIELD = "bad_field"            # fs/t0/seq missing or of the wrong type or range
 BAD_TOPIC = "bad_topic"            # no device id in the topic
+RETAINED = "retained"              # a broker's retained copy of an old message: skipped, not live ECG
 OVERFLOW = "overflow"              # our bounded queue dropped items (count in message)
 DEVICE_ERROR = "device_error"      # the sensor refused a request (BLE PMD control point)
 

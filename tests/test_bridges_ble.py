@@ -261,3 +261,26 @@ async def test_heart_rate_malformed_is_a_status() -> None:
         item = await next_item(src)
     assert isinstance(item, SourceStatus) and item.code == status.MALFORMED
     assert src.counters[status.MALFORMED] == 1
+
+
+async def test_link_cut_at_once_backs_off() -> None:
+    """A sensor that accepts the connection and drops it at once was retried at the
+    initial delay for ever: the backoff was reset at every connect, not after a
+    connection that held."""
+    radios = Radios()
+
+    def factory(address: str, **kw: Any) -> FakeRadio:
+        radio = radios(address, **kw)
+
+        async def start_then_drop(uuid: str, data: bytes, response: bool | None = None) -> None:
+            radio.writes.append((uuid, bytes(data)))
+            asyncio.get_running_loop().call_soon(radio.drop)
+
+        radio.write_gatt_char = start_then_drop  # type: ignore[method-assign]
+        return radio
+
+    backoff = Backoff(initial=0.001, maximum=0.02, jitter=0.0)
+    async with PolarH10Source("AA:BB", client_factory=factory, backoff=backoff) as src:
+        codes = [(await next_item(src)).code for _ in range(12)]
+    assert codes[:3] == [status.CONNECTED, status.DISCONNECTED, status.RECONNECTED]
+    assert backoff.attempt >= 4  # 1, 2, 4, 8, 16 ms...: growing, not 1 ms each time

@@ -234,3 +234,69 @@ async def test_tls(tls_broker) -> None:
     finally:
         await untrusting.aclose()
     assert refused.code == status.CONNECT_FAILED and "certificate" in refused.message.lower()
+
+
+async def test_retained_message_is_skipped_not_taken_for_live_ecg(running_broker) -> None:
+    """The broker re-sends a retained message at every subscribe: it used to arrive as a
+    fresh chunk (receiver-stamped at now, numbered anew) after each (re)connect."""
+    pre = prefix()
+    async with asyncio.timeout(5):
+        async with aiomqtt.Client(running_broker.host, running_broker.port) as pub:
+            await pub.publish(f"{pre}/d", js(fs=100, unit="mV", samples=[9.0]), qos=1, retain=True)
+    try:
+        async with MqttSource(running_broker.host, running_broker.port, f"{pre}/+", backoff=FAST) as src:
+            await next_where(src, is_status(status.CONNECTED))
+            await publish(running_broker, f"{pre}/d", [js(fs=100, unit="mV", samples=[1.0])])
+            chunk = await next_where(src, is_chunk)
+        assert chunk.samples[0, 0] == 1.0 and chunk.seq == 0  # the live one is the device's first chunk
+        assert src.counters["chunks"] == 1 and src.counters[status.RETAINED] == 1  # the old one: a status
+    finally:
+        async with asyncio.timeout(5):
+            async with aiomqtt.Client(running_broker.host, running_broker.port) as pub:
+                await pub.publish(f"{pre}/d", b"", qos=1, retain=True)  # clears it from the shared broker
+
+
+async def test_chunks_without_t0_arriving_together_stay_contiguous(running_broker) -> None:
+    """Stamped by arrival alone, a burst of t0-less chunks (a backlog, network jitter)
+    overlapped, and the checker trimmed nine tenths of the ECG away."""
+    from echopulse.bridges.validate import ChunkChecker
+
+    pre = prefix()
+    async with MqttSource(running_broker.host, running_broker.port, f"{pre}/+", backoff=FAST) as src:
+        await next_where(src, is_status(status.CONNECTED))
+        await publish(running_broker, f"{pre}/d", [js(fs=250, unit="mV", samples=[0.0] * 25)])
+        first = await next_where(src, is_chunk)
+        await asyncio.sleep(0.8)  # silent for longer than MAX_LATE_S: a gap, stamped at arrival again
+        await publish(running_broker, f"{pre}/d", [js(fs=250, unit="mV", samples=[0.1 * (i % 3)] * 25) for i in range(10)])
+        chunks = await take(src, 10, is_chunk)
+    assert first.t0 == pytest.approx(first.received - 0.1, abs=1e-6)
+    assert chunks[0].t0 > first.t_end + 0.5
+    assert all(b.t0 == pytest.approx(a.t_end, abs=1e-9) for a, b in zip(chunks, chunks[1:]))
+    checker = ChunkChecker()
+    kept = [checker.check(c).chunk for c in chunks]
+    assert sum(c.n_samples for c in kept if c is not None) == 250
+
+
+async def test_two_sources_sharing_a_client_id_back_off(running_broker) -> None:
+    """Each connect takes the session from the other. With the backoff reset at every
+    connect they reconnected at the initial delay for ever (dozens of times a second)."""
+    pre = prefix()
+    cid = f"{pre}-shared"
+    # connect_timeout: aiomqtt now and then loses a connect whose socket the broker closed at
+    # once, and waits out the timeout before it retries
+    sources = [MqttSource(running_broker.host, running_broker.port, f"{pre}/+", client_id=cid, connect_timeout=0.5,
+                          backoff=Backoff(initial=0.05, maximum=0.3)) for _ in range(2)]
+
+    async def drain(src: MqttSource) -> None:
+        async for _ in src:
+            pass
+
+    async with sources[0], sources[1]:
+        tasks = [asyncio.create_task(drain(s)) for s in sources]
+        await asyncio.sleep(2.0)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert sum(s.counters[status.DISCONNECTED] for s in sources) >= 2  # they did fight
+    assert max(s.backoff.attempt for s in sources) >= 3  # and the delays grew
+    assert sum(s.counters[status.RECONNECTED] for s in sources) <= 20  # not ~80 in 2 s

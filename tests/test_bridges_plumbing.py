@@ -126,3 +126,58 @@ def test_payload_size_limit_configurable() -> None:
     with pytest.raises(PayloadError) as info:
         decode_payload(body, max_payload=len(body) - 1)
     assert info.value.code == status.OVERSIZED
+
+
+def test_backoff_resets_only_after_a_connection_that_held() -> None:
+    b = Backoff(initial=1.0, maximum=8.0, jitter=0.0, stable_s=10.0)
+    assert [b.next_delay() for _ in range(3)] == [1.0, 2.0, 4.0]
+    b.connection_ended(2.0)  # cut off soon after connecting: keep backing off
+    assert b.next_delay() == 8.0
+    b.connection_ended(10.0)  # held: the next loss retries quickly
+    assert b.next_delay() == 1.0
+
+
+async def test_timeout_around_anext_loses_no_item() -> None:
+    """A consumer that waits with a timeout (`wait_for(anext(source), t)`) once left a
+    getter task behind at every timeout; each took the next item and dropped it."""
+    from echopulse.bridges.background import BackgroundSource
+
+    class Slow(BackgroundSource):
+        async def _run(self) -> None:
+            for i in range(3):
+                await asyncio.sleep(0.05)
+                self._queue.put_nowait(i)
+            await asyncio.sleep(3600)
+
+    got: list[int] = []
+    async with Slow(8, "slow") as source:
+        async with asyncio.timeout(2):
+            while len(got) < 3:
+                try:
+                    got.append(await asyncio.wait_for(anext(source), 0.01))
+                except asyncio.TimeoutError:
+                    pass
+    assert got == [0, 1, 2]
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []  # no waiter left behind
+
+
+def test_payload_json_with_byte_order_mark() -> None:
+    # a file saved with a BOM and sent by `mosquitto_pub -f` was read as msgpack and refused
+    d = decode_payload(b"\xef\xbb\xbf" + json.dumps({"fs": 100, "unit": "mV", "samples": [1.0, 2.0]}).encode())
+    np.testing.assert_allclose(d.samples, [[1.0, 2.0]])
+
+
+def test_payload_greek_mu_is_microvolts() -> None:
+    # U+03BC looks like the micro sign U+00B5; it was refused with "unknown unit 'μV'; known: ... µV"
+    d = decode_payload(json.dumps({"fs": 100, "unit": "\u03bcV", "samples": [1000.0]}).encode())
+    np.testing.assert_allclose(d.samples, [[1.0]])
+
+
+def test_payload_base64_with_line_breaks() -> None:
+    import base64
+
+    x = np.arange(64, dtype="<f4")
+    text = base64.encodebytes(x.tobytes()).decode()  # MIME style: a newline every 76 characters
+    assert "\n" in text.strip()
+    d = decode_payload(json.dumps({"fs": 100, "unit": "mV", "samples": text, "shape": [64]}).encode())
+    np.testing.assert_allclose(d.samples, x[None])
