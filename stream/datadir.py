@@ -12,14 +12,16 @@ is written in the folder's device.txt)::
          "received": float (wall clock, Unix s)}
 
 Samples are stored exactly as received (units as the chunk says, NaN included), valid
-or not: this is the record of what came in. Both files are flushed to the OS after every
-chunk, so a crash of the process loses nothing received; ``fsync=True`` also survives a
-power cut at a cost per chunk. A restart appends to the same files, after cutting both
-back to the last chunk written whole (a crash mid-write leaves a torn tail). A reader
-that meets a half-written last index line ignores it.
+or not: this is the record of what came in. Both files are written through to the OS
+chunk by chunk (unbuffered), so a crash of the process loses nothing received;
+``fsync=True`` also survives a power cut at a cost per chunk. A chunk the disk refuses
+(full) is cut back out, so the chunks after it keep their offsets. A restart appends to
+the same files, after cutting both back to the last chunk written whole (a crash
+mid-write leaves a torn tail). A reader that meets a half-written last index line ignores it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +29,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 from urllib.parse import quote, unquote
 
 import numpy as np
@@ -66,33 +68,58 @@ class RawEcgWriter:
             (self.folder / ID_FILE).write_text(device, encoding="utf-8")
         self._fsync = fsync
         _cut_torn_tail(self.folder)
-        self._samples = open(self.folder / SAMPLES_FILE, "ab")
-        self._index = open(self.folder / INDEX_FILE, "a", encoding="utf-8")
-        self._offset = self._samples.tell() // _DTYPE.itemsize
+        # Unbuffered: a write the disk refused must not wait in a buffer and land later,
+        # behind another chunk's index line (every later offset would be off).
+        self._samples = open(self.folder / SAMPLES_FILE, "ab", buffering=0)
+        self._index = open(self.folder / INDEX_FILE, "ab", buffering=0)
+        self._offset = os.fstat(self._samples.fileno()).st_size // _DTYPE.itemsize
+        self._index_size = os.fstat(self._index.fileno()).st_size
+        self._torn = False  # a failed append left a tail not yet cut back
         self.chunks_written = 0
 
     def append(self, chunk: EcgChunk) -> None:
-        """Write one chunk's samples, then its index line; flush both."""
+        """Write one chunk's samples, then its index line. OSError (a full disk) leaves
+        both files as they were before the chunk, so the next chunk lands at its offset."""
+        if self._torn:
+            self._cut_back()
         data = np.ascontiguousarray(np.asarray(chunk.samples, dtype=_DTYPE).T)  # n × leads
-        self._samples.write(data.tobytes())
-        self._samples.flush()
         entry = {
             "seq": int(chunk.seq), "t0": float(chunk.t0), "fs": float(chunk.fs), "n": chunk.n_samples,
             "leads": chunk.n_leads, "unit": chunk.unit, "offset": self._offset, "received": time.time(),
         }
-        self._index.write(json.dumps(entry) + "\n")
-        self._index.flush()
-        if self._fsync:
-            os.fsync(self._samples.fileno())
-            os.fsync(self._index.fileno())
+        line = (json.dumps(entry) + "\n").encode("utf-8")
+        try:
+            _write_all(self._samples, data.tobytes())
+            _write_all(self._index, line)
+            if self._fsync:
+                os.fsync(self._samples.fileno())
+                os.fsync(self._index.fileno())
+        except OSError:
+            self._torn = True
+            with contextlib.suppress(OSError):  # else retried before the next chunk
+                self._cut_back()
+            raise
         self._offset += data.size
+        self._index_size += len(line)
         self.chunks_written += 1
+
+    def _cut_back(self) -> None:
+        """Cut both files back to the last chunk written whole (a part of a refused write may be on disk)."""
+        os.ftruncate(self._samples.fileno(), self._offset * _DTYPE.itemsize)
+        os.ftruncate(self._index.fileno(), self._index_size)
+        self._torn = False
 
     def close(self) -> None:
         for handle in (self._samples, self._index):
-            if not handle.closed:
-                handle.flush()
-                handle.close()
+            handle.close()  # unbuffered: nothing left to flush
+
+
+def _write_all(handle: BinaryIO, data: bytes) -> None:
+    """Write all of `data` to an unbuffered file; a short write (the disk filling) goes on
+    until the disk refuses with OSError."""
+    view = memoryview(data)
+    while view:
+        view = view[handle.write(view):]
 
 
 def _cut_torn_tail(folder: Path) -> None:
@@ -157,6 +184,12 @@ class DataDir:
         if writer is None:
             writer = self._writers[chunk.device] = RawEcgWriter(self.root, chunk.device, fsync=self._fsync)
         writer.append(chunk)
+
+    def close_device(self, device: str) -> None:
+        """Close one device's files (a forgotten device: its next chunk opens them again)."""
+        writer = self._writers.pop(device, None)
+        if writer is not None:
+            writer.close()
 
     def close(self) -> None:
         for writer in self._writers.values():

@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
+import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from pathlib import Path
-from typing import Any, AsyncIterable, Iterable, Sequence
+from typing import Any, AsyncIterable, Callable, Iterable, Sequence
 
 from ..bridges.chunk import EcgChunk, RrIntervals
 from ..bridges.status import SourceStatus
@@ -36,6 +38,57 @@ log = logging.getLogger(__name__)
 
 ENGINE_DEVICE = "_engine"
 MAX_REFUSED_REMEMBERED = 10_000  # refused ids reported once each; past this, only counted
+
+
+class RenderThreads(Executor):
+    """A fixed set of daemon worker threads for the backend's calls.
+
+    ThreadPoolExecutor's threads are joined when the interpreter exits, so one render stuck
+    in a backend kept a stopped daemon alive until it was killed; these are waited for at
+    most `stop_timeout_s` (Engine._shutdown) and then left to die with the process."""
+
+    def __init__(self, workers: int, name: str = "echopulse-render") -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple, dict] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        if self._closed:
+            raise RuntimeError("cannot schedule new renders after shutdown")
+        future: Future = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True
+        if cancel_futures:
+            with contextlib.suppress(queue.Empty):
+                while (job := self._jobs.get_nowait()) is not None:
+                    job[0].cancel()
+        for _ in self._threads:
+            self._jobs.put(None)  # one stop mark per thread, behind any job left
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+    @property
+    def busy(self) -> int:
+        """Threads still running (a call in flight, or not yet at their stop mark)."""
+        return sum(thread.is_alive() for thread in self._threads)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args, kwargs = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as err:  # the awaiting task gets it, as with ThreadPoolExecutor
+                future.set_exception(err)
+            else:
+                future.set_result(result)
 
 
 class Engine:
@@ -63,7 +116,7 @@ class Engine:
         self._stop = asyncio.Event()
         self.started = asyncio.Event()  # set once warmed up and the sources are open
         self._renders: dict[str, asyncio.Task[None]] = {}
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: RenderThreads | None = None
 
     # -- public -------------------------------------------------------------------------
 
@@ -91,11 +144,11 @@ class Engine:
 
     async def run(self, duration: float | None = None) -> None:
         """Serve until stop(), `duration` seconds, or every source has ended (then drain)."""
-        loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="echopulse-render")
+        self._executor = RenderThreads(self.limits.workers)
         try:
             # First beats must not wait for JIT compiles or model loading.
-            await loop.run_in_executor(self._executor, self._warm_up)
+            if not await self._warmed_up():
+                return
             async with contextlib.AsyncExitStack() as stack:
                 for source in self.sources:
                     if hasattr(source, "__aenter__"):
@@ -115,6 +168,21 @@ class Engine:
                     await ended
         finally:
             await self._shutdown()
+
+    async def _warmed_up(self) -> bool:
+        """Warm up off the loop; False when stop() came first (torch.compile takes ~40 s,
+        longer than a service manager waits after SIGTERM)."""
+        warm = asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up)
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait([warm, stopper], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not warm.done():
+            warm.cancel()  # its thread finishes or dies with the process (_shutdown)
+            return False
+        warm.result()  # a failed warm-up fails the run
+        return True
 
     # -- sources ------------------------------------------------------------------------
 
@@ -195,7 +263,8 @@ class Engine:
         session = self._session(item.device) if item.device else None
         if session is None:
             self.engine_counters[f"source_{item.code}"] += 1
-            self._publish_status(ENGINE_DEVICE, code, message, self.engine_counters)
+            if not item.device:  # a refused device's events are counted; its refusal was reported once
+                self._publish_status(ENGINE_DEVICE, code, message, self.engine_counters)
             return
         session.counters[f"source_{item.code}"] += 1
         if code == "bad_input":
@@ -227,9 +296,11 @@ class Engine:
             except asyncio.CancelledError:
                 raise
             except Exception as err:
-                log.exception("%s: rendering beat %d failed", session.device, pending.index)
                 session.counters["render_errors"] += 1
-                self._report(session, "error", f"rendering beat {pending.index} failed: {err}")
+                # One kind of status whatever the beat, so a backend that fails every beat
+                # (out of memory) is reported, and its traceback logged, once per status_interval_s.
+                if self._report(session, "error", f"rendering failed: beat {pending.index}: {err}"):
+                    log.error("%s: rendering beat %d failed", session.device, pending.index, exc_info=True)
             else:
                 session.counters["beats_published"] += 1
                 session.counters["frames"] += len(frames)
@@ -272,12 +343,18 @@ class Engine:
         if render is not None:
             render.cancel()  # it waits for a beat that will not come
         del self.sessions[session.device]
+        if self.data is not None:
+            self.data.close_device(session.device)  # devices under ever new ids would run out of file handles
         self.engine_counters["devices_forgotten"] += 1
         self._publish_status(session.device, "stopped", f"forgotten after {silent_s:.0f} s without data", session.counters)
+        self.publisher.forget(session.device)  # late subscribers see no card for it (ids come and go)
 
-    def _report(self, session: Session, code: str, message: str) -> None:
-        if session.should_report(code, message, time.monotonic()):
-            self._publish_status(session.device, code, message, session.counters)
+    def _report(self, session: Session, code: str, message: str) -> bool:
+        """Publish a device's status unless one of its kind went out within status_interval_s."""
+        if not session.should_report(code, message, time.monotonic()):
+            return False
+        self._publish_status(session.device, code, message, session.counters)
+        return True
 
     def _publish_status(self, device: str, code: str, message: str, counters: Any) -> None:
         log.log(logging.INFO if code in ("source", "signal_restored", "stopped") else logging.WARNING,
@@ -290,6 +367,7 @@ class Engine:
     # -- shutdown -----------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
+        deadline = time.monotonic() + self.limits.stop_timeout_s
         for task in self._renders.values():
             task.cancel()
         if self._renders:
@@ -299,9 +377,14 @@ class Engine:
         if self.data is not None:
             self.data.close()
         if self._executor is not None:
-            # Renders in flight finish in their threads; beats not started are abandoned.
-            # Waited for off the loop, so signal handlers stay responsive meanwhile.
-            await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+            # Beats not started are abandoned; renders in flight get what is left of
+            # stop_timeout_s, polled so that signal handlers stay responsive meanwhile.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            while self._executor.busy and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            if self._executor.busy:
+                log.warning("%d backend call(s) still running after stop_timeout_s (%g s): left behind",
+                            self._executor.busy, self.limits.stop_timeout_s)
             self._executor = None
         self.backend.close()
 

@@ -55,7 +55,7 @@ class Publisher:
     subscribers already there may see the replay too). Subscriptions are served by
     :meth:`serve_subscriptions`, which every publish call and the engine's watchdog run.
     Frames are not cached: a new one comes within a beat, and a replayed frame would
-    break the per-device seq.
+    break the per-device seq. :meth:`forget` drops a device that is gone for good.
     """
 
     def __init__(
@@ -112,6 +112,15 @@ class Publisher:
             for topic, status in list(self._cache.items()):
                 if topic.startswith(prefix):
                     self._socket.send_multipart(protocol.encode_status({**status, "cached": True}))
+
+    def forget(self, device: str) -> None:
+        """Drop what is kept for `device` (its cached status, its seq): a device the engine
+        forgot must not reach late joiners ever after, nor hold memory; if it comes back,
+        its seq starts again at 0, as for a new device."""
+        self._seq.pop(device, None)
+        if self._cache is not None:
+            self._cache.pop(protocol.status_topic(device), None)
+
     def next_seq(self, device: str) -> int:
         """The seq the next frame of `device` will carry."""
         return self._seq.get(device, 0)

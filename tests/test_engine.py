@@ -3,7 +3,10 @@ statuses for bad input / silence / overload / errors, raw ECG on disk, clean sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
+import threading
 import time
 
 import numpy as np
@@ -18,7 +21,7 @@ from echopulse.stream.engine import ENGINE_DEVICE, Engine
 from echopulse.stream.protocol import FrameMessage, StatusMessage
 from echopulse.stream.publish import Publisher
 from echopulse.stream.session import EngineLimits
-from echopulse.stream.subscribe import AsyncSubscriber
+from echopulse.stream.subscribe import AsyncSubscriber, Subscriber
 
 pytestmark = pytest.mark.network
 
@@ -347,3 +350,133 @@ async def test_rr_intervals_alone_drive_beats_and_ecg_wins_when_both_come(tmp_pa
     assert all(np.isnan(protocol.decode_ecg(m.header)).all() for m in strap)  # no ECG to show
     assert engine.counters()["strap"]["bad_input"] == 1
     assert engine.counters()["chest"]["rr_ignored"] == 1
+
+
+def open_files_under(folder) -> list[str]:
+    """Files under `folder` this process holds open (what lsof would list)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # fds closed while we look
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith(str(folder) + os.sep):
+                found.append(target)
+    return found
+
+
+def late_joiner_statuses(pub: Publisher) -> list:
+    """What a subscriber that joins now gets from the last-value cache."""
+    with Subscriber(pub.endpoint, topics=("status/",)) as sub:
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            pub.serve_subscriptions()  # the engine's watchdog does this
+            got = list(sub.messages(timeout=0.1))
+            if got:
+                return got
+    return []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+async def test_a_forgotten_device_closes_its_files_and_leaves_the_status_cache(tmp_path):
+    class ComeAndGo:
+        async def _gen(self):
+            for c in chunks("gone", 2):
+                yield c
+            await asyncio.sleep(1.0)  # forgotten meanwhile
+            for c in chunks("stays", 1, seed=3):
+                yield c
+            await asyncio.sleep(30.0)
+
+        def __aiter__(self):
+            return self._gen()
+
+    with Publisher("tcp://127.0.0.1:0", last_value_cache=True) as pub:
+        limits = EngineLimits(signal_timeout_s=0.2, watchdog_interval_s=0.05, forget_after_s=0.4, beat_queue=64)
+        engine = Engine([ComeAndGo()], StubBackend(), pub, tmp_path, limits=limits)
+        run = asyncio.create_task(engine.run())
+        deadline = time.monotonic() + 10.0
+        while "stays" not in engine.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        held = open_files_under(tmp_path.resolve())
+        engine.stop()
+        await asyncio.wait_for(run, timeout=10.0)
+        late = {m.device for m in late_joiner_statuses(pub)}  # the loop has nothing else to do now
+    assert engine.counters()[ENGINE_DEVICE]["devices_forgotten"] == 1
+    # once: every device ever seen kept two files open until "Too many open files"
+    assert held and not [f for f in held if "/gone/" in f]
+    # and came back to every subscriber that joined later, forever
+    assert "stays" in late and "gone" not in late
+    assert len(datadir.read_device(tmp_path, "gone")[1]) == len(chunks("gone", 2))
+
+
+class StuckBackend(StubBackend):
+    """A render (or warm-up) that hangs until the test lets it go, as a wedged model would."""
+
+    def __init__(self, stuck_in: str) -> None:
+        super().__init__()
+        self.stuck_in, self.entered, self.release = stuck_in, threading.Event(), threading.Event()
+
+    def _hang(self) -> None:
+        self.entered.set()
+        self.release.wait(30.0)
+
+    def warm_up(self) -> None:
+        if self.stuck_in == "warm_up":
+            self._hang()
+
+    def render(self, state: dict, beat) -> tuple[np.ndarray, np.ndarray]:
+        if self.stuck_in == "render":
+            self._hang()
+        return super().render(state, beat)
+
+
+@pytest.mark.parametrize("stuck_in", ["render", "warm_up"])
+async def test_stop_waits_for_a_stuck_backend_at_most_stop_timeout(tmp_path, stuck_in):
+    backend = StuckBackend(stuck_in)
+    with Publisher("tcp://127.0.0.1:0") as pub:
+        engine = Engine([ListSource(chunks("s", 4), hold=60.0)], backend, pub, tmp_path,
+                        limits=EngineLimits(stop_timeout_s=0.5, beat_queue=64))
+        run = asyncio.create_task(engine.run())
+        try:
+            assert await asyncio.to_thread(backend.entered.wait, 10.0)
+            t0 = time.monotonic()
+            engine.stop()
+            await asyncio.wait_for(run, timeout=10.0)
+            waited = time.monotonic() - t0  # once: until the backend returned (render), or never (warm-up)
+            # and the process would not exit: the thread left behind must not be joined at exit
+            left = [t for t in threading.enumerate() if t.name.startswith("echopulse-render")]
+        finally:
+            backend.release.set()
+    assert waited < 2.0
+    assert left and all(t.daemon for t in left)
+
+
+async def test_a_backend_failing_every_beat_is_reported_once_per_status_interval(tmp_path, caplog):
+    class Broken(StubBackend):
+        def render(self, state, beat):
+            raise RuntimeError("CUDA out of memory")
+
+    with Publisher("tcp://127.0.0.1:0") as pub:
+        engine = Engine([ListSource(chunks("f", 8))], Broken(), pub, None,
+                        limits=EngineLimits(beat_queue=64, status_interval_s=60.0))
+        got = await serve_and_collect(engine, pub)
+    c = engine.counters()["f"]
+    assert c["render_errors"] == c["beats"] >= 5  # every failure counted
+    # once: a status and a traceback in the log per beat, the beat number making each one "new"
+    errors = statuses_of(got, "f", "error")
+    assert len(errors) == 1 and "CUDA out of memory" in errors[0]["message"]
+    assert len([r for r in caplog.records if r.exc_info]) == 1
+
+
+async def test_a_refused_device_sending_bad_payloads_is_reported_once(tmp_path):
+    # A device outside --allow-device on a shared broker, in a format we do not read: every
+    # message of it is a "malformed" source event.
+    stranger = [SourceStatus("stranger", "malformed", "not JSON") for _ in range(40)]
+    items = [x for pair in zip(stranger, chunks("ok", 10)) for x in pair]
+    with Publisher("tcp://127.0.0.1:0") as pub:
+        engine = Engine([ListSource(items)], StubBackend(), pub, tmp_path, devices=["ok"],
+                        limits=EngineLimits(beat_queue=64))
+        got = await serve_and_collect(engine, pub)
+    about = [s["message"] for s in statuses_of(got, ENGINE_DEVICE) if "stranger" in s["message"] or "JSON" in s["message"]]
+    assert len(about) == 1 and "refused device 'stranger'" in about[0]  # once: one more status per message
+    assert engine.counters()[ENGINE_DEVICE]["source_malformed"] == 40  # still counted
+    assert "stranger" not in engine.counters() and frames_of(got, "ok")

@@ -4,6 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
 from echopulse.bridges.chunk import EcgChunk
 from echopulse.stream import datadir
 
@@ -125,3 +130,41 @@ def test_device_ids_stay_inside_the_data_dir(tmp_path, device):
     d.close()
     assert datadir.list_devices(tmp_path / "root") == [device]
     assert [p.parent.parent for p in (tmp_path / "root").glob("*/*")] == [tmp_path / "root"] * 2
+
+
+def test_a_chunk_of_bad_shape_leaves_the_next_chunks_at_their_samples(tmp_path):
+    d = datadir.DataDir(tmp_path)
+    d.append(chunk("dev", 0))
+    bad = EcgChunk("dev", np.ones(5, np.float32), 130.0, 1.0, 1)  # 1-D: no leads axis
+    with pytest.raises(IndexError):
+        d.append(bad)
+    d.append(chunk("dev", 2))
+    d.close()
+    chunks = list(datadir.read_chunks(tmp_path, "dev"))  # once: chunk 2 read as chunk 1's samples
+    assert [c.entry["seq"] for c in chunks] == [0, 2]
+    np.testing.assert_array_equal(chunks[1].samples, chunk("dev", 2).samples)
+
+
+@pytest.mark.skipif(resource is None, reason="needs RLIMIT_FSIZE")
+def test_a_full_disk_loses_only_the_chunks_it_refused(tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: writes past it fail (EFBIG) after a short write."""
+    d = datadir.DataDir(tmp_path)
+    big = [chunk("dev", i, n=4096) for i in range(4)]  # 32 kB of samples each
+    later = [chunk("dev", i, n=4096) for i in (4, 5)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    d.append(big[0])
+    d.append(big[1])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 32768 + 10_000, hard))  # part of the next chunk fits
+    try:
+        for c in big[2:]:
+            with pytest.raises(OSError):
+                d.append(c)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    for c in later:  # space again
+        d.append(c)
+    d.close()  # once: raised the refused write again from its buffer
+    samples, entries = datadir.read_device(tmp_path, "dev")
+    assert [e["seq"] for e in entries] == [0, 1, 4, 5]
+    # once: chunks 4 and 5 were indexed at the refused chunks' samples
+    np.testing.assert_array_equal(samples, np.concatenate([c.samples for c in [*big[:2], *later]], axis=1))

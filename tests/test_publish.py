@@ -169,3 +169,20 @@ def test_beat_ecg_fields_round_trip_with_nan_where_unknown():
     np.testing.assert_array_equal(trace[:175], window[0, 125:300])
     assert np.isnan(trace[175:]).all()
     assert protocol.decode_ecg({}) is None
+
+
+def test_a_forgotten_device_is_not_replayed_to_late_joiners_and_restarts_its_seq():
+    with Publisher("tcp://127.0.0.1:0", last_value_cache=True) as pub:
+        send_beat(pub, "gone", beat_frames(2, size=8), 0)
+        pub.publish_status("gone", "stopped", "forgotten after 600 s without data")
+        pub.publish_status("here", "signal_lost", "no data for 3 s")
+        pub.forget("gone")
+        with Subscriber(pub.endpoint, topics=("status/",)) as sub:
+            got = []
+            deadline = time.monotonic() + 5.0
+            while not got and time.monotonic() < deadline:
+                pub.serve_subscriptions()
+                got = list(sub.messages(timeout=0.1))
+        # once: every device ever forgotten came back to each new subscriber (a card per id on the viewer)
+        assert [m.device for m in got] == ["here"]
+        assert pub.next_seq("gone") == 0 and pub.next_seq("here") == 0

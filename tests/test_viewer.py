@@ -12,6 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from echopulse.stream.protocol import FrameMessage
+from echopulse.stream.publish import Publisher
 from echopulse.stream.viewer import ViewerServer
 from echopulse.stream.viewer.fanout import ClientFeed, Fanout
 from echopulse.stream.viewer.wire import event_payload, frame_payload, parse_frame_payload
@@ -157,3 +158,69 @@ def test_page_survives_a_message_it_cannot_parse():
     helper = script[script.index("function parseJson"):]
     assert helper.index("try {") < helper.index("JSON.parse(") < helper.index("catch")
     assert "parseJson(ev.data)" in script and "parseJson(decoder.decode(" in script
+
+
+
+async def _until(ws, predicate, timeout: float = 10.0) -> list:
+    """Read the WebSocket until a message satisfies `predicate`; return what was read."""
+    seen = []
+
+    async def read() -> list:
+        while True:
+            message = await ws.recv()
+            item = parse_frame_payload(message)[0] if isinstance(message, bytes) else json.loads(message)
+            seen.append(item)
+            if predicate(item):
+                return seen
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+def _beat(pub: Publisher, device: str, n: int = 0) -> None:
+    pub.publish_frames(device, np.zeros((2, 4, 6), np.uint8), times=[n, n + 0.4], beat=n, r_time=float(n), rr=0.8,
+                       model="sim", capture=0.0)
+
+
+async def _viewer_has(viewer: ViewerServer, *devices: str, send=None) -> None:
+    """Wait until the viewer has had a frame of each device, calling `send` meanwhile (ZeroMQ's slow joiner)."""
+    async def wait() -> None:
+        while min(viewer.frames[d] for d in devices) == 0:
+            if send is not None:
+                send()
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(wait(), 10.0)
+
+
+@pytest.mark.network
+async def test_a_stopped_device_gets_no_card_in_browsers_that_connect_later():
+    with Publisher("tcp://127.0.0.1:0") as pub:
+        async with ViewerServer(pub.endpoint, port=0) as viewer:
+            url = viewer.url.replace("http", "ws") + "ws"
+            async with connect(url, open_timeout=10) as first:
+                await _viewer_has(viewer, "gone", "here", send=lambda: (_beat(pub, "gone"), _beat(pub, "here")))
+                pub.publish_status("gone", "stopped", "forgotten after 600 s without data")
+                pub.publish_status("here", "signal_lost", "no data for 3 s")
+                await _until(first, lambda m: m.get("type") == "status" and m["device"] == "here")
+            async with connect(url, open_timeout=10) as later:
+                _beat(pub, "here", 1)
+                seen = await _until(later, lambda m: "seq" in m and m["beat"] == 1)
+    # once: the last frame and status of every device ever seen, a card each, for good
+    assert {m["device"] for m in seen if "device" in m} == {"here"}
+
+
+@pytest.mark.network
+async def test_a_browser_that_connects_later_gets_the_status_of_every_device():
+    devices = [f"bed{i}" for i in range(100)]
+    with Publisher("tcp://127.0.0.1:0") as pub:
+        async with ViewerServer(pub.endpoint, port=0) as viewer:
+            await _viewer_has(viewer, "joined", send=lambda: _beat(pub, "joined"))
+            for device in devices:
+                pub.publish_status(device, "signal_lost", "flat line on every lead (lead off?)")
+            _beat(pub, "after")  # sent after the statuses: once it is in, so are they
+            await _viewer_has(viewer, "after")
+            async with connect(viewer.url.replace("http", "ws") + "ws", open_timeout=10) as ws:
+                seen = await _until(ws, lambda m: "seq" in m)
+    # once: 64 events at most, so "hello" and the first 37 devices' statuses never reached it
+    assert seen[0]["type"] == "hello"
+    assert sorted(m["device"] for m in seen if m.get("type") == "status") == sorted(devices)

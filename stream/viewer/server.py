@@ -130,7 +130,13 @@ class ViewerServer:
             self._fanout.put_frame(msg.device, payload)
         elif isinstance(msg, StatusMessage):
             payload = event_payload("status", msg.status)
-            self._last_status[msg.device] = payload
+            if msg.code == "stopped":
+                # gone (forgotten, or the engine stopped): browsers that connect later get
+                # no card for it, or every id ever seen would pile up here and on the page
+                self._last_frame.pop(msg.device, None)
+                self._last_status.pop(msg.device, None)
+            else:
+                self._last_status[msg.device] = payload
             self._fanout.put_event(payload)
 
     async def _stats(self) -> None:
@@ -166,14 +172,14 @@ class ViewerServer:
     async def _client(self, connection: ServerConnection) -> None:
         feed = self._fanout.add()
         log.info("browser connected from %s", connection.remote_address)
-        feed.put_event(event_payload("hello", {"endpoint": self.endpoint, "version": 1}))
-        for payload in self._last_status.values():
-            feed.put_event(payload)
+        # Sent ahead of the feed, whose few event slots would drop all but the last ~60
+        # devices' statuses (and the hello) of a ward's worth.
+        replay = [event_payload("hello", {"endpoint": self.endpoint, "version": 1}), *self._last_status.values()]
         for device, payload in self._last_frame.items():
             feed.put_frame(device, payload)
         # The sender may sit in take() or in a slow send: watch the connection itself so
         # a browser that leaves is forgotten at once.
-        sender = asyncio.create_task(self._send_loop(connection, feed), name="viewer-send")
+        sender = asyncio.create_task(self._send_loop(connection, feed, replay), name="viewer-send")
         closed = asyncio.create_task(connection.wait_closed(), name="viewer-closed")
         try:
             await asyncio.wait([sender, closed], return_when=asyncio.FIRST_COMPLETED)
@@ -185,8 +191,10 @@ class ViewerServer:
             log.info("browser %s gone (%d frames skipped for it)", connection.remote_address, feed.skipped)
 
     @staticmethod
-    async def _send_loop(connection: ServerConnection, feed: ClientFeed) -> None:
+    async def _send_loop(connection: ServerConnection, feed: ClientFeed, replay: list[str]) -> None:
         with contextlib.suppress(ConnectionClosed):
+            for payload in replay:
+                await connection.send(payload)
             while True:
                 for payload in await feed.take(timeout=1.0):
                     await connection.send(payload)
