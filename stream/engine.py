@@ -130,11 +130,8 @@ class Engine:
         """How each device's generator was primed (model backends): {"devices": {device:
         "reference" | "simulated"}, "references_waiting": [devices with a loop not seen yet]};
         for /health and /metrics, so an operator sees which patients run on a simulated heart."""
-        devices = {}
-        for device, session in list(self.sessions.items()):
-            prime = self.backend.frame_fields(session.state).get("prime") if session.state is not None else None
-            if prime:
-                devices[device] = prime
+        fields = {device: self.backend.frame_fields(session.state) for device, session in list(self.sessions.items())}
+        devices = {device: f["prime"] for device, f in fields.items() if f.get("prime")}
         references = getattr(self.backend, "references", None)
         return {"devices": devices, "references_waiting": references.waiting() if references is not None else []}
 

@@ -278,9 +278,11 @@ async def serve(args: argparse.Namespace, sources: list[Any], backend: Any, conf
         publisher.close()
 
 
-def references_not_allowed(references: dict[str, str], allowed: list[str] | None) -> list[str]:
-    """The devices given a loop that the --allow-device list would never serve."""
-    return [] if allowed is None else sorted(set(references) - set(allowed))
+def check_references_allowed(references: dict[str, str], allowed: list[str] | None) -> None:
+    """CliError naming the devices given a loop that the --allow-device list would never serve."""
+    refused = [] if allowed is None else sorted(set(references) - set(allowed))
+    if refused:
+        raise CliError(f"reference loops for {', '.join(refused)}, which --allow-device does not serve")
 
 
 def current_references(args: argparse.Namespace) -> dict[str, str]:
@@ -299,8 +301,7 @@ async def reload_references(args: argparse.Namespace, backend: Any) -> list[str]
 
     try:
         specs = current_references(args)
-        if refused := references_not_allowed(specs, getattr(args, "allow_device", None)):
-            raise CliError(f"reference loops for {', '.join(refused)}, which --allow-device does not serve")
+        check_references_allowed(specs, getattr(args, "allow_device", None))
         changed = await asyncio.to_thread(backend.set_references, specs)
     except (ConfigError, CliError, ValueError) as err:
         log.error("references not reloaded, the loops in use stay: %s", err)
@@ -328,8 +329,7 @@ def handle(args: argparse.Namespace) -> int:
             if getattr(args, key, None) is not None:
                 options[key] = getattr(args, key)
         references = {**options.get("references", {}), **parse_references(args.reference)}
-        if refused := references_not_allowed(references, args.allow_device):
-            raise CliError(f"reference loops for {', '.join(refused)}, which --allow-device does not serve")
+        check_references_allowed(references, args.allow_device)
         if references:
             options["references"] = references
         backend = backends.make_backend(args.backend, **options)
