@@ -544,6 +544,11 @@ class QrsDetector:
         """Samples consumed so far (the absolute index of the next one)."""
         return int(self._s[S_N])
 
+    @property
+    def refractory(self) -> int:
+        """Samples after a beat within which no other R is accepted (the same complex)."""
+        return self._refr
+
     def push(self, x: np.ndarray) -> np.ndarray:
         """Feed one lead's next samples (any length, even 0); returns the R indices they
         confirmed, oldest first."""

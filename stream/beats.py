@@ -20,6 +20,16 @@ however far the ring has run on by emission time. So the beats, windows included
 not depend on how the stream was chunked. `cut_window` cuts a window from whatever the
 ring holds now, for a caller that wants the longer view.
 
+Switching lead (`switch_lead`, when the detection lead comes off): the ring, the
+timeline and the beat chain stay; a new detector on the other lead is run over that
+lead's history in the ring (the blanker's output: the samples it still holds reach the
+new detector with the next push, as they would have), so its thresholds are learnt and
+the beats the history completes come out at the switch, stamped and cut then. An R
+within the refractory period of one already found is the same complex seen on the other
+lead, not a new beat. The old lead's latest R (in no beat yet) is left for the new lead
+to confirm when the history covers it: a lead coming off often leaves a step its
+detector took for an R.
+
 Time: sample i of the stream is at `t0 + i / fs`, t0 being the first chunk's; the
 segmenter treats chunks as contiguous. A caller that sees a gap or a change of rate
 starts a new segmenter (or calls `reset`). A device whose true rate is a little off its
@@ -93,6 +103,7 @@ class BeatSegmenter:
     def reset(self) -> None:
         """Forget the stream: the next push starts a new timeline."""
         self._detector = QrsDetector(self.fs, self._params, self._backend)
+        self._offset = 0  # ring index of the detector's sample 0 (moved by switch_lead)
         self._blanker = SpikeBlanker(self.fs, self.n_leads, backend=self._backend, enabled=self._remove_spikes)
         self._received = 0
         # A window reads at most `_keep` samples back from its last delivered one (as if the
@@ -102,7 +113,8 @@ class BeatSegmenter:
         self._keep = int(math.ceil(RING_S * self.fs)) + 2 * self._support
         self._ring = SampleRing(self.n_leads, self._keep + self._piece)
         self._anchors: list[tuple[int, float]] = []  # (absolute sample index, its time), by index
-        self._last_r: int | None = None
+        self._last_r: int | None = None     # the latest R, whose beat waits for the next one
+        self._emitted_r: int | None = None  # the R of the latest beat emitted
         self._rr: deque[int] = deque(maxlen=N_HR)
         self._count = 0
 
@@ -166,14 +178,32 @@ class BeatSegmenter:
             part = self._blanker.push(samples[:, i:i + piece])
             self._received += min(piece, samples.shape[1] - i)
             self._ring.append(part)
-            r_peaks = self._detector.push(part[self.detect_lead])
-            confirmed = self._detector.last_detected_at
-            for r, det in zip(r_peaks.tolist(), confirmed.tolist()):
-                if self._last_r is not None:
-                    beats.append(self._beat(self._last_r, r, det))
-                    self._rr.append(r - self._last_r)
-                self._last_r = r
+            beats += self._detect(part[self.detect_lead])
         return beats
+
+    def switch_lead(self, lead: int) -> list[Beat]:
+        """Detect on `lead` from now on, keeping the ring, the timeline and the beat chain.
+
+        A new detector is warmed on the lead's history in the ring, so its thresholds are
+        learnt before the next sample arrives; returns the beats that history completes
+        (those after the last R already found: the old lead's R is not found again)."""
+        if not 0 <= lead < self.n_leads:
+            raise ValueError(f"detect_lead {lead} out of range for {self.n_leads} leads")
+        if lead == self.detect_lead:
+            return []
+        self.detect_lead = int(lead)
+        self._detector = QrsDetector(self.fs, self._params, self._backend)
+        start, end = self._ring.start, self._ring.end
+        self._offset = start  # the new detector's sample 0 is the ring's oldest
+        if end == start:
+            return []
+        if self._last_r is not None and self._last_r - start >= self._detector.refractory:
+            # The old lead's latest R is in no beat yet and the history covers it: the new
+            # lead says what it was (a lead coming off often leaves a step that looked
+            # like an R), and the beats that follow are timed on one lead.
+            self._last_r = None
+        # emitted now: their windows may hold what the ring holds now, as a live beat's would
+        return self._detect(self._ring.read(start, end)[self.detect_lead], emitted_at=end - 1)
 
     def cut_window(self, r_time: float) -> tuple[np.ndarray, np.ndarray]:
         """The window around an R peak at `r_time` from what the ring holds now:
@@ -190,6 +220,23 @@ class BeatSegmenter:
         oldest = min(self._ring.start, self._last_r if self._last_r is not None else start)
         while len(self._anchors) > 1 and self._anchors[1][0] <= oldest:
             self._anchors.pop(0)
+
+    def _detect(self, x: np.ndarray, emitted_at: int = -1) -> list[Beat]:
+        """Feed the detector one lead's next cleaned samples; the beats its R peaks complete.
+        `emitted_at`: the ring index the beats are emitted at, when later than confirmed."""
+        r_peaks = self._detector.push(x) + self._offset
+        confirmed = self._detector.last_detected_at + self._offset
+        beats = []
+        for r, det in zip(r_peaks.tolist(), confirmed.tolist()):
+            known = self._last_r if self._last_r is not None else self._emitted_r
+            if known is not None and r - known < self._detector.refractory:
+                continue  # a complex already found, on the lead detection left, seen again on this one
+            if self._last_r is not None:
+                beats.append(self._beat(self._last_r, r, max(det, emitted_at)))
+                self._rr.append(r - self._last_r)
+                self._emitted_r = self._last_r
+            self._last_r = r
+        return beats
 
     def _beat(self, r: int, r_next: int, det: int) -> Beat:
         window, valid = self._window(float(r), det + 1)

@@ -11,9 +11,14 @@ sockets. What each checker issue does here:
   before the flat line is abandoned); the first sample that is not flat again gives
   ``signal_restored``. Decided sample by sample (the checker's `flat` mask), so a long
   chunk's beats before the flat line are kept, as they would be in small chunks;
-- flat line on the detection lead only: detection restarts on the first lead that is
-  not flat (``bad_input`` ``detect_lead``, counter ``detect_lead_switches``); it stays
-  there until that lead goes flat in turn, so it never flips back and forth;
+- flat line on the detection lead only: detection moves to the first lead that is not
+  flat (``bad_input`` ``detect_lead``, counter ``detect_lead_switches``); it stays there
+  until that lead goes flat in turn, so it never flips back and forth. The beat detector
+  is kept (`BeatSegmenter.switch_lead`): its ring holds every lead's recent samples, so
+  the new lead's detector learns its thresholds on that history and finds the beats of
+  the `flat_s` the old lead was flat before the checker could call it so; none is found
+  twice, and beats go on without a gap. Windows keep every lead, the one that came off
+  as the flat line it sends (`valid` is per sample, not per lead);
 - NaN/inf, saturation, seq gap, overlap: reported, data used. The beat detector gets the
   NaN itself (beat windows mark those samples invalid); the checker's repaired copy
   feeds only its own statistics.
@@ -221,7 +226,7 @@ class Session:
             if self.lost is not None:
                 events.append(self._restore())
             if flat[self.detect_lead, i]:
-                events.append(self._switch_lead(flat[:, i]))
+                events.extend(self._switch_lead(flat[:, i], capture))
             j = _run_end(~(all_flat | flat[self.detect_lead]), i)
             events.extend(self._segment(chunk, samples[:, i:j], chunk.t0 + i / chunk.fs, capture))
             i = j
@@ -235,13 +240,17 @@ class Session:
         self.counters["signal_lost"] += 1
         return [("signal_lost", f"flat line on every lead for {self.checker.flat_s:g} s (lead off?)")]
 
-    def _switch_lead(self, flat: np.ndarray) -> Event:
-        """Detect on the first lead not flat now (the caller knows one is not)."""
+    def _switch_lead(self, flat: np.ndarray, capture: float) -> list[Event]:
+        """Detect on the first lead not flat now (the caller knows one is not). The
+        segmenter stays: its detector moves, warmed on the new lead's recent samples."""
         old, self.detect_lead = self.detect_lead, int(np.flatnonzero(~flat)[0])
-        self.segmenter = None
         self.counters["detect_lead_switches"] += 1
         self.counters["bad_input"] += 1
-        return ("bad_input", f"detect_lead: lead {old} flat (lead off?); beats detected on lead {self.detect_lead} now")
+        events = [("bad_input", f"detect_lead: lead {old} flat (lead off?); beats detected on lead {self.detect_lead} now")]
+        if self.segmenter is not None:  # beats the new lead's history completes, found at the switch
+            for beat in self.segmenter.switch_lead(self.detect_lead):
+                events.extend(self._enqueue(beat, capture))
+        return events
 
     def _segment(self, chunk: EcgChunk, samples: np.ndarray, t0: float, capture: float) -> list[Event]:
         from .beats import BeatSegmenter  # numba: imported when the first chunk arrives

@@ -55,10 +55,10 @@ def test_a_flat_detection_lead_hands_detection_to_a_live_lead_once():
     assert len(switches) == 1 and "lead 0" in switches[0] and "lead 1" in switches[0]
     assert s.counters["detect_lead_switches"] == 1 and s.detect_lead == 1  # lead 0 back: no flip back
     assert s.lost is None and "signal_lost" not in [c for c, _ in events]
-    # lead 0 flat for 2 s before it is called flat, then 2 s of learning on lead 1
-    assert len(beats) >= len(rec.r_peaks) - 7
-    late = rec.r_peaks[rec.r_peaks > 5.0][:-1]
-    np.testing.assert_allclose([b.r_time for b in beats if b.r_time > 5.0], late, atol=0.02)
+    # lead 0 is called flat after 2 s; the detector moved to lead 1 learns on its 2 s of
+    # history, so every beat is kept (once the first 2 s and 2 s of learning were lost)
+    assert len(beats) == len(rec.r_peaks) - 1
+    np.testing.assert_allclose([b.r_time for b in beats], rec.r_peaks[:-1], atol=0.02)
 
 
 # -- 2: NaN before the first finite sample ---------------------------------------------
