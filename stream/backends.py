@@ -84,8 +84,9 @@ class Backend(ABC):
         changed. ValueError when a file cannot be used or the backend takes none."""
         raise ValueError(f"the {self.name} backend takes no reference loops (they prime the model backend)")
 
-    def close(self) -> None:
-        """Release resources (optional)."""
+    def close(self, timeout: float | None = None) -> None:
+        """Release resources (optional), waiting at most `timeout` seconds for work in
+        flight (None: the backend's own limit); the engine passes what is left of its stop."""
 
 
 class ReferenceLoops:

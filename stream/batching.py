@@ -125,11 +125,15 @@ class BeatBatcher:
             self._cond.notify()
         return item.future
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Fail the beats still waiting and stop the dispatcher; a batch in flight gets at
+        most `timeout` seconds, then its (daemon) thread is left to finish or die with the process."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout)
+        if self._thread.is_alive():
+            log.warning("a batch still running after %g s at close: left behind", timeout)
 
     def _loop(self) -> None:
         while True:
@@ -202,6 +206,10 @@ class BatchingBackend(LoopPrimedBackend):
         return BeatRequest(state["state"], window, np.asarray(beat.valid, bool), float(beat.rr), float(beat.r_time),
                            next_beat_seed(state))
 
+    def _primes(self, state: Any) -> bool:
+        """Whether the device's next beat primes it (first beat, or its loop changed)."""
+        return state["state"] is None or self.references.version(state["device"]) != state["ref_version"]
+
     def submit(self, state: Any, beat: BeatLike) -> Future:
         return self._submit(state, self._request(state, beat))
 
@@ -214,9 +222,10 @@ class BatchingBackend(LoopPrimedBackend):
 
     async def render_async(self, state: Any, beat: BeatLike) -> tuple[np.ndarray, np.ndarray]:
         """For the event loop: waits for the batch without holding an executor thread. A
-        device's first beat primes it (the simulated heart, a tokenizer encode: tens of ms,
-        more at the paper size) on a worker thread, so the loop keeps reading sources."""
-        if state["state"] is None:
+        beat that primes its device (its first, or the first after its loop changed on a
+        reload: the simulated heart or the loop file, a tokenizer encode, tens of ms, more at
+        the paper size) is built on a worker thread, so the loop keeps reading sources."""
+        if self._primes(state):
             request = await asyncio.to_thread(self._request, state, beat)
         else:
             request = self._request(state, beat)
@@ -226,8 +235,8 @@ class BatchingBackend(LoopPrimedBackend):
     def warm_up(self) -> None:
         self.resident.warm_up(batch_sizes=self.warm_sizes)
 
-    def close(self) -> None:
-        self.batcher.close()
+    def close(self, timeout: float | None = None) -> None:
+        self.batcher.close(10.0 if timeout is None else timeout)
 
 
 def batched_model_backend(

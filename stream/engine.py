@@ -117,6 +117,7 @@ class Engine:
         self.started = asyncio.Event()  # set once warmed up and the sources are open
         self._renders: dict[str, asyncio.Task[None]] = {}
         self._executor: RenderThreads | None = None
+        self._stop_deadline: float | None = None  # monotonic time by which a stop must be done
 
     # -- public -------------------------------------------------------------------------
 
@@ -149,7 +150,8 @@ class Engine:
             async with contextlib.AsyncExitStack() as stack:
                 for source in self.sources:
                     if hasattr(source, "__aenter__"):
-                        await stack.enter_async_context(source)  # type: ignore[arg-type]
+                        await source.__aenter__()  # type: ignore[attr-defined]
+                        stack.push_async_callback(self._close_source, source)
                 pumps = [asyncio.create_task(self._pump(s), name=f"pump-{i}") for i, s in enumerate(self.sources)]
                 watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
                 self.started.set()
@@ -158,6 +160,7 @@ class Engine:
                 await asyncio.wait([stopper, ended], timeout=duration, return_when=asyncio.FIRST_COMPLETED)
                 if ended.done() and not self._stop.is_set():
                     await self._drain()
+                self._begin_stop()
                 for task in (*pumps, watchdog, stopper):
                     task.cancel()
                 await asyncio.gather(*pumps, watchdog, stopper, return_exceptions=True)
@@ -363,12 +366,37 @@ class Engine:
 
     # -- shutdown -----------------------------------------------------------------------
 
+    def _begin_stop(self) -> float:
+        """The stop's deadline, set once: closing the sources, renders in flight and the
+        backend's own work all share stop_timeout_s, so a stop never takes the sum of them."""
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + self.limits.stop_timeout_s
+        return self._stop_deadline
+
+    def _stop_time_left(self) -> float:
+        return max(0.0, self._begin_stop() - time.monotonic())
+
+    async def _close_source(self, source: Any) -> None:
+        """Close one source within what is left of the stop's time. A source that hangs on
+        its way out (a broker or radio that never answers) is left behind, not awaited:
+        wait_for would wait for its cancellation to finish too."""
+        closing = asyncio.ensure_future(source.__aexit__(None, None, None))
+        done, _ = await asyncio.wait({closing}, timeout=self._stop_time_left())
+        if not done:
+            closing.cancel()
+            self.engine_counters["sources_left_open"] += 1
+            log.warning("source %s did not close within stop_timeout_s (%g s): left behind",
+                        type(source).__name__, self.limits.stop_timeout_s)
+        elif closing.exception() is not None:
+            log.warning("source %s failed to close: %s: %s", type(source).__name__,
+                        type(closing.exception()).__name__, closing.exception())
+
     async def _shutdown(self) -> None:
-        deadline = time.monotonic() + self.limits.stop_timeout_s
+        deadline = self._begin_stop()
         for task in self._renders.values():
             task.cancel()
         if self._renders:
-            await asyncio.wait(list(self._renders.values()), timeout=self.limits.stop_timeout_s)
+            await asyncio.wait(list(self._renders.values()), timeout=self._stop_time_left())
         for session in self.sessions.values():
             self._publish_status(session.device, "stopped", "engine stopped", session.counters)
         if self.data is not None:
@@ -383,7 +411,7 @@ class Engine:
                 log.warning("%d backend call(s) still running after stop_timeout_s (%g s): left behind",
                             self._executor.busy, self.limits.stop_timeout_s)
             self._executor = None
-        self.backend.close()
+        self.backend.close(timeout=self._stop_time_left())
 
     def _warm_up(self) -> None:
         t0 = time.perf_counter()

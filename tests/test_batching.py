@@ -192,7 +192,13 @@ def test_batching_backend_serves_concurrent_devices_in_one_batch(resident: Resid
         backend.close()
 
 
-def test_beat_seeds_never_repeat_within_a_device_and_first_beats_prime_off_the_loop(resident: ResidentGenerator) -> None:
+def test_beat_seeds_never_repeat_within_a_device_and_first_beats_prime_off_the_loop(
+        resident: ResidentGenerator, tmp_path) -> None:
+    from echopulse.core.simulate.paired import simulate_pair
+
+    loop = tmp_path / "loop.npz"
+    sample = simulate_pair(seed=5, size=resident.preset.tokenizer.image_size, frames=30, fps=30.0)
+    np.savez(loop, **{k: sample[k] for k in ("video", "video_t", "r_peaks")})
     backend = BatchingBackend(resident, BatchPolicy(window_s=0.001))
     try:
         n = resident.preset.ecg.window_samples
@@ -210,11 +216,16 @@ def test_beat_seeds_never_repeat_within_a_device_and_first_beats_prime_off_the_l
 
         backend._request = spy
 
-        async def two_beats() -> None:
+        async def beats() -> None:
             fresh = backend.new_state("new")
             await backend.render_async(fresh, beat)  # its first beat: primed on a worker thread
             await backend.render_async(fresh, beat)  # later beats: built on the loop, nothing heavy left
-        asyncio.run(two_beats())
-        assert threads == [False, True]
+            assert backend.references.replace({"new": str(loop)}) == ["new"]  # a SIGHUP reload gives it a loop
+            await backend.render_async(fresh, beat)  # re-primed from the file: a worker thread again
+            await backend.render_async(fresh, beat)
+            assert backend.frame_fields(fresh) == {"prime": "reference"}
+        asyncio.run(beats())
+        # once [False, True, True, True]: the reload's prime ran on the event loop
+        assert threads == [False, True, False, True]
     finally:
         backend.close()

@@ -450,6 +450,52 @@ async def test_stop_waits_for_a_stuck_backend_at_most_stop_timeout(tmp_path, stu
     assert left and all(t.daemon for t in left)
 
 
+class HangsOnClose(ListSource):
+    """A source whose close never finishes by itself (a broker or radio that never answers),
+    swallowing the cancellation too, until the test lets it go."""
+
+    def __init__(self, items, release: asyncio.Event) -> None:
+        super().__init__(items, hold=60.0)
+        self.release = release
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        while not self.release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.release.wait()
+
+
+class RecordsClose(StuckBackend):
+    def close(self, timeout: float | None = None) -> None:
+        self.close_timeout = timeout
+
+
+async def test_a_stop_takes_at_most_stop_timeout_in_all(tmp_path):
+    # Two sources hanging on close and a stuck render share one stop_timeout_s: once each
+    # source waited 10 s (MQTT, BLE) or for ever (wait_for awaits the cancellation), then the
+    # render stop_timeout_s more, then the backend's close up to 10 s more.
+    release = asyncio.Event()
+    backend = RecordsClose("render")
+    with Publisher("tcp://127.0.0.1:0") as pub:
+        engine = Engine([HangsOnClose(chunks("a", 4), release), HangsOnClose([], release)], backend, pub, None,
+                        limits=EngineLimits(stop_timeout_s=0.5, beat_queue=64))
+        run = asyncio.create_task(engine.run())
+        try:
+            assert await asyncio.to_thread(backend.entered.wait, 10.0)
+            t0 = time.monotonic()
+            engine.stop()
+            await asyncio.wait_for(run, timeout=10.0)
+            waited = time.monotonic() - t0
+        finally:
+            release.set()
+            backend.release.set()
+    assert waited < 1.5
+    assert engine.counters()[ENGINE_DEVICE]["sources_left_open"] == 2
+    assert backend.close_timeout is not None and 0.0 <= backend.close_timeout <= 0.5
+
+
 async def test_a_backend_failing_every_beat_is_reported_once_per_status_interval(tmp_path, caplog):
     class Broken(StubBackend):
         def render(self, state, beat):
