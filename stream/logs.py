@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -48,3 +48,36 @@ def configure(level: int | str = logging.WARNING, fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+LOG_INTERVAL_S = 10.0  # a rate-limited log writes at most one line per this
+_DETAIL_CHARS = 200  # a bad message's text may be anything, and long
+
+
+class RateLimitedLog:
+    """Log the first event at once, then at most one line per `interval_s` saying how many
+    more came meanwhile. :attr:`count` has them all; :attr:`last` the latest's detail."""
+
+    def __init__(self, logger: logging.Logger, what: str, interval_s: float = LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger, self.what, self.interval_s, self.clock = logger, what, interval_s, clock
+        self.count = 0
+        self.last = ""
+        self._pending = 0          # events since the last line
+        self._next = float("-inf")  # when the next line may be written
+
+    def __call__(self, detail: str) -> None:
+        self.count += 1
+        self.last = detail[:_DETAIL_CHARS]
+        self._pending += 1
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the line for events held back, if the interval has passed (call it now and then)."""
+        now = self.clock()
+        if not self._pending or now < self._next:
+            return
+        more = f"; {self._pending} since the last report" if self._pending > 1 else ""
+        self.logger.warning("%s: %s (%d in all%s)", self.what, self.last, self.count, more)
+        self._pending = 0
+        self._next = now + self.interval_s

@@ -17,13 +17,14 @@ import dataclasses
 import logging
 import math
 import time
-from typing import AsyncIterator, Iterable, Iterator
+from typing import Any, AsyncIterator, Iterable, Iterator
 
 import zmq
 import zmq.asyncio
 
 from . import protocol
-from .protocol import FrameMessage, Message, ProtocolError
+from .logs import RateLimitedLog
+from .protocol import FrameMessage, Message
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class _SubscriberCore:
         self.lost: dict[str, int] = {}        # frames missed (seq jumped forward)
         self.restarts: dict[str, int] = {}    # seq went back: the publisher restarted
         self.errors = 0                       # messages that failed to decode
+        # anyone may publish to the endpoint: a stream of bad messages must not fill the log
+        self.malformed = RateLimitedLog(log, "dropping malformed message")
         self._own_context = context is None
         self._context = context or self._context_class()
         self._socket = self._context.socket(zmq.SUB)
@@ -66,9 +69,9 @@ class _SubscriberCore:
     def decode(self, parts: list) -> Message | None:
         try:
             msg = protocol.decode(parts)
-        except ProtocolError as err:
+        except Exception as err:  # ProtocolError, or a decoder bug on bytes nobody foresaw
             self.errors += 1
-            log.warning("dropping malformed message: %s", err)
+            self.malformed(f"{_topic(parts)}: {err}")
             return None
         if not isinstance(msg, FrameMessage):
             return msg
@@ -83,6 +86,13 @@ class _SubscriberCore:
             return dataclasses.replace(msg, gap=gap)
         self.restarts[device] = self.restarts.get(device, 0) + 1
         return msg
+
+
+def _topic(parts: Any) -> str:
+    try:
+        return repr(bytes(parts[0])[:80])
+    except Exception:  # no parts, or a part that is not a buffer
+        return "?"
 
 
 def _deadline(timeout: float | None) -> float | None:

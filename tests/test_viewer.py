@@ -157,7 +157,7 @@ def test_page_survives_a_message_it_cannot_parse():
     assert script.count("JSON.parse(") == 1
     helper = script[script.index("function parseJson"):]
     assert helper.index("try {") < helper.index("JSON.parse(") < helper.index("catch")
-    assert "parseJson(ev.data)" in script and "parseJson(decoder.decode(" in script
+    assert "parseJson(data)" in script and "parseJson(decoder.decode(" in script
 
 
 
@@ -224,3 +224,119 @@ async def test_a_browser_that_connects_later_gets_the_status_of_every_device():
     # once: 64 events at most, so "hello" and the first 37 devices' statuses never reached it
     assert seen[0]["type"] == "hello"
     assert sorted(m["device"] for m in seen if m.get("type") == "status") == sorted(devices)
+
+
+def test_rate_limited_log_reports_the_first_at_once_then_counts(caplog):
+    import logging
+
+    from echopulse.stream.logs import RateLimitedLog
+
+    now = [0.0]
+    limited = RateLimitedLog(logging.getLogger("t.limited"), "dropping", interval_s=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="t.limited"):
+        for i in range(50):
+            limited(f"bad {i}")
+        limited.flush()                   # within the interval: nothing more
+        now[0] = 10.0
+        limited.flush()                   # the 49 held back get one line
+        limited.flush()                   # and only one
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["dropping: bad 0 (1 in all)", "dropping: bad 49 (50 in all; 49 since the last report)"]
+    assert limited.count == 50 and limited.last == "bad 49"
+
+
+def _bad_messages() -> list[list[bytes]]:
+    """Messages any publisher could send to the viewer's endpoint, none of them protocol v1."""
+    import msgpack
+
+    good = _header(device="bad", shape=[4, 6])
+    pixels = bytes(24)
+    pack = msgpack.packb
+
+    def frame(header, data=pixels, topic=b"echo/bad"):
+        return [topic, pack(header, use_bin_type=True), data]
+
+    without = [frame({k: v for k, v in good.items() if k != key}) for key in ("device", "seq", "t", "shape")]
+    return without + [
+        frame(good, bytes(23)),                                    # one byte short of 4x6
+        frame({**good, "shape": [4, "6"]}),                        # shape of the wrong type
+        frame({**good, "t": float("nan")}),
+        frame({**good, "dtype": "float32"}),
+        frame(good, topic=b"echo/someone-else"),                   # topic and device disagree
+        [b"echo/bad", b"\xc1 not msgpack", pixels],
+        [b"echo/bad", pack(good)],                                 # two parts
+        [b"status/bad", pack({"v": 1, "device": "bad", "code": "on_fire", "message": "", "counters": {},
+                              "time": 1.0})],
+        [b"status/bad", pack([1, 2, 3])],                          # not a map
+        [b"weird/kind", b"x"],                                     # a message kind v1 does not have
+        [b"echo/boom", pack(good), pixels],                        # the decoder itself fails (patched below)
+    ]
+
+
+@pytest.mark.network
+async def test_malformed_messages_are_dropped_counted_and_logged_without_stopping_other_devices(caplog, monkeypatch):
+    import logging
+
+    import zmq
+
+    from echopulse.stream import protocol
+
+    real_decode = protocol.decode
+
+    def decode(parts):  # a decoder bug on some bytes: it must cost one message, not the feed
+        if bytes(parts[0]) == b"echo/boom":
+            raise TypeError("decoder bug")
+        return real_decode(parts)
+
+    monkeypatch.setattr(protocol, "decode", decode)
+    bad = _bad_messages()
+    context = zmq.Context()
+    pub = context.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    seq = [0]
+
+    def good() -> None:
+        header = {k: v for k, v in _header(device="good", seq=seq[0], t=float(seq[0])).items()
+                  if k not in ("shape", "dtype")}
+        pub.send_multipart(protocol.encode_frame(header, np.full((4, 6), seq[0] % 256, np.uint8)))
+        seq[0] += 1
+
+    try:
+        async with ViewerServer(f"tcp://127.0.0.1:{port}", port=0, topics=("",)) as viewer:
+            await _viewer_has(viewer, "good", send=good)  # subscribed: nothing sent from now on is missed
+            async with connect(viewer.url.replace("http", "ws") + "ws", open_timeout=10) as ws:
+                with caplog.at_level(logging.WARNING):
+                    for parts in bad:
+                        pub.send_multipart(parts)
+                    last = seq[0]
+                    good()              # sent after the bad ones: once it is through, so are they
+                    seen = await _until(ws, lambda m: m.get("device") == "good" and m.get("seq") == last)
+                    health = json.loads((await asyncio.to_thread(_get, viewer.url + "health"))[2])
+    finally:
+        pub.close()
+        context.term()
+    assert seen[-1]["seq"] == last                        # the good device is still served
+    assert health["malformed"] == len(bad)                # once: not in /health at all
+    assert "decoder bug" in health["last_malformed"]           # the latest, for whoever looks
+    assert list(health["frames"]) == ["good"]            # no card for any bad message
+    dropped = [r for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(dropped) == 1                              # once: one line per message
+
+
+@pytest.mark.network
+async def test_a_stopped_device_leaves_nothing_behind_in_the_viewer():
+    # A viewer that runs for months sees device ids come and go: a forgotten one must not stay in
+    # /health, in every stats message to every browser, nor in the seq bookkeeping.
+    with Publisher("tcp://127.0.0.1:0") as pub:
+        async with ViewerServer(pub.endpoint, port=0, stats_interval_s=0.05) as viewer:
+            await _viewer_has(viewer, "gone", "here", send=lambda: (_beat(pub, "gone"), _beat(pub, "here")))
+            async with connect(viewer.url.replace("http", "ws") + "ws", open_timeout=10) as ws:
+                pub.publish_status("gone", "stopped", "forgotten after 600 s without data")
+                _beat(pub, "here", 1)   # sent after the status: once it is in, so is the status
+                await _viewer_has(viewer, "here")
+                await _until(ws, lambda m: m.get("type") == "status" and m["device"] == "gone")
+                stats = await _until(ws, lambda m: m.get("type") == "stats" and "gone" not in m["frames"], 5.0)
+            health = json.loads((await asyncio.to_thread(_get, viewer.url + "health"))[2])
+    assert list(health["frames"]) == ["here"]     # once: every id ever seen, for good
+    assert "gone" not in stats[-1]["lost"] and "gone" not in stats[-1]["restarts"]

@@ -8,7 +8,9 @@ Writes DIR/<device>/<device>_<UTC start>_<n>.mp4 and .npz per segment, DIR/segme
 seconds or --rotate-frames frames, when its device's publisher restarts (seq goes back)
 and on SIGINT/SIGTERM (files flushed, exit status 0). ZeroMQ reconnects by itself, so
 the recorder outlives engine restarts. The MP4 plays at the beat's frame rate
-(frames / RR) unless --fps is given; the NPZ's `t` is the frames' true ECG time.
+(frames / RR) unless --fps is given; the NPZ's `t` is the frames' true ECG time. When
+the MP4 cannot be written (ffmpeg missing or failing) the NPZ is written all the same,
+its `meta` saying why; the summary line at exit counts such segments.
 """
 from __future__ import annotations
 
@@ -17,8 +19,12 @@ import logging
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .args import CliError, positive_int, ranged
+
+if TYPE_CHECKING:
+    from ..record import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +77,13 @@ def handle(args: argparse.Namespace) -> int:
         sub.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    lost = sum(line["lost"] for line in recorder.closed)
-    log.warning("recorded %d frames in %d segment(s), %d lost in transit%s", recorder.frames, len(recorder.closed), lost,
-                f", {recorder.failed} segment(s) failed to write" if recorder.failed else "")
+    log.warning("recorded %d frames in %d segment(s), %d lost in transit%s", recorder.frames, recorder.segments,
+                recorder.lost, _problems(recorder))
     return 0
+
+
+def _problems(recorder: Recorder) -> str:
+    """The end of the summary line: what could not be written, if anything."""
+    counts = ((recorder.failed, "segment(s) failed to write"), (recorder.mp4_failed, "segment(s) without a whole MP4"),
+              (recorder.lines_failed, "index line(s) not written"))
+    return "".join(f", {n} {what}" for n, what in counts if n)

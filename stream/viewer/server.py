@@ -24,6 +24,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from ..logs import RateLimitedLog
 from ..protocol import FrameMessage, StatusMessage
 from ..subscribe import DEFAULT_TOPICS, AsyncSubscriber
 from .fanout import ClientFeed, Fanout
@@ -70,6 +71,9 @@ class ViewerServer:
         self._fanout = Fanout()
         self._last_frame: dict[str, bytes] = {}   # what a browser that connects now sees first
         self._last_status: dict[str, str] = {}
+        # Valid messages the viewer still could not forward, and failed receives: counted, logged now and then.
+        self.unforwardable = RateLimitedLog(log, "cannot forward message")
+        self.recv_failures = RateLimitedLog(log, "cannot receive from the engine")
         self._sub: AsyncSubscriber | None = None
         self._server: Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -116,11 +120,17 @@ class ViewerServer:
     async def _pump(self) -> None:
         assert self._sub is not None
         while True:
-            msg = await self._sub.recv(timeout=1.0)
+            try:
+                msg = await self._sub.recv(timeout=1.0)
+            except Exception as err:  # the feed of every device hangs on this loop: never let it end
+                self.recv_failures(f"{type(err).__name__}: {err}")
+                await asyncio.sleep(0.1)
+                continue
             try:
                 self._dispatch(msg)
-            except Exception:  # one odd message must not end the viewer's feed
-                log.exception("cannot forward %r", msg)
+            except Exception as err:  # one odd message must not end the viewer's feed
+                device = getattr(msg, "device", "?")  # not the message's repr: it holds the pixels
+                self.unforwardable(f"{device}: {type(err).__name__}: {err}")
 
     def _dispatch(self, msg: FrameMessage | StatusMessage | None) -> None:
         if isinstance(msg, FrameMessage):
@@ -133,25 +143,45 @@ class ViewerServer:
             if msg.code == "stopped":
                 # gone (forgotten, or the engine stopped): browsers that connect later get
                 # no card for it, or every id ever seen would pile up here and on the page
-                self._last_frame.pop(msg.device, None)
-                self._last_status.pop(msg.device, None)
+                self._forget(msg.device)
             else:
                 self._last_status[msg.device] = payload
             self._fanout.put_event(payload)
+
+    def _forget(self, device: str) -> None:
+        """Drop all the viewer keeps per device: a viewer that runs for months sees ids come and go."""
+        self._last_frame.pop(device, None)
+        self._last_status.pop(device, None)
+        self.frames.pop(device, None)
+        if self._sub is not None:
+            for per_device in (self._sub.last_seq, self._sub.lost, self._sub.restarts):
+                per_device.pop(device, None)
 
     async def _stats(self) -> None:
         assert self._sub is not None
         while True:
             await asyncio.sleep(self.stats_interval_s)
+            self._flush_logs()
             for feed in self._fanout.clients:
                 feed.put_event(self._stats_payload(feed))
+
+    def _flush_logs(self) -> None:
+        """Report the bad messages held back by the rate limit, once its interval has passed."""
+        for limited in (self.unforwardable, self.recv_failures, *([self._sub.malformed] if self._sub else [])):
+            limited.flush()
+
+    def _problems(self) -> dict[str, object]:
+        """The counts of messages dropped, for /health and the page."""
+        sub = self._sub
+        return {"malformed": sub.errors if sub else 0, "last_malformed": sub.malformed.last if sub else "",
+                "unforwardable": self.unforwardable.count, "recv_failures": self.recv_failures.count}
 
     def _stats_payload(self, feed: ClientFeed) -> str:
         assert self._sub is not None
         return event_payload("stats", {
             "endpoint": self.endpoint, "frames": dict(self.frames), "lost": dict(self._sub.lost),
-            "restarts": dict(self._sub.restarts), "malformed": self._sub.errors, "skipped": feed.skipped,
-            "time": time.time(),
+            "restarts": dict(self._sub.restarts), "skipped": feed.skipped, "time": time.time(),
+            **self._problems(),
         })
 
     # -- browser side -------------------------------------------------------------------
@@ -162,7 +192,7 @@ class ViewerServer:
             return None  # go on with the WebSocket handshake
         if path == "/health":
             body = json.dumps({"status": "ok", "endpoint": self.endpoint, "frames": dict(self.frames),
-                               "clients": len(self._fanout.clients)}).encode()
+                               "clients": len(self._fanout.clients), **self._problems()}).encode()
             return _response(http.HTTPStatus.OK, body, "application/json")
         if path in self._files:
             body, kind = self._files[path]

@@ -8,17 +8,45 @@ const QUEUE_MAX = 64;         // frames waiting for play-out per device
 const PLAYOUT_MARGIN_S = 0.1; // extra delay that absorbs jitter between beats
 const BAD = new Set(["signal_lost", "bad_input", "error"]);
 const WARN = new Set(["overload", "source", "stopped"]);
+const MAX_PIXELS = 4096 * 4096; // a larger frame is a malformed header, not an echo
+const WARN_EVERY_MS = 10000;    // console lines about skipped messages, at most one per this
 
-// Public for tests and the curious: frames drawn per device.
-const echopulse = { frames: {}, devices: new Map(), connected: false, unreadable: 0 };
+// Public for tests and the curious: frames drawn per device (a map without a prototype:
+// "__proto__" is a valid device id), messages skipped as unreadable or undrawable.
+const echopulse = { frames: Object.create(null), devices: new Map(), connected: false, unreadable: 0,
+                    undrawable: 0, lastProblem: "" };
 window.echopulse = echopulse;
+let lastWarnAt = -Infinity;
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const decoder = new TextDecoder();
 
 function parseJson(text) {
   // One message the page cannot read is skipped and counted; it must not stop the feed.
-  try { return JSON.parse(text); } catch (err) { echopulse.unreadable++; return null; }
+  try { return JSON.parse(text); } catch (err) { skipped("unreadable", err.message); return null; }
+}
+
+function skipped(kind, why) {
+  // Counted, and said on the console now and then: a flood of bad messages must not flood it.
+  echopulse[kind]++;
+  echopulse.lastProblem = `${kind}: ${why}`;
+  const now = performance.now();
+  if (now - lastWarnAt < WARN_EVERY_MS) return;
+  lastWarnAt = now;
+  console.warn(`echopulse: skipped a message (${echopulse.lastProblem}); ` +
+               `${echopulse.unreadable} unreadable, ${echopulse.undrawable} undrawable so far`);
+}
+
+function frameProblem(header, pixelBytes) {
+  // What makes a frame impossible to draw ("" when it is fine), whoever sent it.
+  if (!header || typeof header !== "object") return "header is not an object";
+  if (typeof header.device !== "string" || !header.device) return "no device";
+  if (!Number.isFinite(header.t)) return "no ECG time t";
+  const s = header.shape;
+  if (!Array.isArray(s) || s.length !== 2 || !s.every(v => Number.isInteger(v) && v > 0)) return "bad shape";
+  if (s[0] * s[1] > MAX_PIXELS) return `shape ${s[0]}x${s[1]} too large`;
+  if (pixelBytes !== s[0] * s[1]) return `${pixelBytes} pixel bytes for shape ${s[0]}x${s[1]}`;
+  return "";
 }
 
 function setPill(el, cls, text) {
@@ -44,9 +72,13 @@ function device(id) {
 
 function onFrame(buffer) {
   // Frames come a beat at a time; queue them and play them out at their ECG times (tick).
+  if (buffer.byteLength < 4) return skipped("unreadable", "frame shorter than its length prefix");
   const n = new DataView(buffer).getUint32(0);
+  if (n > buffer.byteLength - 4) return skipped("unreadable", "frame header longer than the frame");
   const header = parseJson(decoder.decode(new Uint8Array(buffer, 4, n)));
   if (!header) return;
+  const problem = frameProblem(header, buffer.byteLength - 4 - n);
+  if (problem) return skipped("undrawable", problem);
   const d = device(header.device);
   const lag = performance.now() / 1000 - header.t;  // arrival, local clock, minus ECG time
   const last = d.queue.length ? d.queue[d.queue.length - 1].header.t : -Infinity;
@@ -83,10 +115,16 @@ function show(d, header, pixels) {
 function playOut(d, nowS) {
   let due = null;
   while (d.queue.length && d.queue[0].header.t + d.offset <= nowS) due = d.queue.shift();
-  if (due) show(d, due.header, due.pixels);  // frames overtaken in the same tick are skipped
+  if (!due) return;
+  try {
+    show(d, due.header, due.pixels);  // frames overtaken in the same tick are skipped
+  } catch (err) {
+    skipped("undrawable", `${d.id}: ${err.message}`);  // this frame only: the next one may draw
+  }
 }
 
 function onStatus(s) {
+  if (typeof s.device !== "string" || !s.device) return skipped("unreadable", "status without a device");
   if (s.device === "_engine") return;  // engine-wide events have no card
   const d = device(s.device);
   d.status = s;
@@ -95,7 +133,7 @@ function onStatus(s) {
   const code = document.createElement("span");
   code.className = "code";
   code.style.color = BAD.has(s.code) ? "var(--bad)" : WARN.has(s.code) ? "var(--warn)" : "var(--ok)";
-  code.textContent = s.code;
+  code.textContent = String(s.code);
   const when = new Date(s.time * 1000).toLocaleTimeString();
   line.append(code, `${s.message || ""} · ${when}`);
   line.classList.remove("muted");
@@ -103,11 +141,15 @@ function onStatus(s) {
 
 function onStats(s) {
   $("#endpoint").textContent = s.endpoint;
-  for (const [id, lost] of Object.entries(s.lost)) {
+  for (const [id, lost] of Object.entries(s.lost || {})) {
     if (echopulse.devices.has(id)) echopulse.devices.get(id).lost = lost;
   }
-  const total = Object.values(s.frames).reduce((a, b) => a + b, 0);
-  $("#summary").textContent = `${echopulse.devices.size} device(s) · ${total} frames · ${s.skipped} skipped here`;
+  const total = Object.values(s.frames || {}).reduce((a, b) => a + (Number(b) || 0), 0);
+  const bad = (Number(s.malformed) || 0) + (Number(s.unforwardable) || 0);
+  const unshown = echopulse.unreadable + echopulse.undrawable;
+  $("#summary").textContent = `${echopulse.devices.size} device(s) · ${total} frames · ${s.skipped} skipped here` +
+    (bad ? ` · ${bad} malformed dropped` : "") + (unshown ? ` · ${unshown} not drawable here` : "");
+  $("#summary").title = [s.last_malformed, echopulse.lastProblem].filter(Boolean).join("\n");
 }
 
 function fmtMs(seconds) {
@@ -132,7 +174,7 @@ const PRIMES = {
 };
 
 function drawPrime(node, prime) {
-  const known = PRIMES[prime];
+  const known = Object.prototype.hasOwnProperty.call(PRIMES, prime) ? PRIMES[prime] : null;  // not "constructor"
   node.hidden = !known;
   if (!known) return;
   node.textContent = known[0];
@@ -201,19 +243,33 @@ function drawRate(g, beats, x, t1, height) {
   g.stroke();
 }
 
+function drawState(d, now) {
+  const pill = $(".state", d.node);
+  const code = d.status && d.status.code;
+  const fresh = d.header && now - d.lastFrameAt < STALE_SECONDS * 1000;
+  if (BAD.has(code) && d.status.time * 1000 > Date.now() - STALE_SECONDS * 1000) setPill(pill, "bad", code.replace("_", " "));
+  else if (fresh) setPill(pill, "ok", "live");
+  else if (code === "stopped") setPill(pill, "off", "stopped");
+  else setPill(pill, "warn", d.header ? "stale" : "waiting");
+}
+
 function tick() {
+  requestAnimationFrame(tick);  // first: whatever fails below, the page goes on drawing
   const now = performance.now();
   for (const d of echopulse.devices.values()) {
     playOut(d, now / 1000);
-    const pill = $(".state", d.node);
-    const code = d.status && d.status.code;
-    const fresh = d.header && now - d.lastFrameAt < STALE_SECONDS * 1000;
-    if (code && BAD.has(code) && d.status.time * 1000 > Date.now() - STALE_SECONDS * 1000) setPill(pill, "bad", code.replace("_", " "));
-    else if (fresh) setPill(pill, "ok", "live");
-    else if (code === "stopped") setPill(pill, "off", "stopped");
-    else setPill(pill, "warn", d.header ? "stale" : "waiting");
+    try { drawState(d, now); } catch (err) { skipped("unreadable", `${d.id}: ${err.message}`); }
   }
-  requestAnimationFrame(tick);
+}
+
+function onMessage(data) {
+  if (typeof data !== "string") return onFrame(data);
+  const msg = parseJson(data);
+  if (!msg) return;
+  if (msg.type === "status") onStatus(msg);
+  else if (msg.type === "stats") onStats(msg);
+  else if (msg.type === "hello") $("#endpoint").textContent = msg.endpoint;
+  else skipped("unreadable", `unknown message type ${JSON.stringify(msg.type)}`);
 }
 
 function connect(delay = 500) {
@@ -221,12 +277,11 @@ function connect(delay = 500) {
   ws.binaryType = "arraybuffer";
   ws.onopen = () => { echopulse.connected = true; setPill($("#conn"), "ok", "connected"); delay = 500; };
   ws.onmessage = ev => {
-    if (typeof ev.data !== "string") return onFrame(ev.data);
-    const msg = parseJson(ev.data);
-    if (!msg) return;
-    if (msg.type === "status") onStatus(msg);
-    else if (msg.type === "stats") onStats(msg);
-    else if (msg.type === "hello") $("#endpoint").textContent = msg.endpoint;
+    try {
+      onMessage(ev.data);
+    } catch (err) {
+      skipped("unreadable", err.message);  // one odd message; the next one is read as usual
+    }
   };
   ws.onclose = () => {
     echopulse.connected = false;
