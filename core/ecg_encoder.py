@@ -45,8 +45,10 @@ def normalize_leads(window: Tensor, valid: Tensor) -> Tensor:
     """Per lead, zero mean and unit variance over the valid samples; invalid samples are 0.
 
     Done here, inside the model, so every caller (streaming windows in mV, µV files,
-    simulated data) feeds the encoder the same way; fixed shapes, no host sync.
+    simulated data) feeds the encoder the same way; fixed shapes, no host sync. Invalid
+    samples are zeroed first: NaN or inf padding times a zero weight would still be NaN.
     """
+    window = window.masked_fill(~valid, 0.0)
     w = valid.to(window.dtype)
     count = w.sum(-1, keepdim=True).clamp(min=1.0)
     mean = (window * w).sum(-1, keepdim=True) / count
@@ -58,6 +60,16 @@ def attendable(key_mask: Tensor) -> Tensor:
     """A key mask with every row able to attend somewhere: an all-hidden row would give NaN,
     so such a row (a window with nothing valid) sees all its keys (zeros) instead."""
     return key_mask | ~key_mask.any(-1, keepdim=True)
+
+
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether a tensor of `shape` expands to `target` (trailing axes matched, 1 stretches)."""
+    if len(shape) > len(target):
+        return False
+    for size, want in zip(shape[::-1], target[::-1]):  # a plain loop: torch.compile traces it as is
+        if size != 1 and size != want:
+            return False
+    return True
 
 
 class EcgEncoder(nn.Module):
@@ -83,10 +95,14 @@ class EcgEncoder(nn.Module):
 
         A patch is valid only when all its samples are: a half-delivered patch is hidden.
         """
+        if window.ndim != 3:
+            raise ValueError(f"ECG window must be (batch, leads, samples), got shape {tuple(window.shape)}")
         b, leads, s = window.shape
         n = self.cfg.patches_per_lead
         if s != n * self.cfg.patch:
             raise ValueError(f"ECG window has {s} samples, the encoder expects {n * self.cfg.patch}")
+        if not _broadcasts(tuple(valid.shape), (b, leads, s)):
+            raise ValueError(f"valid must broadcast to the window's {tuple(window.shape)}, got shape {tuple(valid.shape)}")
         valid = valid.expand(b, leads, s)
         window = normalize_leads(window, valid)
         patches = window.reshape(b, leads, n, self.cfg.patch)
@@ -99,6 +115,9 @@ class EcgEncoder(nn.Module):
         `hidden` (B, L, N) marks patches whose content is replaced by the mask embedding.
         """
         b, leads, n, _ = patches.shape
+        # one id per lead: a single id would otherwise be broadcast over every lead unnoticed
+        if lead_ids.ndim not in (1, 2) or not _broadcasts(tuple(lead_ids.shape), (b, leads)) or lead_ids.shape[-1] != leads:
+            raise ValueError(f"lead_ids must be ({leads},) or ({b}, {leads}): one id per lead, got shape {tuple(lead_ids.shape)}")
         x = self.to_patch(patches)  # (B, L, N, D)
         if hidden is not None:
             x = torch.where(hidden[..., None], self.mask_emb.to(x.dtype), x)

@@ -40,7 +40,7 @@ from .config import Preset, preset as named_preset
 from .errors import CheckpointError
 from .critic import TokenCritic, load_critic
 from .ecg_encoder import EcgEncoder, load_ecg_encoder
-from .sampler import Schedule, decode, make_schedule
+from .sampler import Generators, Schedule, decode, make_schedule
 from .tokenizer import CViViT, from_uint8, load_tokenizer, to_uint8, token_space_sha256
 from .transformer import EcgFeatures, MaskedTransformer, build_transformer, key_layout, load_transformer
 from .training import select_device
@@ -313,9 +313,11 @@ class Generator:
         rr: Tensor,
         ref_ids: Tensor,
         ref_valid: Tensor,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> Tensor:
-        """Batched: prime tokens (B, h·w), ECG windows (B, L, S) -> clip tokens (B, N)."""
+        """Batched: prime tokens (B, h·w), ECG windows (B, L, S) -> clip tokens (B, N).
+        `generator`: one per row makes each row's tokens independent of the others
+        (`sampler.gumbel_noise`)."""
         model = self.transformer
         ecg = EcgFeatures(*self.ecg_encoder.encode(window, valid, lead_ids))
         # the cheapest exact key layout, and the context's keys and values once for all steps
@@ -356,7 +358,11 @@ class Generator:
             w = w[None]
         if w.ndim != 2 or not 1 <= w.shape[0] <= self.preset.ecg.max_leads:
             raise ValueError(f"window must be (leads <= {self.preset.ecg.max_leads}, samples), got {tuple(w.shape)}")
-        v = torch.as_tensor(np.asarray(valid, dtype=bool), device=self.device).expand_as(w)
+        v = torch.as_tensor(np.asarray(valid, dtype=bool), device=self.device)
+        if tuple(v.shape) not in ((w.shape[1],), (1, w.shape[1]), tuple(w.shape)):
+            raise ValueError(f"valid must be (samples,) or (leads, samples) like the window {tuple(w.shape)}, "
+                             f"got {tuple(v.shape)}")
+        v = v.expand_as(w)
         # a NaN marked valid would make every patch embedding NaN through attention: it is
         # missing data, so it becomes what `beat_window` makes of a gap (zero, not valid)
         finite = torch.isfinite(w)

@@ -3,7 +3,10 @@
 y = W x + b + (α / r) · B A x, with A (r × in) random and B (out × r) zero at the start,
 so a freshly wrapped model computes exactly what it did before. Only A and B train.
 `merge_lora` folds the update into W for adapter-free inference; `unmerge_lora` takes it
-out again. Adapters are saved alone (a per-patient fine-tune is a small file).
+out again, bit for bit (the layer keeps W while merged: W + ΔW − ΔW is not W in floating
+point). Adapters are saved alone (a per-patient fine-tune is a small file); loading one
+replaces every adapter and the scale of a model already wrapped, so one patient's file
+never runs with another's leftovers.
 
 Layers are chosen by fnmatch patterns over module names, e.g. "*.to_q", "encoder.*.ff.up".
 """
@@ -36,6 +39,8 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
+        # W as it was before `merge`, while merged; a buffer so it follows .to(device)
+        self.register_buffer("unmerged_weight", None, persistent=False)
         base.requires_grad_(False)
 
     def delta(self) -> Tensor:
@@ -50,13 +55,16 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
+            self.unmerged_weight = self.base.weight.detach().clone()
             self.base.weight += self.delta()
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """Restore W exactly (subtracting the update again would leave rounding errors)."""
         if self.merged:
-            self.base.weight -= self.delta()
+            self.base.weight.copy_(self.unmerged_weight)
+            self.unmerged_weight = None
             self.merged = False
 
 
@@ -119,20 +127,66 @@ def save_lora(model: nn.Module, directory: str | Path, name: str = "lora", **met
 
 @torch.no_grad()
 def load_lora(model: nn.Module, directory: str | Path, name: str = "lora") -> dict[str, Any]:
-    """Wrap the layers the adapter file names (if not yet wrapped) and load its tensors. Returns its JSON."""
+    """Wrap the layers the adapter file names (if the model has no LoRA layers yet) and load
+    its tensors and scale. Returns its JSON. A model already wrapped must have exactly the
+    file's layers, unmerged; it is checked whole before anything is overwritten (ValueError)."""
     directory = Path(directory)
     info = load_json(directory / f"{name}.json")
     tensors = load_tensors(directory / f"{name}.safetensors")
+    adapters = _adapters_by_layer(tensors)
+    rank, scale = int(info["rank"]), float(info["scale"])
     if not any(True for _ in lora_layers(model)):
-        rank = int(info["rank"])
-        apply_lora(model, rank, targets=info["layers"], alpha=float(info["scale"]) * rank)
+        _check_adapters_fit_linear(model, adapters, rank)  # before wrapping: a refused file changes nothing
+        apply_lora(model, rank, targets=sorted(adapters))
     layers = dict(lora_layers(model))
+    _check_adapters_fit(layers, adapters)
+    for layer_name, layer in layers.items():
+        layer.lora_A.copy_(adapters[layer_name]["lora_A"])
+        layer.lora_B.copy_(adapters[layer_name]["lora_B"])
+        layer.scale = scale  # the file's, also over a model wrapped before with another alpha
+    return info
+
+
+def _adapters_by_layer(tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """'<layer>.lora_A' / '<layer>.lora_B' tensors grouped by layer; both must be there."""
+    adapters: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         layer_name, _, param = key.rpartition(".")
-        if layer_name not in layers:
-            raise KeyError(f"adapter for {layer_name!r} but the model has no such LoRA layer")
-        layer = layers[layer_name]
+        if param not in ("lora_A", "lora_B") or not layer_name:
+            raise ValueError(f"{key!r} is not a LoRA adapter tensor (<layer>.lora_A or <layer>.lora_B)")
+        adapters.setdefault(layer_name, {})[param] = tensor
+    incomplete = sorted(n for n, pair in adapters.items() if len(pair) != 2)
+    if incomplete:
+        raise ValueError(f"adapter for {incomplete[0]!r} lacks lora_A or lora_B")
+    return adapters
+
+
+def _check_adapters_fit_linear(model: nn.Module, adapters: dict[str, dict[str, Tensor]], rank: int) -> None:
+    """Every adapter names a Linear layer of `model` and has the shapes of rank `rank` on it."""
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for layer_name, pair in sorted(adapters.items()):
+        module = linear.get(layer_name)
+        if module is None:
+            raise ValueError(f"adapter for {layer_name!r} but the model has no such Linear layer")
+        want = {"lora_A": (rank, module.in_features), "lora_B": (module.out_features, rank)}
+        for param, shape in want.items():
+            if tuple(pair[param].shape) != shape:
+                raise ValueError(f"{layer_name}.{param}: the file has shape {tuple(pair[param].shape)}, "
+                                 f"the layer needs {shape} (another rank or model)")
+
+
+def _check_adapters_fit(layers: dict[str, LoRALinear], adapters: dict[str, dict[str, Tensor]]) -> None:
+    """Every adapter has its layer and every layer its adapter, with matching shapes, none merged."""
+    missing = sorted(set(adapters) - set(layers))
+    if missing:
+        raise ValueError(f"adapter for {missing[0]!r} but the model has no such LoRA layer")
+    extra = sorted(set(layers) - set(adapters))
+    if extra:
+        raise ValueError(f"the model's LoRA layer {extra[0]!r} has no adapter in the file: it would keep its old one")
+    for layer_name, layer in layers.items():
         if layer.merged:
-            raise RuntimeError("unmerge LoRA before loading new adapters")
-        getattr(layer, param).copy_(tensor)
-    return info
+            raise ValueError("unmerge LoRA before loading new adapters")
+        for param in ("lora_A", "lora_B"):
+            want, got = tuple(getattr(layer, param).shape), tuple(adapters[layer_name][param].shape)
+            if want != got:
+                raise ValueError(f"{layer_name}.{param}: the file has shape {got}, the layer {want} (another rank or model)")

@@ -82,7 +82,7 @@ class LFQ(nn.Module):
     # inference
 
     def quantize(self, z: Tensor) -> Tensor:
-        """Sign per bit (0 counts as +1), no gradient trick."""
+        """Sign per bit (0 counts as −1, as in `codes_to_indices`), no gradient trick."""
         return torch.where(z > 0, 1.0, -1.0).to(z.dtype)
 
     def encode(self, z: Tensor) -> Tensor:

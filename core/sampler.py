@@ -13,16 +13,22 @@ No `.item()`, no Python branch on a tensor value, no `topk` with a changing k, n
 boolean indexing: the same code captures into a CUDA graph (DESIGN §6) and runs on the
 `meta` device (which refuses every data-dependent host operation; the tests use that).
 Randomness comes only from the `torch.Generator` passed in, so a seed fixes the result.
+One generator draws the whole batch's noise in one go, so a row's noise depends on the
+batch it shares; a list of generators, one per row, gives each row the noise (and so
+the tokens) it would get alone with its own generator.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .transformer import Context, MaskedTransformer, random_ranks
+
+# one generator for the whole batch, one per row (batch-independent), or torch's default
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 class Schedule(NamedTuple):
@@ -66,11 +72,22 @@ def make_schedule(
     )
 
 
-def gumbel_noise(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard Gumbel noise shaped like `like`, from `generator`."""
-    u = torch.rand(like.shape, generator=generator, device=like.device, dtype=torch.float32)
-    u = u.clamp(1e-20, 1.0 - 1e-7)
+def gumbel_noise(like: Tensor, generator: Generators) -> Tensor:
+    """Standard Gumbel noise shaped like `like`, from `generator`: one for the whole tensor,
+    or one per row of the first axis (row i's noise then comes from generator i alone)."""
+    u = _uniform(like, generator).clamp(1e-20, 1.0 - 1e-7)
     return -torch.log(-torch.log(u)).to(like.dtype)
+
+
+def _uniform(like: Tensor, generator: Generators) -> Tensor:
+    """U[0, 1) float32 shaped like `like`, from one generator or one per row."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+    if len(generator) != like.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]} rows: give one per row")
+    # a batch of one draws exactly what one generator for the whole tensor draws
+    return torch.stack([torch.rand(like.shape[1:], generator=g, device=like.device, dtype=torch.float32)
+                        for g in generator])
 
 
 def decode_step(
@@ -82,7 +99,7 @@ def decode_step(
     temperature: Tensor,
     noise: Tensor,
     cond_scale: Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     critic: MaskedTransformer | None = None,
     critic_context: Context | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -97,6 +114,9 @@ def decode_step(
         conf = critic(sampled, critic_context).float()
     conf = conf + noise * gumbel_noise(conf, generator)
     conf = torch.where(unknown, conf, torch.full_like(conf, math.inf))
+    # never more than the row's unknown tokens: a given token (+inf) must never be re-masked,
+    # even when a row gives more than the prime and the schedule counts on fewer
+    n_masked = torch.minimum(n_masked, unknown.sum(-1, keepdim=True))
     remask = random_ranks(conf) < n_masked
     return torch.where(remask, torch.full_like(sampled, model.mask_id), sampled), remask
 
@@ -106,14 +126,15 @@ def decode(
     ids: Tensor,
     context2: Context,
     schedule: Schedule,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     critic: MaskedTransformer | None = None,
     critic_context: Context | None = None,
 ) -> Tensor:
     """Fill every `mask_id` in `ids` (B, N). The given tokens (the prime frame) never change.
 
-    `context2` comes from `model.guidance_context` (2B). The number of masked tokens must
-    equal the schedule's `num_generated` for every row (it does when only the prime is given).
+    `context2` comes from `model.guidance_context` (2B). The schedule is made for
+    `num_generated` masked tokens per row (only the prime given); a row that gives more
+    keeps them, and its steps fix what is left. `generator`: see `gumbel_noise`.
     """
     unknown = ids == model.mask_id
     for s in range(schedule.n_masked.shape[0]):

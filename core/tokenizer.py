@@ -198,6 +198,8 @@ class CViViT(nn.Module):
         cfg = self.config
         if video.ndim != 5 or video.shape[1] != cfg.channels or tuple(video.shape[-2:]) != (cfg.image_size,) * 2:
             raise ValueError(f"expected video (B, {cfg.channels}, T, {cfg.image_size}, {cfg.image_size}), got {tuple(video.shape)}")
+        if not video.is_floating_point():  # uint8 * 2 - 1 would wrap around before any layer noticed
+            raise ValueError(f"expected a float video in [0, 1], got {video.dtype} (from_uint8 converts uint8 frames)")
         frames = video.shape[2]
         if (frames - 1) % cfg.temporal_patch or frames > cfg.frames:
             raise ValueError(f"T must be 1 + k·{cfg.temporal_patch} and at most {cfg.frames}, got {frames}")
@@ -214,8 +216,16 @@ class CViViT(nn.Module):
         """Video -> token indices (B, t, h, w), long."""
         return self.quantizer.encode(self.latents(video))
 
+    def _check_codes(self, codes: Tensor) -> None:
+        t, h, w = self.config.token_grid
+        k = self.config.lfq_bits
+        if codes.ndim != 5 or tuple(codes.shape[2:]) != (h, w, k) or not 1 <= codes.shape[1] <= t:
+            raise ValueError(f"expected codes (B, t <= {t}, {h}, {w}, {k}), got {tuple(codes.shape)}"
+                             " (decode_indices takes token indices (B, t, h, w))")
+
     def decode(self, codes: Tensor) -> Tensor:
         """±1 codes (B, t, h, w, K) -> video (B, C, T, H, W) in [0, 1] (unclamped)."""
+        self._check_codes(codes)
         x = self.unembed(self.decoder(self.from_bits(codes)))
         if self.refiner is not None:
             x = x[:, : self.config.channels] + self.refiner(x)

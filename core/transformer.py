@@ -247,10 +247,11 @@ class MaskedTransformer(nn.Module):
         """Classifier-free guided logits (B, N, V) from a `guidance_context` (2B).
 
         null + scale · (cond − null): scale 0 is unconditional, 1 conditional, > 1 guided.
-        Both passes run as one batch of 2B.
+        Both passes run as one batch of 2B. The combination is float32 (the resident
+        path's `guided_logits` too): in bf16, s · (cond − null) would round the logits.
         """
         logits = self(torch.cat([ids, ids]), context2)
-        cond, null = logits.chunk(2)
+        cond, null = logits.float().chunk(2)
         return null + cond_scale * (cond - null)
 
     # training

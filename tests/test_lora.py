@@ -49,7 +49,7 @@ def test_merge_and_unmerge_are_exact() -> None:
     assert torch.allclose(again, unmerged, atol=1e-5)
     for name, layer in model.named_modules():
         if isinstance(layer, LoRALinear):
-            assert torch.allclose(layer.base.weight, base[f"{name}.weight"], atol=1e-6)
+            assert torch.equal(layer.base.weight, base[f"{name}.weight"])  # restored, not W + ΔW − ΔW
 
 
 def test_adapters_saved_and_loaded_alone(tmp_path) -> None:
