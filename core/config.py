@@ -105,8 +105,8 @@ class TransformerConfig:
     ref_drop_prob: float = 0.5      # chance the reference loop is withheld in training
     steps: int = 6                  # MaskGIT decoding steps
     cfg_scale: float = 3.0          # 0: unconditional, 1: conditional, >1: guided
-    temperature: float = 0.9        # sampling temperature, annealed to 0 over the steps
-    confidence_noise: float = 3.0   # Gumbel noise on remasking confidence, annealed to 0
+    temperature: float = 0.9        # sampling temperature, annealed linearly to τ/steps at the last step
+    confidence_noise: float = 3.0   # Gumbel noise on remasking confidence, annealed to 0 at the last step
 
 
 @dataclass
