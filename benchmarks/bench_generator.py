@@ -504,11 +504,16 @@ def overlapped_replays(base: Generator, options: dict, repeats: int, lanes: int 
             "alone_beats_per_s": 1000.0 / float(np.mean(alone))}
 
 
+# called with the rows and raw figures so far after every GPU section (run.py writes them)
+Progress = Callable[[list[dict], dict], None]
+
+
 @contextlib.contextmanager
-def _guarded(rows: list[dict], raw: dict, name: str) -> Iterator[None]:
+def _guarded(rows: list[dict], raw: dict, name: str, progress: Progress | None = None) -> Iterator[None]:
     """A GPU section that fails is recorded (row + raw["errors"]) and the run goes on:
     device time is scarce, so one failure must not lose the other figures. Its rows are
-    logged as soon as it ends, so a run cut short by a time limit still leaves them."""
+    logged and handed to `progress` as soon as it ends, so a run cut short by a time limit
+    still leaves them."""
     first = len(rows)
     try:
         yield
@@ -519,11 +524,19 @@ def _guarded(rows: list[dict], raw: dict, name: str) -> Iterator[None]:
         torch.cuda.empty_cache()
     for row in rows[first:]:
         log.info("row: %s = %.4g %s %s", row["metric"], row["value"], row["unit"], row.get("target") or "")
+    if progress is not None:
+        try:
+            progress(rows, raw)
+        except Exception:  # a partial save that fails must not stop the measuring
+            log.exception("could not save the results after section %r", name)
 
 
-def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") -> tuple[list[dict], dict]:
+def gpu_part(
+    quick: bool, device: str = "cuda", preset: Preset | str = "paper", progress: Progress | None = None
+) -> tuple[list[dict], dict]:
     """The GPU comparison. `device`/`preset` exist for a CPU smoke run of this code
-    (no graph variants there; the fastest eager variant stands in for the batches)."""
+    (no graph variants there; the fastest eager variant stands in for the batches).
+    `progress` gets the rows and raw figures after every section."""
     rows: list[dict] = []
     cuda = device == "cuda"
     raw: dict = {"gpu": torch.cuda.get_device_name(0) if cuda else None,
@@ -531,6 +544,10 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
     configure_backends(device)
     base = Generator.untrained(preset, device=device)
     repeats = 10 if quick else 50
+
+    def guarded(name: str) -> contextlib.AbstractContextManager:
+        return _guarded(rows, raw, name, progress)
+
     variants: list[tuple[str, dict]] = [("eager fp32", {}), ("eager bf16", {"precision": "bf16"})]
     if cuda:
         variants.append(("graph bf16", {"precision": "bf16", "graphs": True}))
@@ -543,7 +560,7 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
         ]
     built: dict[str, ResidentGenerator] = {}
     for label, options in variants:
-        with _guarded(rows, raw, f"paper {label}"):
+        with guarded(f"paper {label}"):
             log.info("GPU: %s, batch 1", label)
             res = ResidentGenerator(base, **options)  # type: ignore[arg-type]
             t0 = time.perf_counter()
@@ -555,12 +572,12 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
             target = "<= 15 (issue 7)" if "graph" in label else None
             rows += _pct_rows(f"paper beat, GPU batch 1, {label}", xs, target_p50=target)
     if cuda and "eager bf16" in built:
-        with _guarded(rows, raw, "paper eager bf16 kernel profile"):
+        with guarded("paper eager bf16 kernel profile"):
             raw["paper_eager bf16_kernels"] = kernel_profile(built["eager bf16"])
             for entry in raw["paper_eager bf16_kernels"]["top"][:6]:
                 rows.append(_row(f"paper eager bf16 kernel {entry['kernel'][:40]}", entry["ms"], "ms/beat", f"{entry['calls']} calls"))
     if cuda:
-        with _guarded(rows, raw, "paper attention kernels"):
+        with guarded("paper attention kernels"):
             t, h, w = base.transformer.grid
             cfg = base.preset.transformer
             keys = (t * h * w) + base.ecg_encoder.cfg.patches_per_lead + 1  # reference block, ECG patches, register
@@ -574,7 +591,7 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
                                      entry["ms"], "ms", f"{entry['tflops']:.0f} TFLOP/s"))
     for label in ("eager fp32", "eager bf16"):
         if label in built:
-            with _guarded(rows, raw, f"paper {label} stages"):
+            with guarded(f"paper {label} stages"):
                 stages = stage_latencies(built[label], 3 if quick else 10)
                 raw[f"paper_{label}_stages_ms"] = stages
                 rows += stage_rows(f"paper GPU {label}", stages)
@@ -582,14 +599,14 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
     if not candidates:
         return rows, raw
     fastest = min(candidates, key=lambda lab: np.median(raw[f"paper_{lab}_ms"]))
-    with _guarded(rows, raw, f"paper {fastest} stages"):
+    with guarded(f"paper {fastest} stages"):
         # the same generator (compiled models are compiled once); its stage graphs are new
         parts = graph_stages(built[fastest], 5 if quick else 20)
         raw[f"paper_{fastest}_stages_ms"] = parts
         for name, ms in parts.items():
             rows.append(_row(f"paper {fastest}, batch 1, {name} {'(own graph)' if cuda else ''}".rstrip(), ms, "ms"))
     if cuda:
-        with _guarded(rows, raw, f"paper {fastest} replay profile"):
+        with guarded(f"paper {fastest} replay profile"):
             prof = kernel_profile(built[fastest], top=12)
             raw[f"paper_{fastest}_replay_profile"] = prof
             rows.append(_row(f"paper {fastest}: kernels in one beat's replay", prof["kernels"], "kernels",
@@ -601,7 +618,7 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
     rows.append(_row(f"paper speed-up, {fastest} vs the paper's 6.4 s", 6400 / best_ms, "x", ">= 400"))
     lap_label = "graph bf16 + CuPy" if "graph bf16 + CuPy" in built else (None if cuda else "eager fp32")
     if lap_label:
-        with _guarded(rows, raw, "paper overlapped replays"):
+        with guarded("paper overlapped replays"):
             lap = overlapped_replays(base, dict(variants)[lap_label], 5 if quick else 20)
             raw["paper_overlapped_replays"] = {"variant": lap_label, **lap}
             rows.append(_row(f"paper 2 batch-1 beats at once ({lap_label}), per beat p50", lap["together_p50_ms"], "ms",
@@ -609,12 +626,12 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
             rows.append(_row(f"paper 2 batch-1 beats at once ({lap_label}), beats/s", lap["beats_per_s"], "beats/s",
                              f"alone {lap['alone_beats_per_s']:.1f}"))
     for priming in ("image", "gap"):  # the other key layouts, same variant
-        with _guarded(rows, raw, f"paper {fastest} {priming}-primed"):
+        with guarded(f"paper {fastest} {priming}-primed"):
             xs = beat_latencies(built[fastest], 1, repeats, priming=priming)
             raw[f"paper_{fastest}_{priming}_ms"] = xs
             rows += _pct_rows(f"paper beat, GPU batch 1, {fastest}, {priming}-primed ({PRIMINGS[priming]})", xs)
     if "eager fp32" in built and "eager bf16" in built:
-        with _guarded(rows, raw, "paper bf16 vs fp32"):
+        with guarded("paper bf16 vs fp32"):
             report = precision_report(built["eager fp32"], built["eager bf16"], _requests(built["eager fp32"], 4))
             raw["paper_bf16_vs_fp32"] = report
             rows.append(_row("paper bf16 vs fp32 token agreement", report["token_agreement"], "fraction"))
@@ -625,12 +642,12 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
         del built[label]
     torch.cuda.empty_cache()
     for batch in BATCH_SIZES[1:] if cuda else (2,):
-        with _guarded(rows, raw, f"paper batch {batch}"):
+        with guarded(f"paper batch {batch}"):
             log.info("GPU: %s, batch %d", fastest, batch)
             xs = beat_latencies(best, batch, 5 if quick else 20)
             raw[f"paper_{fastest}_batch{batch}_ms"] = xs
             rows.append(_row(f"paper batch {batch}, {fastest}, per call p50", _pct(xs)[0], "ms"))
-    with _guarded(rows, raw, "paper load test"):
+    with guarded("paper load test"):
         counts = ([16, 32, 48, 64] if quick else [16, 32, 40, 48, 56, 64, 96]) if cuda else [1, 2]
         held, trials = streams_held(best, counts, duration_s=3 * BEAT_S if quick else 8 * BEAT_S,
                                     policy=BatchPolicy(window_s=0.004))
@@ -642,12 +659,16 @@ def gpu_part(quick: bool, device: str = "cuda", preset: Preset | str = "paper") 
     return rows, raw
 
 
-def run(quick: bool, gpu_only: bool = False) -> dict:
+def run(quick: bool, gpu_only: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
+    """The stage's result; `progress` (from run.py) gets the result so far after each GPU section."""
     configure_backends("cpu")
     rows, raw = ([], {}) if gpu_only else cpu_part(quick)
-    skipped = []
+    skipped: list[str] = []
     if torch.cuda.is_available():
-        gpu_rows, gpu_raw = gpu_part(quick)
+        def report(gpu_rows: list[dict], gpu_raw: dict) -> None:
+            progress({"rows": rows + gpu_rows, "raw": {**raw, **gpu_raw}, "skipped": skipped})
+
+        gpu_rows, gpu_raw = gpu_part(quick, progress=report if progress is not None else None)
         rows += gpu_rows
         raw.update(gpu_raw)
     else:  # a note, not a row: a row's value is a measurement

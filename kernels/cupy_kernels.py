@@ -241,6 +241,9 @@ extern "C" __global__ void frames_uint8(const void* video, int is_bf16, int B, i
 KERNEL_NAMES = ("sample_confidence", "remask", "lfq_codes", "frames_uint8")
 TOKEN_THREADS = 128  # threads per token in sample_confidence (the source's #define)
 ELEMENTWISE_BLOCK = 256
+# Where the launches' tensors must live. Only the tests change it: they run these methods'
+# argument checks and packing on the CPU, with the source compiled for the host.
+TENSOR_DEVICE = "cuda"
 
 
 def cupy_available() -> bool:
@@ -253,8 +256,8 @@ def _ptr(t: Tensor) -> np.uint64:
 
 
 def _check(t: Tensor, name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...] | None = None) -> None:
-    if not t.is_cuda or not t.is_contiguous() or t.dtype not in dtypes:
-        raise ValueError(f"{name}: expected a contiguous CUDA tensor of {dtypes}, got {t.dtype} on {t.device}")
+    if t.device.type != TENSOR_DEVICE or not t.is_contiguous() or t.dtype not in dtypes:
+        raise ValueError(f"{name}: expected a contiguous {TENSOR_DEVICE} tensor of {dtypes}, got {t.dtype} on {t.device}")
     if shape is not None and tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
 

@@ -6,12 +6,19 @@ No GPU is needed: device intrinsics get host stand-ins, a block runs as one thre
 reduction is replayed lane by lane with the kernel's own `lane_partial`/`merge`/`finish`
 (`warp_merge` itself, being shuffles, runs on GPU only).
 This checks the kernels' arithmetic, hashing, indexing, padding and tie-breaking; what it
-cannot check (launch geometry, shared-memory races, real shuffles) the GPU tests do.
+cannot check (shared-memory races, real shuffles) the GPU tests do.
+
+`HostKernels` runs `FusedKernels`' own methods with their launches going to this host
+build: each argument's NumPy type is checked against the kernel's C signature (CuPy packs
+a scalar by its type, so a wrong one shifts every later argument), and the launch geometry
+against what the kernel needs. With nvcc installed (no GPU needed), the source is also
+compiled for sm_90, as NVRTC compiles it on the GPU box.
 Skipped when no C++ compiler is installed.
 """
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,7 +28,8 @@ import pytest
 import torch
 
 from echopulse.kernels import reference_steps as ref
-from echopulse.kernels.cupy_kernels import SOURCE
+from echopulse.kernels import cupy_kernels
+from echopulse.kernels.cupy_kernels import KERNEL_NAMES, SOURCE, TOKEN_THREADS, FusedKernels
 
 CXX = shutil.which("g++") or shutil.which("clang++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/clang++) to build the host harness")
@@ -82,9 +90,8 @@ extern "C" void host_remask(const float* conf, const long long* sampled, const l
 """
 
 
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    folder = tmp_path_factory.mktemp("cuda_host")
+def build_host_library(folder: Path) -> ctypes.CDLL:
+    """The kernels' source with the host stand-ins and harness, built into a shared library."""
     src = folder / "kernels.cpp"
     src.write_text(PRELUDE + SOURCE + HARNESS)
     out = folder / "kernels.so"
@@ -92,6 +99,66 @@ def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     subprocess.run([CXX, "-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC", str(src), "-o", str(out)],
                    check=True, capture_output=True, timeout=120)
     return ctypes.CDLL(str(Path(out)))
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    return build_host_library(tmp_path_factory.mktemp("cuda_host"))
+
+
+# What each kind of kernel parameter must be handed by `FusedKernels`: CuPy packs a NumPy
+# scalar by its own width, so a wrong one shifts every later argument of the launch.
+ARG_TYPES = {"pointer": np.uint64, "int": np.int32, "long long": np.int64, "float": np.float32}
+C_TYPES = {"pointer": ctypes.c_void_p, "int": ctypes.c_int, "long long": ctypes.c_longlong, "float": ctypes.c_float}
+
+
+def kernel_signatures(source: str = SOURCE) -> dict[str, list[str]]:
+    """Each `extern "C" __global__` kernel's parameter kinds in order ("pointer", "int", ...)."""
+    out = {}
+    for match in re.finditer(r'extern "C" __global__ void (\w+)\((.*?)\)\s*\{', source, re.S):
+        kinds = []
+        for param in match.group(2).split(","):
+            words = param.replace("const", " ").split()
+            kinds.append("pointer" if "*" in param else " ".join(words[:-1]))
+        out[match.group(1)] = kinds
+    return out
+
+
+def _pack(arg: np.generic, kind: str) -> ctypes._SimpleCData:
+    if kind == "pointer":
+        return ctypes.c_void_p(int(arg) or None)
+    return C_TYPES[kind](arg.item())
+
+
+class HostKernels(FusedKernels):
+    """`FusedKernels` whose launches run the source compiled for the host: its argument checks,
+    packing and launch geometry are the GPU's, checked against each kernel's signature."""
+
+    def __init__(self, library: ctypes.CDLL | None) -> None:  # no CuPy, no module to compile; None: launches only checked
+        self.lib = library
+        self.signatures = kernel_signatures()
+        self.launches: list[str] = []
+
+    def _launch(self, name: str, grid: int, block: int, args: tuple, shared: int = 0) -> None:
+        kinds = self.signatures[name]
+        assert len(args) == len(kinds), f"{name}: {len(args)} arguments for {len(kinds)} parameters"
+        for i, (arg, kind) in enumerate(zip(args, kinds)):
+            assert type(arg) is ARG_TYPES[kind], f"{name} argument {i}: {type(arg).__name__} for a {kind}"
+        assert 1 <= grid < 2**31 and 1 <= block <= 1024, (name, grid, block)
+        if name == "sample_confidence":
+            assert block == TOKEN_THREADS
+        if name == "remask":  # the sort holds (key, position) of every padded token in shared memory
+            assert shared >= int(args[5]) * 8 and block <= int(args[5])
+        self.launches.append(name)
+        if all(int(arg) == 0 for arg, kind in zip(args, kinds) if kind == "pointer"):
+            return  # meta tensors (no storage): the checks above are the point
+        packed = [_pack(arg, kind) for arg, kind in zip(args, kinds)]
+        if name == "sample_confidence":
+            self.lib.host_sample_confidence(*packed)
+        elif name == "remask":  # the harness loops over the grid's rows itself
+            self.lib.host_remask(*packed[:4], ctypes.c_int(grid), *packed[4:])
+        else:  # grid-stride loops: one host thread covers the whole grid
+            getattr(self.lib, name)(*packed)
 
 
 def _p(a: np.ndarray) -> ctypes.c_void_p:
@@ -216,3 +283,109 @@ def test_frames_source_matches_the_reference(lib: ctypes.CDLL, bf16: bool) -> No
     out = np.full((2, 4, 8, 8), 77, np.uint8)
     lib.frames_uint8(_p(raw), _i(int(bf16)), _i(2), _i(5), _ll(64), _p(out))
     assert torch.equal(torch.from_numpy(out), ref.frames_uint8(video))
+
+
+# FusedKernels itself, its launches run on the host: what the GPU tests check, minus the GPU
+
+
+@pytest.fixture
+def host_kernels(lib: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch) -> HostKernels:
+    monkeypatch.setattr(cupy_kernels, "TENSOR_DEVICE", "cpu")
+    return HostKernels(lib)
+
+
+def test_every_kernel_is_found_with_its_parameters() -> None:
+    signatures = kernel_signatures()
+    assert sorted(signatures) == sorted(KERNEL_NAMES)
+    assert signatures["sample_confidence"][:3] == ["pointer", "int", "pointer"] and len(signatures["sample_confidence"]) == 16
+    assert signatures["remask"][6] == "long long" and signatures["lfq_codes"][3] == "float"
+
+
+def test_the_python_token_threads_are_the_sources() -> None:
+    """The launch's block size and the kernel's per-warp scratch must agree, or warps go unmerged."""
+    assert re.search(r"#define TOKEN_THREADS (\d+)", SOURCE).group(1) == str(TOKEN_THREADS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("listed", [False, True])
+def test_sample_confidence_launch_matches_the_reference(host_kernels: HostKernels, dtype: torch.dtype, listed: bool) -> None:
+    b, n, v = 2, 40, 96
+    g = torch.Generator().manual_seed(3)
+    logits2 = (torch.randn(2 * b, n, v, generator=g) * 2).to(dtype)
+    ids = torch.randint(0, v, (b, n), generator=g)
+    unknown = torch.zeros(b, n, dtype=torch.bool)
+    for row in range(b):
+        unknown[row, torch.randperm(n, generator=g)[:7]] = True
+    seeds = torch.tensor([7, 2**35 + 3])
+    cond_scale, temperature, noise = torch.tensor(2.5), torch.tensor([0.8, 0.4]), torch.tensor([1.5, 0.5])
+    positions = (~unknown).to(torch.uint8).argsort(dim=-1, stable=True)[:, :7].contiguous() if listed else None
+    given = logits2.gather(1, torch.cat([positions, positions])[..., None].expand(-1, -1, v)).contiguous() if listed else logits2
+    sampled = torch.full((b, n), -7, dtype=torch.long)
+    conf = torch.full((b, n), float("nan"))
+    host_kernels.sample_confidence(given, ids, unknown, seeds, cond_scale, temperature, noise, 1, sampled, conf, positions=positions)
+    want_s, want_c, _ = ref.sample_confidence(logits2, ids, unknown, seeds, cond_scale, temperature[1], noise[1], 1)
+    assert host_kernels.launches == ["sample_confidence"]
+    assert (sampled == want_s).float().mean().item() >= 0.99
+    same = unknown & (sampled == want_s)
+    torch.testing.assert_close(conf[same], want_c[same], rtol=1e-5, atol=1e-5)
+    assert torch.equal(sampled[~unknown], ids[~unknown]) and torch.isinf(conf[~unknown]).all()
+
+
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_remask_launch_matches_the_reference(host_kernels: HostKernels, with_positions: bool) -> None:
+    b, n = 3, 48
+    g = torch.Generator().manual_seed(5)
+    conf = torch.randn(b, n, generator=g)
+    conf[:, :8] = float("inf")
+    conf[2, 10:14] = 0.5  # ties: broken by position
+    sampled = torch.randint(0, 64, (b, n), generator=g)
+    n_masked = torch.tensor([20, 9, 0])
+    ids = torch.full((b, n), -3, dtype=torch.long)
+    unknown = torch.ones(b, n, dtype=torch.bool)
+    positions = torch.full((b, 9), -5, dtype=torch.long) if with_positions else None
+    host_kernels.remask(conf, sampled, n_masked, 1, 64, ids, unknown, positions)
+    want_ids, want_unknown = ref.remask(conf, sampled, n_masked[1], 64)
+    assert torch.equal(ids, want_ids) and torch.equal(unknown, want_unknown)
+    if with_positions:
+        assert torch.equal(positions, ref.remasked_positions(conf, 9))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conversion_launches_match_the_references(host_kernels: HostKernels, dtype: torch.dtype) -> None:
+    idx = torch.randint(0, 2**10, (2, 30))
+    codes = torch.full((2, 30, 10), float("nan"))
+    host_kernels.lfq_codes(idx, 10, codes, scale=0.5)
+    assert torch.equal(codes, ref.lfq_codes(idx, 10, 0.5))
+    video = (torch.rand(2, 1, 5, 8, 8) * 1.3 - 0.15).to(dtype)
+    frames = torch.full((2, 4, 8, 8), 77, dtype=torch.uint8)
+    host_kernels.frames_uint8(video, frames)
+    assert torch.equal(frames, ref.frames_uint8(video))
+    assert host_kernels.launches == ["lfq_codes", "frames_uint8"]
+
+
+def test_launches_refuse_tensors_off_the_kernels_device(lib: ctypes.CDLL) -> None:
+    """Outside the host harness the tensors must be CUDA tensors: a CPU one is refused, never launched."""
+    kernels = HostKernels(lib)
+    with pytest.raises(ValueError, match="contiguous cuda tensor"):
+        kernels.lfq_codes(torch.zeros(2, 3, dtype=torch.long), 4, torch.zeros(2, 3, 4))
+    assert kernels.launches == []
+
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="no nvcc: the CUDA compile check needs the CUDA toolkit (no GPU)")
+def test_the_source_compiles_for_hopper_without_spills(tmp_path: Path) -> None:
+    """CuPy compiles SOURCE with NVRTC on the GPU box; nvcc here catches CUDA-only errors
+    (device intrinsics, shared-memory declarations) before a lent GPU's minutes are spent,
+    and ptxas reports what a kernel keeps in local memory."""
+    src = tmp_path / "kernels.cu"
+    src.write_text(SOURCE)
+    proc = subprocess.run([NVCC, "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-Werror", "all-warnings",
+                           "-o", str(tmp_path / "kernels.cubin"), str(src)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = proc.stdout + proc.stderr
+    for name in KERNEL_NAMES:
+        assert f"Compiling entry function '{name}'" in report  # extern "C": the name CuPy's get_function asks for
+    assert "bytes spill" in report and not re.search(r"[1-9]\d* bytes spill", report), report
+    assert not re.search(r"[1-9]\d* bytes stack frame", report), report

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from echopulse.core.critic import TokenCritic
 from echopulse.core.generator import Generator
 from echopulse.core.resident import BeatRequest, ResidentGenerator, clone_states, precision_report
 
@@ -69,6 +70,19 @@ def test_captured_equals_eager_with_flash_attention_first(generator: Generator, 
     for count in (1, 3):  # dense (flash runs), masked (flash refuses the mask: the next backend)
         requests = _requests(eager, count, seed=count)
         _same(eager.generate(clone_states(requests)), captured.generate(clone_states(requests)))
+
+
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("cupy", marks=needs_cupy)])
+def test_captured_equals_eager_with_a_critic(kernels: str) -> None:
+    """The critic's confidence (its own forward, then the hash noise) inside the capture,
+    into either remask: no other GPU test has a critic."""
+    gen = Generator.untrained("tiny", device="cuda", seed=7)
+    torch.manual_seed(7)
+    gen.critic = TokenCritic(gen.preset.transformer, gen.preset.tokenizer, gen.preset.ecg.dim).to("cuda").eval()
+    eager = ResidentGenerator(gen, kernels=kernels, pad=True)
+    captured = ResidentGenerator(gen, kernels=kernels, graphs=True)
+    requests = _requests(eager, 3, seed=13)
+    _same(eager.generate(clone_states(requests)), captured.generate(clone_states(requests)))
 
 
 # Inductor suggests TF32 for fp32 matmuls; fp32 here is kept exact on purpose (configure_backends)
