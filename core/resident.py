@@ -247,6 +247,10 @@ class ResidentGenerator:
         # it would only add work, so by default eager runs use the exact batch size.
         self.pad = graphs if pad is None else pad
         self._buffers: dict[tuple[int, int], StaticBuffers] = {}
+        # One thread at a time on the device's models and buffers: a batch size's first
+        # beat captures its graph, and during a capture another thread's GPU work (a
+        # device primed on a worker thread: a tokenizer encode, allocations) is an error
+        # or ends up in the graph. Priming is rare and short, so it simply waits its turn.
         self._lock = threading.Lock()
 
     @classmethod
@@ -493,13 +497,14 @@ class ResidentGenerator:
     ) -> None:
         """Allocate buffers (and capture graphs) for these batch sizes and key layouts before
         the first beat, so no beat waits for a capture."""
-        for b in batch_sizes:
-            buf = self.buffers(b, leads)
-            for layout in layouts:
-                if self.graphs is not None:
-                    self.graphs.get((b, leads, layout))
-                else:
-                    self.pipeline(buf, layout=layout)
+        with self._lock:
+            for b in batch_sizes:
+                buf = self.buffers(b, leads)
+                for layout in layouts:
+                    if self.graphs is not None:
+                        self.graphs.get((b, leads, layout))
+                    else:
+                        self.pipeline(buf, layout=layout)
 
     # priming
 
@@ -523,7 +528,7 @@ class ResidentGenerator:
         if frames.ndim != 3 or frames.shape[0] != self.preset.tokenizer.frames:
             raise ValueError(f"a beat-locked reference loop has {self.preset.tokenizer.frames} frames, got {frames.shape}")
         video = self._video(frames)
-        with self.numerics():
+        with self._lock, self.numerics():
             ref_ids = self.tokenizer.encode(video).flatten(1)[0]
             prime = self.tokenizer.encode(video[:, :, -1:]).flatten(1)[0]
         return DeviceState(prime=prime, ref_ids=ref_ids, ref_valid=True, seed=int(seed))
@@ -532,7 +537,7 @@ class ResidentGenerator:
     def prime_image(self, frame: np.ndarray, seed: int) -> DeviceState:
         """A device primed with one frame (uint8 H×W) and no reference loop."""
         video = self._video(np.asarray(frame)[None])
-        with self.numerics():
+        with self._lock, self.numerics():
             prime = self.tokenizer.encode(video).flatten(1)[0]
         n = self.transformer.num_tokens
         return DeviceState(prime=prime, ref_ids=torch.zeros(n, dtype=torch.long, device=self.device), ref_valid=False, seed=int(seed))
@@ -598,10 +603,10 @@ class ResidentGenerator:
     def decode_tokens(self, tokens: np.ndarray | Tensor) -> np.ndarray:
         """Frames 1..F (B, F, H, W) uint8 of clips given as tokens (B, N): the tokenizer alone."""
         ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device)
-        buf = self.buffers(padded_size(ids.shape[0]) if self.pad else ids.shape[0], 1)
-        with self.numerics():
+        with self._lock, self.numerics():  # the static buffers `generate` uses too
+            buf = self.buffers(padded_size(ids.shape[0]) if self.pad else ids.shape[0], 1)
             self.decode_video(buf, torch.cat([ids, ids[:1].expand(buf.batch - ids.shape[0], -1)]))
-        return buf.frames[: ids.shape[0]].to("cpu", copy=True).numpy()
+            return buf.frames[: ids.shape[0]].to("cpu", copy=True).numpy()
 
 
 def clone_states(requests: Sequence[BeatRequest]) -> list[BeatRequest]:

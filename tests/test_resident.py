@@ -302,3 +302,27 @@ def test_reference_loops_of_the_wrong_kind_are_refused_before_resampling() -> No
         for beat_locked in (True, False):
             with pytest.raises(ValueError, match="uint8 frames"):
                 res.prime_loop(bad, seed=0, beat_locked=beat_locked)
+
+
+@pytest.mark.parametrize("call", ["prime_image", "prime_loop", "decode_tokens", "warm_up"])
+def test_priming_waits_for_a_batch_in_flight(call: str) -> None:
+    """On a GPU a batch size's first beat captures its graph, and another thread's GPU work
+    during a capture is an error or lands in the graph: priming, the tokenizer alone and
+    warm-up take the generator's lock, as a batch does. Once they ran beside it."""
+    import threading
+
+    res = ResidentGenerator(Generator.untrained("tiny", device="cpu", seed=1))
+    size, frames = res.preset.tokenizer.image_size, res.preset.tokenizer.frames
+    video = np.zeros((frames, size, size), np.uint8)
+    calls = {"prime_image": lambda: res.prime_image(video[0], seed=1), "prime_loop": lambda: res.prime_loop(video, seed=1),
+             "decode_tokens": lambda: res.decode_tokens(np.zeros((1, res.transformer.num_tokens), np.int64)),
+             "warm_up": lambda: res.warm_up(layouts=("dense",))}
+    started, done = threading.Event(), threading.Event()
+    encode, buffers = res.tokenizer.encode, res.buffers
+    res.tokenizer.encode = lambda *a, **k: (started.set(), encode(*a, **k))[1]
+    res.buffers = lambda *a, **k: (started.set(), buffers(*a, **k))[1]
+    with res._lock:  # a batch in flight
+        worker = threading.Thread(target=lambda: (calls[call](), done.set()), daemon=True)
+        worker.start()
+        assert not started.wait(0.3)  # no model or buffer touched meanwhile
+    assert done.wait(30.0) and started.is_set()
