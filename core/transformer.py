@@ -256,12 +256,16 @@ class MaskedTransformer(nn.Module):
 
     # training
 
-    def mask_for_training(self, ids: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Which tokens to hide: a cosine-schedule ratio of the non-prime tokens. (B, N) bool."""
+    def mask_for_training(self, ids: Tensor, generator: torch.Generator | None = None,
+                          progress: Tensor | None = None) -> Tensor:
+        """Which tokens to hide: a cosine-schedule ratio of the non-prime tokens. (B, N) bool.
+        `progress` (B, 1) in [0, 1]: where in the schedule each row is (drawn when None)."""
         b, n = ids.shape
         dev = ids.device
         gen_count = n - self.prime_tokens
-        ratio = cosine_mask_ratio(torch.rand(b, 1, generator=generator, device=dev))
+        if progress is None:
+            progress = torch.rand(b, 1, generator=generator, device=dev)
+        ratio = cosine_mask_ratio(progress)
         n_masked = (ratio * gen_count).ceil().clamp(1, gen_count)
         scores = torch.rand(b, n, generator=generator, device=dev)
         scores[:, : self.prime_tokens] = 2.0  # the prime frame is never masked

@@ -113,7 +113,7 @@ def test_loss_trains_and_reaches_the_null_embedding() -> None:
 def test_critic_labels_real_when_the_sample_equals_the_truth() -> None:
     p, _, model, ecg, ids, rr, ref, ref_valid = _inputs()
     g = torch.Generator().manual_seed(4)
-    filled, target, real = critic_batch(model, ids, ecg, rr, ref, ref_valid, g)
+    filled, target, real, _, _ = critic_batch(model, ids, ecg, rr, ref, ref_valid, g)
     assert real.equal((filled == ids).float())
     assert filled[~target].equal(ids[~target])
     critic = TokenCritic(p.transformer, p.tokenizer, p.ecg.dim)
@@ -121,6 +121,28 @@ def test_critic_labels_real_when_the_sample_equals_the_truth() -> None:
     loss = critic_loss(critic, model, ids, ecg, rr, ref, ref_valid, g)
     loss.backward()
     assert torch.isfinite(loss) and critic.to_out.weight.grad is not None
+
+
+def test_the_critic_learns_on_samples_drawn_as_decoding_draws_them() -> None:
+    """Guided samples from a condition never dropped, the critic seeing what the sampler saw.
+    Once the samples came from training's context (condition dropped for some rows, ECG
+    hidden, loop withheld) at temperature 1, while the critic saw the whole context."""
+    import dataclasses
+
+    _, _, model, ecg, ids, rr, ref, ref_valid = _inputs()
+    # a large guidance scale makes the ECG outweigh the sampling noise in an untrained model
+    model.cfg = dataclasses.replace(model.cfg, cond_drop_prob=1.0, ecg_mask_prob=0.0, ref_drop_prob=0.0, cfg_scale=50.0)
+    other = EcgFeatures(10 * torch.randn(ecg.emb.shape, generator=torch.Generator().manual_seed(9)), ecg.time, ecg.valid)
+    batches = [critic_batch(model, ids, e, rr, ref, ref_valid, torch.Generator().manual_seed(4)) for e in (ecg, other)]
+    (filled, target, _, seen, seen_ref), (filled_other, *_) = batches
+    # the same tokens hidden and the same noise: only the ECG differs, and every row heard it
+    assert all((filled[i] != filled_other[i])[target[i]].any() for i in range(ids.shape[0]))
+    assert seen.valid.equal(ecg.valid) and seen_ref.equal(ref_valid)
+
+    model.cfg = dataclasses.replace(model.cfg, ecg_mask_prob=1.0, ecg_mask_max=0.4, ref_drop_prob=1.0)
+    hidden = critic_batch(model, ids, ecg, rr, ref, ref_valid, torch.Generator().manual_seed(4))
+    # what the sampler did not see, the critic is not shown either
+    assert (hidden.ecg.valid.sum() < ecg.valid.sum()) and not hidden.ref_valid.any()
 
 
 def test_key_layouts_give_the_masked_result_where_they_apply() -> None:
