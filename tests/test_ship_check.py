@@ -61,3 +61,28 @@ def test_the_command_writes_the_verdict_and_names_a_missing_figure(tmp_path, shi
     (tmp_path / "gen.json").write_text(json.dumps(gen))
     with pytest.raises(SystemExit, match="no summary/hr_tracking/follows_within_one_beat in the report"):
         ship_check.main(argv)
+
+
+def test_losing_exactly_the_allowed_two_subjects_passes(shipped):
+    """The slack is two of 20 subjects: 11/20 -> 9/20 is within it (0.55 - 0.1 rounds above 0.45)."""
+    tok, gen = better(shipped)
+    shipped_gen = copy.deepcopy(shipped[1])
+    shipped_gen["summary"]["hr_tracking"]["follows_within_one_beat"] = 11 / 20
+    gen["summary"]["hr_tracking"]["follows_within_one_beat"] = 9 / 20
+    assert ship_check.verdict(tok, gen, shipped[0], shipped_gen)["ship"]
+    gen["summary"]["hr_tracking"]["follows_within_one_beat"] = 8 / 20
+    assert ship_check.verdict(tok, gen, shipped[0], shipped_gen)["failed"] == ["HR jump followed within one beat"]
+
+
+@pytest.mark.parametrize("change, failed", [
+    # scored on fewer subjects (e.g. a shortened EVAL_GENERATOR) or on the validation seeds
+    (lambda t, g: g.update(subjects=g["subjects"][:20]), "generator: the shipped subjects"),
+    (lambda t, g: [s.update(seed=s["seed"] + 1_000_000) for s in g["subjects"]], "generator: the shipped subjects"),
+    (lambda t, g: t.update(seed=2_000_000), "tokenizer: the shipped clips"),
+    (lambda t, g: t.update(clips=20), "tokenizer: the shipped clips"),
+])
+def test_figures_from_other_subjects_are_not_compared(shipped, change, failed):
+    tok, gen = better(shipped)
+    change(tok, gen)
+    result = ship_check.verdict(tok, gen, *shipped)
+    assert not result["ship"] and result["failed"] == [failed]
