@@ -37,6 +37,10 @@ class BeatDrivenEcho:
         Outside HR_MIN..HR_MAX the heart beats at the nearest rate it models, but its frames
         keep the true RR's times: consecutive beats tile the ECG's time, with no hole
         before the next R and no frame past it."""
+        if not np.isfinite(r_time):
+            raise ValueError(f"r_time must be finite, got {r_time}")
+        if not (np.isfinite(rr) and rr > 0):  # else frames would run backwards or nowhere
+            raise ValueError(f"rr must be a positive finite number of seconds, got {rr}")
         f = self.frames_per_beat
         times = r_time + np.arange(f) * float(rr) / f
         modelled = float(np.clip(rr, 60.0 / HR_MAX, 60.0 / HR_MIN))

@@ -31,6 +31,9 @@ LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5
 # Event types: normal P, Q, R, S, T, then the ectopic ventricular beat's QRS, S and T.
 EVENTS = ("P", "Q", "R", "S", "T", "VR", "VS", "VT")
 BEAT_KINDS = ("N", "V")  # normal sinus beat, premature ventricular contraction
+# Widest ectopic or paced QRS (s): wider than ~240 ms is exceptional even in a failing
+# ventricle; doubling a 0.18 s bundle-branch QRS would give 0.39 s, most of the QT.
+WIDE_QRS_MAX = 0.24
 
 
 def _lead_vectors() -> np.ndarray:
@@ -67,6 +70,7 @@ class EcgMorphology:
     powerline: float = 0.01
     mains_hz: float = 50.0
     pvc_rate: float = 0.0      # chance that a beat is replaced by a premature ventricular beat
+    #                            (not where it would start before the previous T end)
     pacing: str = "none"       # "ventricular": every sinus beat paced from the RV apex (wide QRS
     #                            after a spike); "dual": an atrial spike before each P too
     spike_mv: float = 4.0      # pacing pulse height on a unit lead vector, mV
@@ -194,9 +198,28 @@ def beat_times(duration: float, hr: float, morph: EcgMorphology, rng: np.random.
         coupling = rng.uniform(0.55, 0.7, len(idx))
         # Premature by the coupling interval; the next sinus beat keeps its time, which
         # gives the full compensatory pause.
-        r[idx] = r[idx - 1] + coupling * (r[idx] - r[idx - 1])
-        kind[idx] = 1
+        r_pvc = r[idx - 1] + coupling * (r[idx] - r[idx - 1])
+        ok = _after_repolarisation(r[idx - 1], r_pvc, morph)
+        r[idx[ok]] = r_pvc[ok]
+        kind[idx[ok]] = 1
     return r, kind
+
+
+def _after_repolarisation(r_prev: np.ndarray, r_pvc: np.ndarray, morph: EcgMorphology) -> np.ndarray:
+    """True where a PVC at `r_pvc` starts its QRS after the preceding sinus beat's T end.
+    At fast rates a coupling interval drawn as a fraction of RR can fall inside the
+    previous QRS, while the ventricle is refractory: no premature beat happens there."""
+    sinus, ectopic = np.zeros(len(r_prev), dtype=np.int8), np.ones(len(r_prev), dtype=np.int8)
+    paced = np.full(len(r_prev), morph.pacing != "none")   # as `beat_events` will have it
+    q_prev = r_prev - qrs_onset_offset(_qrs_widths(sinus, paced, morph))
+    t_end_prev = _t_end(q_prev, r_pvc - r_prev, sinus, paced)  # a sinus beat's QT follows its own RR
+    q_pvc = r_pvc - qrs_onset_offset(_qrs_widths(ectopic, np.zeros_like(paced), morph))
+    return q_pvc >= t_end_prev
+
+
+def _t_end(q_on: np.ndarray, rr: np.ndarray, kind: np.ndarray, paced: np.ndarray) -> np.ndarray:
+    """T end from QRS onset: the rate's QT, a little longer after a wide (ectopic or paced) QRS."""
+    return q_on + qt_seconds(rr) + np.where(kind == 1, 0.04, np.where(paced, 0.03, 0.0))
 
 
 def beat_events(r: np.ndarray, kind: np.ndarray, morph: EcgMorphology) -> BeatEvents:
@@ -211,14 +234,16 @@ def beat_events(r: np.ndarray, kind: np.ndarray, morph: EcgMorphology) -> BeatEv
     # A paced beat's AV delay is the pacemaker's: programmed a little shorter than the PR.
     pr = np.where(paced, 0.85, 1.0) * pr_seconds(rr, morph.pr)
     p_on = np.where(kind == 1, np.nan, q_on - pr)
-    t_end = q_on + qt_seconds(rr) + np.where(kind == 1, 0.04, np.where(paced, 0.03, 0.0))
+    t_end = _t_end(q_on, rr, kind, paced)
     return BeatEvents(p_on=p_on, q_on=q_on, r=r, t_end=t_end, kind=kind, paced=paced if paced.any() else None)
 
 
 def _qrs_widths(kind: np.ndarray, paced: np.ndarray, morph: EcgMorphology) -> np.ndarray:
     """QRS duration per beat: ectopic and RV-paced activation spreads through muscle, not
-    the conduction system, so both are wide (a paced QRS about 150–170 ms)."""
-    return np.where(kind == 1, 2.0 * morph.qrs + 0.03, np.where(paced, 1.6 * morph.qrs + 0.02, morph.qrs))
+    the conduction system, so both are wide (a paced QRS about 150–170 ms), but no wider
+    than WIDE_QRS_MAX however wide the subject's own QRS is."""
+    wide = np.where(kind == 1, 2.0 * morph.qrs + 0.03, 1.6 * morph.qrs + 0.02)
+    return np.where((kind == 1) | paced, np.minimum(wide, WIDE_QRS_MAX), morph.qrs)
 
 
 def _event_table(ev: BeatEvents, morph: EcgMorphology, resp_mod: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -274,6 +299,21 @@ def _noise(leads: int, n: int, fs: float, t: np.ndarray, morph: EcgMorphology, r
     return out
 
 
+def _check_arguments(duration: float, fs: float, hr: float, leads: int, noise: float) -> None:
+    """Clear errors for what would otherwise fail deep in NumPy or give a NaN signal."""
+    if not HR_MIN <= hr <= HR_MAX:
+        raise ValueError(f"hr must be within {HR_MIN:g}..{HR_MAX:g} bpm, got {hr}")
+    if not (1 <= leads <= 12 and int(leads) == leads):
+        raise ValueError(f"leads must be a whole number 1..12, got {leads}")
+    for name, value in (("duration", duration), ("fs", fs)):
+        if not (np.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {value}")
+    if int(round(duration * fs)) < 1:
+        raise ValueError(f"duration {duration} s at fs {fs} Hz is less than one sample")
+    if not (np.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be 0 or more, got {noise}")
+
+
 def simulate_ecg(
     duration: float,
     fs: float = 250.0,
@@ -294,12 +334,8 @@ def simulate_ecg(
     `pacing` ("none", "ventricular", "dual") makes the subject paced: its stimulus times
     are in `extras["pacing_spikes"]` ({"atrial": s, "ventricular": s}).
     """
-    if not HR_MIN <= hr <= HR_MAX:
-        raise ValueError(f"hr must be within {HR_MIN:g}..{HR_MAX:g} bpm, got {hr}")
-    if not 1 <= leads <= 12:
-        raise ValueError(f"leads must be 1..12, got {leads}")
-    if duration <= 0 or fs <= 0:
-        raise ValueError("duration and fs must be positive")
+    _check_arguments(duration, fs, hr, leads, noise)
+    leads = int(leads)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     morph = morph if morph is not None else EcgMorphology.sample(rng, noise=noise)
     if pvc_rate is not None:
@@ -308,6 +344,8 @@ def simulate_ecg(
         morph = dataclasses.replace(morph, pacing=pacing)
     if morph.pacing not in PACING_MODES:
         raise ValueError(f"pacing must be one of {', '.join(PACING_MODES)}, got {morph.pacing!r}")
+    if not 0.0 <= morph.pvc_rate <= 1.0:  # NaN fails too
+        raise ValueError(f"pvc_rate must be within 0..1, got {morph.pvc_rate}")
 
     r, kind = beat_times(duration, hr, morph, rng)
     ev = beat_events(r, kind, morph)

@@ -15,12 +15,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from .echo import SIZES, EchoRenderer
-from .ecg import simulate_ecg
+from .ecg import BeatEvents, simulate_ecg
 from .heart import HeartCycle
 from .measure import disc_volumes, ejection_fraction
 from .subject import VIEWS, sample_subject
 
 log = logging.getLogger(__name__)
+
+TIE_SV = 0.01  # volume differences under 1 % of the stroke volume: below what a 64² mask shows
 
 
 def beat_locked_times(r: np.ndarray, k: int, frames: int) -> np.ndarray:
@@ -47,13 +49,59 @@ def _pick_beat(r: np.ndarray, kind: np.ndarray, duration: float) -> int:
     return int(idx[np.argmin(np.abs(r[idx] - 0.4 * duration))])
 
 
-def _nearest_frames(times: np.ndarray, events: np.ndarray) -> np.ndarray:
-    """Index of the frame nearest to each event that falls within the clip (± half a frame)."""
+def _event_frames(times: np.ndarray, events: np.ndarray, volume: np.ndarray, largest: bool, tie: float) -> np.ndarray:
+    """Per event (R for ED, T end for ES): of the two frames either side of it, the one showing
+    the largest (ED) or smallest (ES) LV; the nearer one where their volumes differ by `tie`
+    ml or less (both on the isovolumic plateau, or too alike for a mask to tell). −1 for
+    events outside the clip (± half a frame). The nearest frame alone can still be filling
+    or ejecting while the frame on the other side already shows EDV or ESV."""
+    out = np.full(len(events), -1, dtype=np.int64)
     if len(times) < 2:
-        return np.zeros(0, dtype=np.int64)
-    dt = np.median(np.diff(times))
-    ev = events[(events >= times[0] - dt / 2) & (events <= times[-1] + dt / 2)]
-    return np.unique(np.argmin(np.abs(times[None, :] - ev[:, None]), axis=1)).astype(np.int64)
+        return out
+    half = np.median(np.diff(times)) / 2
+    sign = 1.0 if largest else -1.0
+    for i, e in enumerate(events):
+        if not times[0] - half <= e <= times[-1] + half:
+            continue
+        j = int(np.searchsorted(times, e))
+        pair = np.unique(np.clip([j - 1, j], 0, len(times) - 1))
+        v = sign * volume[pair]
+        best = pair[v >= v.max() - tie]
+        out[i] = best[np.argmin(np.abs(times[best] - e))]
+    return out
+
+
+def _ed_es(times: np.ndarray, beats: BeatEvents, volume: np.ndarray, edv: float, esv: float) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None]:
+    """ED and ES frames of the clip's sinus beats, and the (ED, ES) pair of the first beat
+    that has both, for the clip's EF. Judged on the heart model's volume: the mask's area
+    follows it, without the mask's pixel steps."""
+    sinus = beats.kind == 0
+    tie = TIE_SV * (edv - esv)
+    ed = _event_frames(times, beats.r[sinus], volume, True, tie)
+    es = _event_frames(times, beats.t_end[sinus], volume, False, tie)
+    # Below ~2 frames per beat one frame can be next to one beat's T end and the next
+    # beat's R: it is ED or ES by what it shows, never both.
+    both = np.intersect1d(ed[ed >= 0], es[es >= 0])
+    full = volume >= 0.5 * (edv + esv)
+    ed[np.isin(ed, both) & ~full[ed]] = -1
+    es[np.isin(es, both) & full[es]] = -1
+    paired = np.flatnonzero((ed >= 0) & (es > ed))
+    pair = (int(ed[paired[0]]), int(es[paired[0]])) if len(paired) else None
+    return np.unique(ed[ed >= 0]), np.unique(es[es >= 0]), pair
+
+
+def _check_clip(frames: int, fps: float | None, ecg_seconds: float, pvc_rate: float) -> None:
+    """Clear errors for arguments that would otherwise fail deep in NumPy or pass silently."""
+    if int(frames) != frames or frames < 2:
+        raise ValueError(f"frames must be a whole number, at least 2, got {frames}")
+    if fps is None and frames < 3:
+        raise ValueError("beat-locked clips need frames >= 3")
+    if fps is not None and not (np.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive finite number, got {fps}")
+    if not np.isfinite(ecg_seconds):
+        raise ValueError(f"ecg_seconds must be finite, got {ecg_seconds}")
+    if not 0.0 <= pvc_rate <= 1.0:
+        raise ValueError(f"pvc_rate must be within 0..1, got {pvc_rate}")
 
 
 def simulate_pair(
@@ -83,20 +131,18 @@ def simulate_pair(
     Keys: video (uint8 T×H×W), video_t (s), ecg (float32 leads×n, mV), ecg_fs, r_peaks (s),
     p_on, t_end (s, per beat inside the recording), beat_kind (0 sinus, 1 PVC), lv_mask
     (bool T×H×W), lv_volume (ml per frame, method of discs from the mask), lv_volume_true
-    (ml, heart model), lv_area (cm²), ef (subject EF, %), ef_mask (EF from the clip's ED and
-    ES masks), ed, es (int arrays: frames nearest each R / T end inside the clip), hr,
-    edv, esv, pixel_cm, beat (index into r_peaks of the clip's beat; −1 with fps), subject.
+    (ml, heart model), lv_area (cm²), ef (subject EF, %), ef_mask (EF from the ED and ES
+    masks of the clip's first sinus beat that has both; NaN if none), ed, es (int arrays:
+    for each sinus R / T end inside the clip, the frame next to it with the largest /
+    smallest LV, the nearer one on a tie: `_event_frames`), hr, edv, esv, pixel_cm, beat
+    (index into r_peaks of the clip's beat; −1 with fps), subject.
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size}")
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-    if frames < 2:
-        raise ValueError("frames must be at least 2")
-    if fps is None and frames < 3:
-        raise ValueError("beat-locked clips need frames >= 3")
-    if fps is not None and fps <= 0:
-        raise ValueError("fps must be positive")
+    _check_clip(frames, fps, ecg_seconds, pvc_rate)
+    frames = int(frames)
     subject = sample_subject(seed, ef=ef, hr=hr, view=view, noise=noise)
     rng = np.random.default_rng([int(seed), 0xDA7A])
     rr = 60.0 / subject.hr
@@ -130,9 +176,8 @@ def simulate_pair(
     video, masks = renderer.render(volume_true, heart.mitral_open(times), rng=noise_rng)
     lv_volume = disc_volumes(masks, renderer.pixel_cm)
     inside = rec.inside
-    ed = _nearest_frames(times, beats.r[beats.kind == 0])
-    es = _nearest_frames(times, beats.t_end[beats.kind == 0])
-    ef_mask = ejection_fraction(lv_volume[ed[0]], lv_volume[es[0]]) if len(ed) and len(es) else float("nan")
+    ed, es, pair = _ed_es(times, beats, volume_true, subject.edv, subject.esv)
+    ef_mask = ejection_fraction(lv_volume[pair[0]], lv_volume[pair[1]]) if pair else float("nan")
     return {
         "video": video,
         "video_t": times,

@@ -90,6 +90,8 @@ def sample_subject(seed: int, ef: float | None = None, hr: float | None = None, 
         raise ValueError(f"ef must be within {EF_MIN:g}..{EF_MAX:g} %, got {ef}")
     if hr is not None and not HR_MIN <= hr <= HR_MAX:
         raise ValueError(f"hr must be within {HR_MIN:g}..{HR_MAX:g} bpm, got {hr}")
+    if not (np.isfinite(noise) and noise >= 0):  # a negative scale would flip noise levels' signs
+        raise ValueError(f"noise must be 0 or more, got {noise}")
     rng = np.random.default_rng([int(seed), 0x5EC0])
     ef_v = float(ef) if ef is not None else _draw_ef(rng)
     sick = float(sickness(ef_v))

@@ -154,7 +154,7 @@ def _write_samples(args: argparse.Namespace, out: Path, pairs: Any, entries: lis
         np.savez_compressed(partial, **{k: np.asarray(sample[k]) for k in NPZ_KEYS})
         os.replace(partial, out / name)
         entries.append({
-            "seed": seed, "file": name, "ef": sample["ef"], "ef_mask": sample["ef_mask"], "hr": sample["hr"],
+            "seed": seed, "file": name, "ef": sample["ef"], "ef_mask": _json_number(sample["ef_mask"]), "hr": sample["hr"],
             "edv": sample["edv"], "esv": sample["esv"], "view": args.view, "size": args.size,
             "frames": int(sample["video"].shape[0]), "ed": sample["ed"].tolist(), "es": sample["es"].tolist(),
             "subject": sample["subject"],
@@ -162,6 +162,11 @@ def _write_samples(args: argparse.Namespace, out: Path, pairs: Any, entries: lis
         if first is None:
             first = sample
     return first
+
+
+def _json_number(x: float) -> float | None:
+    """NaN (a clip with no ED/ES pair) as null: JSON has no NaN, and strict readers refuse it."""
+    return float(x) if np.isfinite(x) else None
 
 
 # -- preview --------------------------------------------------------------------------------
