@@ -199,7 +199,7 @@ def hr_tracking(gen: Generator, segmenter: LvSegmenter, seed: int, beats_each: i
             window, valid = beat_window(sample["ecg"], sample["ecg_fs"], float(r[k]), gen.preset.ecg, available_until=float(r[k + 1]) + STREAM_DELAY_S)
             frames, times = gen.generate_beat(window, valid, t_offset, rr, seed=seed + k)
             vol = disc_volumes(segmenter.masks(frames), float(sample["pixel_cm"]))
-            eds.append(float(times[int(np.argmax(vol))]))
+            eds.append(cycle_ed_time(times, vol, t_offset, rr))
             rrs.append(rr)
             t_offset += rr
     periods, ok = ed_periods_within_one_frame(np.asarray(eds), np.asarray(rrs), f)
@@ -211,6 +211,16 @@ def hr_tracking(gen: Generator, segmenter: LvSegmenter, seed: int, beats_each: i
         "beats_to_follow_after_switch": beats_to_follow,
         "follows_within_one_beat": bool(following.any() and beats_to_follow <= 1 and following[beats_to_follow:].all()),
     }
+
+
+def cycle_ed_time(times: np.ndarray, volumes: np.ndarray, r: float, rr: float) -> float:
+    """When a generated beat (R at `r`) shows its largest LV, dated across the beat's edge
+    as `frame_distance` counts frames: a largest LV in the beat's second half is the next
+    cycle's ED come early (the last frame sits one frame before the next R), dated that far
+    before this beat's R. Read as this beat's ED, it made two periods a frame off by a
+    whole beat each, and a heart that follows the ECG a missed cycle."""
+    t = float(times[int(np.argmax(volumes))])
+    return t - rr if t - r > rr / 2 else t
 
 
 def ed_periods_within_one_frame(ed_times: np.ndarray, rrs: np.ndarray, frames: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from echopulse.core.config import EcgEncoderConfig, Preset, TokenizerConfig, TransformerConfig
-from echopulse.core.evaluate_generator import _ef, _regression, ed_periods_within_one_frame, evaluate_generator, subject_figure
+from echopulse.core.evaluate_generator import (_ef, _regression, cycle_ed_time, ed_periods_within_one_frame, evaluate_generator,
+                                              subject_figure)
 from echopulse.core.generator import Generator
 from echopulse.core.lv_segmenter import LvSegmenter, dice
 
@@ -65,6 +66,21 @@ def test_ed_periods_allow_one_frame_of_either_beat() -> None:
     assert ok.tolist() == [True, True, True, True]
     late = starts + np.array([0, 2, 1, 1, 0]) * rrs / frames  # two frames late in beat 1: a missed step
     assert ed_periods_within_one_frame(late, rrs, frames)[1].tolist() == [False, False, True, True]
+
+
+def test_an_ed_on_the_last_frame_is_the_next_cycle_come_a_frame_early() -> None:
+    """A heart that follows the ECG but shows its largest LV on a 120-bpm beat's last frame,
+    one frame before the next R: once two periods a whole beat off, a missed cycle."""
+    frames, rrs = 10, np.array([1.0, 1.0, 0.5, 0.5, 0.5])
+    starts = np.concatenate([[0.0], np.cumsum(rrs[:-1])])
+    ed_frame = [1, 1, 1, 10, 1]  # frames 1..10 at R + (i - 1) rr / 10
+    curves = [np.eye(frames)[f - 1] for f in ed_frame]
+    eds = [cycle_ed_time(r + np.arange(frames) * rr / frames, v, r, rr) for r, rr, v in zip(starts, rrs, curves)]
+    assert eds[3] == pytest.approx(starts[3] - 0.05)  # a frame before its own R, not nine after
+    assert ed_periods_within_one_frame(np.array(eds), rrs, frames)[1].all()
+    # a largest LV mid-beat is still a missed step
+    mid = cycle_ed_time(starts[3] + np.arange(frames) * 0.05, np.eye(frames)[4], starts[3], 0.5)
+    assert not ed_periods_within_one_frame(np.array([*eds[:3], mid, eds[4]]), rrs, frames)[1].all()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
