@@ -45,3 +45,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def resident_requests(res, count: int, seed: int = 0, priming: str = "loop") -> list:
+    """BeatRequests for a ResidentGenerator. Row 0 has a whole ECG window, later rows lose
+    its end: one row alone runs the "dense" key layout when loop-primed, several the
+    "masked" one; image priming "no_ref"."""
+    import numpy as np
+
+    from echopulse.core.resident import BeatRequest
+
+    rng = np.random.default_rng(seed)
+    size, n = res.preset.tokenizer.image_size, res.preset.ecg.window_samples
+    out = []
+    for i in range(count):
+        loop = rng.integers(0, 256, (res.preset.tokenizer.frames, size, size), dtype=np.uint8)
+        state = res.prime_loop(loop, seed=i) if priming == "loop" else res.prime_image(loop[-1], seed=i)
+        valid = np.arange(n) < n - 37 * i
+        out.append(BeatRequest(state, rng.standard_normal((1, n)).astype(np.float32), valid, 0.8 + 0.05 * i, 0.0, seed=1000 + i))
+    return out

@@ -429,19 +429,24 @@ class StuckBackend(StubBackend):
         return super().render(state, beat)
 
 
+async def time_a_stop_once_stuck(engine: Engine, backend: StuckBackend) -> float:
+    """Run the engine until the backend is stuck, stop it, and time how long the stop took."""
+    run = asyncio.create_task(engine.run())
+    assert await asyncio.to_thread(backend.entered.wait, 10.0)
+    t0 = time.monotonic()
+    engine.stop()
+    await asyncio.wait_for(run, timeout=10.0)
+    return time.monotonic() - t0
+
+
 @pytest.mark.parametrize("stuck_in", ["render", "warm_up"])
 async def test_stop_waits_for_a_stuck_backend_at_most_stop_timeout(tmp_path, stuck_in):
     backend = StuckBackend(stuck_in)
     with Publisher("tcp://127.0.0.1:0") as pub:
         engine = Engine([ListSource(chunks("s", 4), hold=60.0)], backend, pub, tmp_path,
                         limits=EngineLimits(stop_timeout_s=0.5, beat_queue=64))
-        run = asyncio.create_task(engine.run())
         try:
-            assert await asyncio.to_thread(backend.entered.wait, 10.0)
-            t0 = time.monotonic()
-            engine.stop()
-            await asyncio.wait_for(run, timeout=10.0)
-            waited = time.monotonic() - t0  # once: until the backend returned (render), or never (warm-up)
+            waited = await time_a_stop_once_stuck(engine, backend)  # once: until the render returned, or never (warm-up)
             # and the process would not exit: the thread left behind must not be joined at exit
             left = [t for t in threading.enumerate() if t.name.startswith("echopulse-render")]
         finally:
@@ -481,13 +486,8 @@ async def test_a_stop_takes_at_most_stop_timeout_in_all(tmp_path):
     with Publisher("tcp://127.0.0.1:0") as pub:
         engine = Engine([HangsOnClose(chunks("a", 4), release), HangsOnClose([], release)], backend, pub, None,
                         limits=EngineLimits(stop_timeout_s=0.5, beat_queue=64))
-        run = asyncio.create_task(engine.run())
         try:
-            assert await asyncio.to_thread(backend.entered.wait, 10.0)
-            t0 = time.monotonic()
-            engine.stop()
-            await asyncio.wait_for(run, timeout=10.0)
-            waited = time.monotonic() - t0
+            waited = await time_a_stop_once_stuck(engine, backend)
         finally:
             release.set()
             backend.release.set()

@@ -20,7 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,7 +29,7 @@ from echopulse.core.generator import Generator
 from echopulse.core.resident import BeatRequest, ResidentGenerator, precision_report
 from echopulse.kernels import cupy_kernels
 
-from _generator_fixtures import small_preset
+from _generator_fixtures import resident_requests, small_preset
 from test_cuda_source_on_host import CXX, HostKernels, build_host_library
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,16 +52,7 @@ def _cupy_path(gen: Generator, kernels: HostKernels) -> ResidentGenerator:
 
 
 def _requests(res: ResidentGenerator, count: int, seed: int = 0, priming: str = "loop") -> list[BeatRequest]:
-    """As tests/test_gpu_graph.py makes them: later rows lose the end of their ECG window."""
-    rng = np.random.default_rng(seed)
-    size, n = res.preset.tokenizer.image_size, res.preset.ecg.window_samples
-    out = []
-    for i in range(count):
-        loop = rng.integers(0, 256, (res.preset.tokenizer.frames, size, size), dtype=np.uint8)
-        state = res.prime_loop(loop, seed=i) if priming == "loop" else res.prime_image(loop[-1], seed=i)
-        valid = np.arange(n) < n - 37 * i
-        out.append(BeatRequest(state, rng.standard_normal((1, n)).astype(np.float32), valid, 0.8 + 0.05 * i, 0.0, seed=1000 + i))
-    return out
+    return resident_requests(res, count, seed, priming)
 
 
 @pytest.mark.parametrize("count,priming", [(1, "loop"), (3, "loop"), (2, "image")])  # dense, masked, no_ref
