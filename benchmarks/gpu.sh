@@ -14,10 +14,12 @@
 #      keeps what it measured.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]        # default: $OUT if set, else benchmarks/results
+#                                            # (a relative OUT_DIR or $OUT: from where it is called)
 #   QUICK=1 bash benchmarks/gpu.sh          # CI-sized repeats and load tests (about 2 minutes less)
 #   ECHOPULSE_COMMIT=abc1234 bash ...        # the commit the JSON names, for a copy of the tree without .git
 #   BUDGET_S=570 (default)                   # seconds for the whole script: keep it under the command's own limit
 #                                            # (the device tool's timeout_s); TEST_TIMEOUT / BENCH_TIMEOUT cap steps 4 / 5
+#                                            # (all three whole seconds, else it stops at once)
 # Exit status: 0 all passed and measured; 1 a test or the benchmark failed (results still
 # written), or torch cannot use the GPU, or the project cannot be imported; 2 no GPU here.
 set -uo pipefail
@@ -26,15 +28,20 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)" || exit 1
 cd "$ROOT" || exit 1
 
 PY="${PYTHON:-python3}"
-if [ -n "${1:-}" ]; then
-    OUT_DIR="$1"
-    case "$OUT_DIR" in /*) ;; *) OUT_DIR="$START_DIR/$OUT_DIR" ;; esac  # relative to where it was called from
+# the time limits are bash arithmetic: anything but whole seconds would end every step at once
+BUDGET_S="${BUDGET_S:-570}"
+for limit in BUDGET_S TEST_TIMEOUT BENCH_TIMEOUT; do
+    value="${!limit:-1}"
+    [[ "$value" =~ ^[1-9][0-9]*$ ]] || { echo "gpu.sh: $limit must be a whole number of seconds, got '$value'"; exit 1; }
+done
+OUT_DIR="${1:-${OUT:-}}"
+if [ -z "$OUT_DIR" ]; then
+    OUT_DIR="benchmarks/results"
 else
-    OUT_DIR="${OUT:-benchmarks/results}"
+    case "$OUT_DIR" in /*) ;; *) OUT_DIR="$START_DIR/$OUT_DIR" ;; esac  # argument or $OUT: relative to where it was called from
 fi
 mkdir -p "$OUT_DIR" || { echo "gpu.sh: cannot create $OUT_DIR"; exit 1; }
 export PYTHONUNBUFFERED=1
-BUDGET_S="${BUDGET_S:-570}"
 STATUS=0
 log() { echo "[gpu.sh $(date -u +%H:%M:%S)] $*"; }
 have() { "$PY" -c "import $1" >/dev/null 2>&1; }

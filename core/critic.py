@@ -40,6 +40,16 @@ class CriticBatch(NamedTuple):
     ref_valid: Tensor  # (B,) whether the sampler had the reference loop
 
 
+def decoding_point(cfg: TransformerConfig, rows: int, generator: torch.Generator | None,
+                   device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """A random point of the decoding schedule per row: progress u (rows, 1) and its
+    temperature. Step s of `make_schedule` starts with cos(π/2·s/steps) of the tokens hidden
+    (`mask_for_training` at u = s/steps) and samples at τ·(1 − s/steps), so u stays within
+    [0, (steps−1)/steps]: beyond the last step no decoding state hides so few tokens."""
+    u = torch.rand(rows, 1, generator=generator, device=device) * ((cfg.steps - 1) / cfg.steps)
+    return u, cfg.temperature * (1.0 - u)
+
+
 def critic_batch(
     transformer: MaskedTransformer,
     ids: Tensor,
@@ -60,7 +70,7 @@ def critic_batch(
     cfg = transformer.cfg
     b, dev = ids.shape[0], ids.device
     with torch.no_grad():
-        progress = torch.rand(b, 1, generator=generator, device=dev)
+        progress, temperature = decoding_point(cfg, b, generator, dev)
         target = transformer.mask_for_training(ids, generator, progress=progress)
         hidden = hide_ecg_spans(ecg.time, ecg.valid, cfg.ecg_mask_prob, cfg.ecg_mask_max, generator)
         keep_ref = torch.rand(b, generator=generator, device=dev) >= cfg.ref_drop_prob
@@ -70,8 +80,6 @@ def critic_batch(
         context2 = transformer.guidance_context(seen, rr, ref_ids, ref_seen)
         scale = torch.tensor(float(cfg.cfg_scale), device=dev)
         logits = transformer.forward_with_cond_scale(input_ids, context2, scale).float()
-        # the schedule anneals τ linearly from the first step (progress 0) to τ/steps at the last
-        temperature = cfg.temperature * (1.0 - progress * (1.0 - 1.0 / cfg.steps))
         sampled = (logits + temperature[..., None] * gumbel_noise(logits, generator)).argmax(-1)
     filled = torch.where(target, sampled, ids)
     return CriticBatch(filled, target, (filled == ids).float(), seen, ref_seen)

@@ -16,7 +16,8 @@ Measures (`lv_segmenter.LvSegmenter` segments generated and true frames alike):
   the floor under one-frame priming: the exact posterior-median EF given what an ED frame
   and the ECG show (`simulate.ef_posterior`), scored alike, and as if rendered with the
   round trip's measurement errors;
-- ED (largest volume) and ES (smallest) frame against the frames nearest R and T end,
+- ED (largest volume) and ES (smallest) frame against the simulator's labels (of the two
+  frames next to R / T end, the one with the largest / smallest LV: `simulate.paired`),
   counted across the beat's edge (`frame_distance`: frame F is one frame before the next R);
 - HR tracking: beats generated in sequence while the ECG rate jumps from 60 to 120 bpm;
   per beat, the interval between consecutive generated ED frames against the ECG's RR;

@@ -259,10 +259,11 @@ class ResidentGenerator:
 
     def set_sampling(self, temperature: float, confidence_noise: float, cfg_scale: float) -> None:
         """New sampling settings, written in place into the schedule tensors, so captured
-        graphs replay with them (the step count and the masking counts are shapes: fixed)."""
+        graphs replay with them (the step count and the masking counts are shapes: fixed).
+        Waits for a batch in flight, so no beat mixes two settings."""
         model = self.transformer
         new = make_schedule(self.steps, model.num_tokens - model.prime_tokens, temperature, confidence_noise, cfg_scale)
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             self.schedule.temperature.copy_(new.temperature)
             self.schedule.noise.copy_(new.noise)
             self.schedule.cond_scale.copy_(new.cond_scale)
@@ -485,11 +486,13 @@ class ResidentGenerator:
 
     def drop_graphs(self) -> None:
         """Forget every captured graph, so their memory pools can return to the allocator;
-        the next beat of each (batch, leads, layout) captures again."""
-        if self.graphs is not None:
-            from ..kernels.cuda_graph import GraphCache
+        the next beat of each (batch, leads, layout) captures again. Waits for a batch in
+        flight: its graph's pool holds that beat's tensors."""
+        with self._lock:
+            if self.graphs is not None:
+                from ..kernels.cuda_graph import GraphCache
 
-            self.graphs = GraphCache(self._capturable)
+                self.graphs = GraphCache(self._capturable)
 
     @torch.inference_mode()
     def warm_up(

@@ -8,7 +8,8 @@ The candidate's JSON files are `echopulse evaluate tokenizer` / `evaluate genera
 reports on the held-out seeds of the shipped figures; the shipped ones default to
 `benchmarks/results/tokenizer-eval-tiny.json` and `docs/generator-eval-tiny.json`.
 
-Both candidates must be scored on the shipped figures' seeds (same clips, same subjects).
+Both candidates must be scored on the shipped figures' seeds (same clips, same subjects),
+the generator with the same leads and segmenter.
 The rules: the tokenizer must be better in SSIM and no worse in MSE (a new encoder changes
 every token, which is only worth a better tokenizer). The generator must keep the issue's
 targets in both primings (SSIM >= 0.60, ED and ES within one frame on >= 90 % of beats)
@@ -66,6 +67,11 @@ def _clips(report: dict) -> tuple[float, float, str]:
     return _get(report, "seed"), _get(report, "clips"), str(report.get("data", "simulator"))
 
 
+def _measurement(report: dict) -> tuple[int, str]:
+    """How a generator report measured: the ECG leads given and the segmenter that read the EF."""
+    return int(report.get("leads", 1)), str(report.get("segmenter", "shipped"))
+
+
 def tokenizer_checks(candidate: dict, shipped: dict) -> list[Check]:
     ssim, mse = _get(candidate, "ssim"), _get(candidate, "mse")
     ssim0, mse0 = _get(shipped, "ssim"), _get(shipped, "mse")
@@ -81,8 +87,12 @@ def tokenizer_checks(candidate: dict, shipped: dict) -> list[Check]:
 
 def generator_checks(candidate: dict, shipped: dict) -> list[Check]:
     seeds, seeds0 = _subject_seeds(candidate), _subject_seeds(shipped)
+    (leads, segmenter), (leads0, segmenter0) = _measurement(candidate), _measurement(shipped)
     checks = [Check("generator: the shipped subjects", float(len(seeds)), float(len(seeds0)), "same seeds as shipped",
-                    seeds == seeds0)]
+                    seeds == seeds0),
+              # another segmenter is another ruler for EF, other leads another input
+              Check("generator: the shipped measurement", float(leads), float(leads0),
+                    f"same leads and segmenter ({segmenter0}) as shipped", (leads, segmenter) == (leads0, segmenter0))]
     for mode, words in MODES.items():
         base = f"summary/{mode}"
         ssim = _get(candidate, f"{base}/ssim")

@@ -142,7 +142,8 @@ def _tool(folder: Path, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def _dry_run(tmp_path: Path, nvidia_smi: str) -> tuple[subprocess.CompletedProcess, str]:
+def _dry_run(tmp_path: Path, nvidia_smi: str, args: tuple[str, ...] = ("gpu-out",),
+             **env_vars: str) -> tuple[subprocess.CompletedProcess, str]:
     """gpu.sh with a stand-in nvidia-smi and a python that records its calls and refuses pip
     (so no run of this test can install anything); returns the run and the calls."""
     tools = tmp_path / "bin"
@@ -152,9 +153,11 @@ def _dry_run(tmp_path: Path, nvidia_smi: str) -> tuple[subprocess.CompletedProce
     _tool(tools, "python-spy", f'echo "$*" >> "{calls}"\n'
           f'[ "$1 $2" = "-m pip" ] && exit 1\nexec "{sys.executable}" "$@"\n')
     env = {**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(tools / "python-spy")}
-    env.pop("OUT", None)
+    for name in ("OUT", "BUDGET_S", "TEST_TIMEOUT", "BENCH_TIMEOUT"):
+        env.pop(name, None)
+    env.update(env_vars)
     # OUT_DIR given relative: to where the script is called from, not to the repo it moves to
-    proc = subprocess.run(["bash", str(GPU_SH), "gpu-out"], capture_output=True, text=True, timeout=120, env=env,
+    proc = subprocess.run(["bash", str(GPU_SH), *args], capture_output=True, text=True, timeout=120, env=env,
                           cwd=tmp_path)
     return proc, calls.read_text() if calls.exists() else ""
 
@@ -165,6 +168,31 @@ def test_gpu_sh_without_a_gpu_stops_with_a_clear_message(tmp_path: Path) -> None
     assert "no NVIDIA GPU visible" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
     assert (tmp_path / "gpu-out").is_dir() and not (ROOT / "gpu-out").exists()
+
+
+def test_gpu_sh_takes_a_relative_out_from_where_it_is_called_too(tmp_path: Path) -> None:
+    """$OUT, like the argument, names a folder relative to the caller's directory; it was
+    taken relative to the repository the script moves to (a stray folder in the tree)."""
+    name = f"gpu-out-env-{os.getpid()}"
+    try:
+        proc, _ = _dry_run(tmp_path, "exit 9\n", args=(), OUT=name)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert (tmp_path / name).is_dir() and not (ROOT / name).exists()
+    finally:
+        if (ROOT / name).is_dir():
+            (ROOT / name).rmdir()
+
+
+@pytest.mark.parametrize("limit", ["BUDGET_S", "TEST_TIMEOUT", "BENCH_TIMEOUT"])
+@pytest.mark.parametrize("value", ["9m", "570.5", "0", "-5"])
+def test_gpu_sh_refuses_time_limits_that_are_not_whole_seconds(tmp_path: Path, limit: str, value: str) -> None:
+    """The budget is bash arithmetic: '9m' gave every step an empty limit (`timeout ''`
+    fails at once, so no test and no benchmark ran), '0' a one-second one. Refused first,
+    before any install."""
+    proc, calls = _dry_run(tmp_path, 'echo "GPU 0: NVIDIA Stand-in (UUID: GPU-0)"\n', **{limit: value})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"{limit} must be a whole number of seconds" in proc.stdout
+    assert calls == "", calls
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot use a GPU")

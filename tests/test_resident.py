@@ -326,3 +326,24 @@ def test_priming_waits_for_a_batch_in_flight(call: str) -> None:
         worker.start()
         assert not started.wait(0.3)  # no model or buffer touched meanwhile
     assert done.wait(30.0) and started.is_set()
+
+
+@pytest.mark.parametrize("call", ["set_sampling", "drop_graphs"])
+def test_changing_the_schedule_or_graphs_waits_for_a_batch_in_flight(call: str) -> None:
+    """The schedule tensors are read by every step of a beat (a captured graph reads them by
+    address) and the graphs' memory pools hold a beat's tensors: a thread changing them
+    took no lock, so a beat in flight could mix two settings or lose its graph's pool."""
+    import threading
+
+    res = ResidentGenerator(Generator.untrained("tiny", device="cpu", seed=1))
+    res.graphs = sentinel = object()  # stands in for a GraphCache (CPU: none)
+    temperature = res.schedule.temperature.clone()
+    calls = {"set_sampling": lambda: res.set_sampling(0.1, 0.0, 1.0), "drop_graphs": res.drop_graphs}
+    done = threading.Event()
+    with res._lock:  # a batch in flight
+        worker = threading.Thread(target=lambda: (calls[call](), done.set()), daemon=True)
+        worker.start()
+        assert not done.wait(0.3)
+        assert torch.equal(res.schedule.temperature, temperature) and res.graphs is sentinel
+    assert done.wait(30.0)
+    assert not torch.equal(res.schedule.temperature, temperature) if call == "set_sampling" else res.graphs is not sentinel

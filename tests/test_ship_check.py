@@ -86,3 +86,16 @@ def test_figures_from_other_subjects_are_not_compared(shipped, change, failed):
     change(tok, gen)
     result = ship_check.verdict(tok, gen, *shipped)
     assert not result["ship"] and result["failed"] == [failed]
+
+
+@pytest.mark.parametrize("change", [
+    # EF measured by another segmenter (README: `evaluate generator --segmenter runs/seg`), or
+    # the generator given other leads: figures of another ruler or another input
+    lambda g: g.update(segmenter="runs/seg"),
+    lambda g: g.update(leads=3),
+])
+def test_figures_measured_another_way_are_not_compared(shipped, change):
+    tok, gen = better(shipped)
+    change(gen)
+    result = ship_check.verdict(tok, gen, *shipped)
+    assert not result["ship"] and result["failed"] == ["generator: the shipped measurement"]
