@@ -140,11 +140,15 @@ def test_statuses_go_to_jsonl(tmp_path):
     assert not (tmp_path / "segments.jsonl").exists()
 
 
-def test_policy_rejects_nonsense():
+def test_policy_rejects_nonsense(tmp_path):
     with pytest.raises(ValueError):
         RotatePolicy(rotate_s=0)
     with pytest.raises(ValueError):
         RotatePolicy(rotate_frames=0)
+    with pytest.raises(ValueError):
+        Recorder(tmp_path, mp4_queue_frames=0)
+    with pytest.raises(ValueError):
+        Recorder(tmp_path, mp4_timeout_s=0)
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -152,6 +156,8 @@ def test_policy_rejects_nonsense():
     (["record", "tcp://127.0.0.1:5556", "--out", "{tmp}/r", "--rotate-frames", "0"], "rotate-frames must be 1 or more"),
     (["record", "nonsense", "--out", "{tmp}/r"], "cannot connect"),
     (["record", "tcp://127.0.0.1:5556", "--out", "{tmp}/file.txt/r"], "--out"),
+    (["record", "tcp://127.0.0.1:5556", "--out", "{tmp}/r", "--mp4-queue", "0"], "mp4-queue must be 1 or more"),
+    (["record", "tcp://127.0.0.1:5556", "--out", "{tmp}/r", "--mp4-timeout", "0"], "mp4-timeout must be between"),
 ])
 def test_record_bad_arguments_are_one_line_exit_2(argv, words, tmp_path, capsys):
     from echopulse.stream.cli import main
@@ -200,11 +206,11 @@ def test_a_segment_that_cannot_be_written_does_not_lose_the_others(tmp_path, mon
         rec.add(frame_msg(device, 0))
     real_close = record.Segment.close
 
-    def close(self, reason):
+    def close(self):
         if self.device == "b":
-            self._writer.close()        # no ffmpeg left behind
+            self.video.done.wait(10)    # no ffmpeg left behind
             raise OSError("disk full")
-        return real_close(self, reason)
+        return real_close(self)
 
     monkeypatch.setattr(record.Segment, "close", close)
     rec.close()                         # once: the OSError ended close() and "c" was never written
@@ -214,3 +220,13 @@ def test_a_segment_that_cannot_be_written_does_not_lose_the_others(tmp_path, mon
     rec.add(frame_msg("b", 1))          # and recording goes on
     rec.close()
     assert [s["device"] for s in _segments(tmp_path)] == ["a", "c", "b"]
+
+
+def test_record_help_states_the_recorders_mp4_defaults(capsys):
+    from echopulse.stream import record
+    from echopulse.stream.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["record", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert f"(default {record.MP4_QUEUE_FRAMES})" in text and f"(default {record.MP4_TIMEOUT_S:g})" in text

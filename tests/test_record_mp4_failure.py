@@ -42,6 +42,7 @@ def test_npz_is_written_when_the_mp4_writer_cannot_start_and_later_segments_retr
     rec = Recorder(tmp_path, RotatePolicy(rotate_frames=4))
     with caplog.at_level(logging.WARNING, logger="echopulse.stream.record"):
         sent = _record(rec, ("a", "b"), range(4))   # once: the RuntimeError left add() and the recorder stopped
+        rec.close()                                 # the segments closed on frames; their NPZs wait for the MP4s
     assert rec.mp4_failed == 2 and rec.failed == 0 and not rec.open
     for line in _lines(tmp_path):
         meta, seq, frames = _npz(tmp_path, line)
@@ -54,6 +55,7 @@ def test_npz_is_written_when_the_mp4_writer_cannot_start_and_later_segments_retr
     assert sum("MP4" in r.getMessage() and "No ffmpeg exe" in r.getMessage() for r in caplog.records) == 2
     monkeypatch.undo()                              # ffmpeg is back: the next segment has its MP4
     _record(rec, ("a",), range(4, 8))
+    rec.close()
     last = _lines(tmp_path)[-1]
     assert last["mp4_error"] is None and last["mp4_frames"] == 4
     assert len(read_mp4_gray(tmp_path / "a" / last["mp4"], (24, 30))) == 4
@@ -125,6 +127,7 @@ def test_unwritable_index_files_are_counted_not_fatal(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="echopulse.stream.record"):
         rec.add(StatusMessage("status/a", status))  # once: IsADirectoryError out of add()
         _record(rec, ("a",), range(4))
+        rec.close()
     assert rec.lines_failed == 3 and rec.failed == 0
     assert [line["seq"] for line in rec.closed] == [[0, 1], [2, 3]]
     for line in rec.closed:                         # the NPZs are there all the same
@@ -155,5 +158,6 @@ def test_index_lines_kept_in_memory_are_bounded_on_long_runs(tmp_path, monkeypat
     monkeypatch.setattr(record, "CLOSED_KEPT", 3)
     rec = Recorder(tmp_path, RotatePolicy(rotate_frames=1))
     _record(rec, ("a",), range(10))
+    rec.close()
     assert rec.segments == 10 and len(_lines(tmp_path)) == 10
     assert [line["seq"][0] for line in rec.closed] == [7, 8, 9]  # once: every line ever, for good

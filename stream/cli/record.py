@@ -1,7 +1,7 @@
 """`echopulse record`: record a running engine's frames to rotating per-device MP4 + NPZ files.
 
     echopulse record ENDPOINT --out DIR [--rotate-s 600] [--rotate-frames 3000]
-                     [--topic PREFIX] [--fps F] [--duration S]
+                     [--topic PREFIX] [--fps F] [--duration S] [--mp4-queue 120] [--mp4-timeout 10]
 
 Writes DIR/<device>/<device>_<UTC start>_<n>.mp4 and .npz per segment, DIR/segments.jsonl
 (one line per closed segment) and DIR/statuses.jsonl. A segment closes after --rotate-s
@@ -11,6 +11,13 @@ the recorder outlives engine restarts. The MP4 plays at the beat's frame rate
 (frames / RR) unless --fps is given; the NPZ's `t` is the frames' true ECG time. When
 the MP4 cannot be written (ffmpeg missing or failing) the NPZ is written all the same,
 its `meta` saying why; the summary line at exit counts such segments.
+
+Each segment's MP4 is encoded on its own thread, so a slow or hung ffmpeg never holds up
+receiving. When the encoder falls --mp4-queue frames behind, frames are left out of the
+MP4 (never the NPZ), counted in its `mp4_skipped` and logged. A closed segment's MP4 has
+--mp4-timeout seconds to finish; an ffmpeg still busy then is abandoned (killed, the MP4
+marked incomplete in `mp4_error`), so SIGINT/SIGTERM exits within that bound plus the
+time to write the NPZs.
 """
 from __future__ import annotations
 
@@ -44,6 +51,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="MP4 frame rate (default: each segment's first beat's frames / RR)")
     p.add_argument("--duration", type=ranged(float, 0.001, 1e9, "duration"), default=None,
                    help="stop after S seconds (default: until SIGINT/SIGTERM)")
+    # Defaults stay the recorder's (record.MP4_QUEUE_FRAMES, MP4_TIMEOUT_S): importing it here would load numpy
+    # for every command's registration.
+    p.add_argument("--mp4-queue", type=positive_int("mp4-queue"), default=None,
+                   help="frames a segment's MP4 encoder may fall behind before frames are left out of the MP4 "
+                        "(never the NPZ) (default 120)")
+    p.add_argument("--mp4-timeout", type=ranged(float, 0.1, 3600.0, "mp4-timeout"), default=None,
+                   help="seconds a closed segment's MP4 may take to finish before its ffmpeg is abandoned "
+                        "(default 10)")
     p.set_defaults(handler=handle)
 
 
@@ -63,7 +78,9 @@ def handle(args: argparse.Namespace) -> int:
     stopping: list[int] = []
     previous = {sig: signal.signal(sig, lambda number, frame: stopping.append(number))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
-    recorder = Recorder(out, RotatePolicy(args.rotate_s, args.rotate_frames), fps=args.fps)
+    mp4 = {key: value for key, value in (("mp4_queue_frames", args.mp4_queue), ("mp4_timeout_s", args.mp4_timeout))
+           if value is not None}
+    recorder = Recorder(out, RotatePolicy(args.rotate_s, args.rotate_frames), fps=args.fps, **mp4)
     deadline = None if args.duration is None else time.monotonic() + args.duration
     log.warning("recording %s into %s", args.endpoint, out)
     try:
@@ -85,5 +102,7 @@ def handle(args: argparse.Namespace) -> int:
 def _problems(recorder: Recorder) -> str:
     """The end of the summary line: what could not be written, if anything."""
     counts = ((recorder.failed, "segment(s) failed to write"), (recorder.mp4_failed, "segment(s) without a whole MP4"),
+              (recorder.mp4_abandoned, "MP4 writer(s) abandoned (ffmpeg did not finish in time)"),
+              (recorder.mp4_skipped, "frame(s) left out of the MP4s (in the NPZs)"),
               (recorder.lines_failed, "index line(s) not written"))
     return "".join(f", {n} {what}" for n, what in counts if n)
