@@ -37,8 +37,11 @@ import numpy as np
 
 from ..core.resident import BATCH_SIZES, BeatRequest, BeatResult, ResidentGenerator
 from .backends import BeatLike, LoopPrimedBackend, ReferenceLoops, device_seed, next_beat_seed
+from .engine import RenderThreads
 
 log = logging.getLogger(__name__)
+
+PRIME_THREADS = 2  # devices primed at once (each takes the batches' lock for its GPU work)
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class BeatBatcher:
         self._pending: list[Pending] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._busy = False  # a batch is running: what a close that runs out of time leaves behind
         self._thread = threading.Thread(target=self._loop, name="echopulse-batcher", daemon=True)
         self._thread.start()
 
@@ -132,7 +136,7 @@ class BeatBatcher:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout=timeout)
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self._busy:  # an idle dispatcher only needs a moment to see the close
             log.warning("a batch still running after %g s at close: left behind", timeout)
 
     def _loop(self) -> None:
@@ -153,6 +157,7 @@ class BeatBatcher:
                         break
                     self._cond.wait(timeout=due(self._pending, self.clock(), self.policy))
             self.batch_sizes.append(len(batch))
+            self._busy = True
             try:
                 results = self.run_batch([p.request for p in batch])
             except Exception as err:  # the batch fails as a whole; each caller sees why
@@ -160,6 +165,8 @@ class BeatBatcher:
                 for p in batch:
                     p.future.set_exception(err)
                 continue
+            finally:
+                self._busy = False
             for p, result in zip(batch, results):
                 p.future.set_result(result)
 
@@ -183,6 +190,9 @@ class BatchingBackend(LoopPrimedBackend):
         self.name = f"model:{resident.name}"
         self.ecg_config = resident.preset.ecg
         self.batcher = BeatBatcher(resident.generate, policy)
+        # Daemon threads for the primes: asyncio.to_thread's executor is joined when the
+        # event loop closes, so a prime stuck behind a wedged batch outlived the stop.
+        self._primer = RenderThreads(PRIME_THREADS, name="echopulse-prime")
 
     def new_state(self, device: str) -> Any:
         return {"seed": device_seed(device), "device": device, "state": None, "prime": None, "ref_version": None}
@@ -226,7 +236,7 @@ class BatchingBackend(LoopPrimedBackend):
         reload: the simulated heart or the loop file, a tokenizer encode, tens of ms, more at
         the paper size) is built on a worker thread, so the loop keeps reading sources."""
         if self._primes(state):
-            request = await asyncio.to_thread(self._request, state, beat)
+            request = await asyncio.get_running_loop().run_in_executor(self._primer, self._request, state, beat)
         else:
             request = self._request(state, beat)
         result: BeatResult = await asyncio.wrap_future(self._submit(state, request))
@@ -236,6 +246,7 @@ class BatchingBackend(LoopPrimedBackend):
         self.resident.warm_up(batch_sizes=self.warm_sizes)
 
     def close(self, timeout: float | None = None) -> None:
+        self._primer.shutdown(wait=False, cancel_futures=True)  # a prime in flight dies with the process
         self.batcher.close(10.0 if timeout is None else timeout)
 
 

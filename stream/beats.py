@@ -27,8 +27,9 @@ new detector with the next push, as they would have), so its thresholds are lear
 the beats the history completes come out at the switch, stamped and cut then. An R
 within the refractory period of one already found is the same complex seen on the other
 lead, not a new beat. The old lead's latest R (in no beat yet) is left for the new lead
-to confirm when the history covers it: a lead coming off often leaves a step its
-detector took for an R.
+to confirm when the history covers it with finite samples: a lead coming off often
+leaves a step its detector took for an R (over NaN the new lead could not confirm it,
+and the R stays).
 
 Time: sample i of the stream is at `t0 + i / fs`, t0 being the first chunk's; the
 segmenter treats chunks as contiguous. A caller that sees a gap or a change of rate
@@ -197,13 +198,14 @@ class BeatSegmenter:
         self._offset = start  # the new detector's sample 0 is the ring's oldest
         if end == start:
             return []
-        if self._last_r is not None and self._last_r - start >= self._detector.refractory:
+        history = self._ring.read(start, end)[self.detect_lead]
+        if self._last_r is not None and self._can_judge(history, self._last_r - start):
             # The old lead's latest R is in no beat yet and the history covers it: the new
             # lead says what it was (a lead coming off often leaves a step that looked
             # like an R), and the beats that follow are timed on one lead.
             self._last_r = None
         # emitted now: their windows may hold what the ring holds now, as a live beat's would
-        return self._detect(self._ring.read(start, end)[self.detect_lead], emitted_at=end - 1)
+        return self._detect(history, emitted_at=end - 1)
 
     def cut_window(self, r_time: float) -> tuple[np.ndarray, np.ndarray]:
         """The window around an R peak at `r_time` from what the ring holds now:
@@ -220,6 +222,13 @@ class BeatSegmenter:
         oldest = min(self._ring.start, self._last_r if self._last_r is not None else start)
         while len(self._anchors) > 1 and self._anchors[1][0] <= oldest:
             self._anchors.pop(0)
+
+    def _can_judge(self, history: np.ndarray, at: int) -> bool:
+        """Whether the new lead's history can say what the old lead's R at `at` was: it holds
+        a refractory period either side of it (as far as it goes), all finite. Over NaN the
+        new detector finds nothing, and dropping the R would lose the beat it begins."""
+        refr = self._detector.refractory
+        return at >= refr and bool(np.isfinite(history[at - refr:at + refr]).all())
 
     def _detect(self, x: np.ndarray, emitted_at: int = -1) -> list[Beat]:
         """Feed the detector one lead's next cleaned samples; the beats its R peaks complete.

@@ -91,6 +91,12 @@ class RenderThreads(Executor):
                 future.set_result(result)
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Take a left-behind task's outcome, so that its error is not logged as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 class Engine:
     """Serve any number of devices from any number of sources through one backend."""
 
@@ -148,24 +154,23 @@ class Engine:
             if not await self._warmed_up():
                 return
             async with contextlib.AsyncExitStack() as stack:
+                entered: list[Any] = []  # closed side by side on the way out, those entered so far
+                stack.push_async_callback(self._close_sources, entered)
                 for source in self.sources:
                     if hasattr(source, "__aenter__"):
                         await source.__aenter__()  # type: ignore[attr-defined]
-                        stack.push_async_callback(self._close_source, source)
+                        entered.append(source)
                 pumps = [asyncio.create_task(self._pump(s), name=f"pump-{i}") for i, s in enumerate(self.sources)]
                 watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
                 self.started.set()
                 stopper = asyncio.create_task(self._stop.wait(), name="stop")
                 ended = asyncio.gather(*pumps)
+                ended.add_done_callback(_retrieve)  # pumps left behind may end it after run()
                 await asyncio.wait([stopper, ended], timeout=duration, return_when=asyncio.FIRST_COMPLETED)
                 if ended.done() and not self._stop.is_set():
                     await self._drain()
                 self._begin_stop()
-                for task in (*pumps, watchdog, stopper):
-                    task.cancel()
-                await asyncio.gather(*pumps, watchdog, stopper, return_exceptions=True)
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ended
+                await self._cancel_pumps(pumps, watchdog, stopper)
         finally:
             await self._shutdown()
 
@@ -376,20 +381,50 @@ class Engine:
     def _stop_time_left(self) -> float:
         return max(0.0, self._begin_stop() - time.monotonic())
 
+    async def _cancel_pumps(self, pumps: list[asyncio.Task[None]], *others: asyncio.Task[Any]) -> None:
+        """Cancel the pumps (and the other tasks) within what is left of the stop's time: an
+        async generator source runs its own clean-up (an `async with client` in it) when
+        its pump is cancelled, and one that hangs there is left behind, as a source's close is."""
+        tasks = [*pumps, *others]
+        for task in tasks:
+            task.cancel()
+        _, pending = await asyncio.wait(tasks, timeout=self._stop_time_left())
+        for task in pending:
+            task.add_done_callback(_retrieve)
+            if task in pumps:
+                self.engine_counters["sources_left_open"] += 1
+            log.warning("%s did not stop within stop_timeout_s (%g s): left behind", task.get_name(),
+                        self.limits.stop_timeout_s)
+
+    async def _close_sources(self, sources: list[Any]) -> None:
+        """Close the sources side by side: one that hangs must not use up the others' time."""
+        await asyncio.gather(*(self._close_source(source) for source in sources))
+
     async def _close_source(self, source: Any) -> None:
-        """Close one source within what is left of the stop's time. A source that hangs on
-        its way out (a broker or radio that never answers) is left behind, not awaited:
-        wait_for would wait for its cancellation to finish too."""
-        closing = asyncio.ensure_future(source.__aexit__(None, None, None))
+        """Close one source within what is left of the stop's time; never raises. A source
+        that hangs on its way out (a broker or radio that never answers) is left behind, not
+        awaited: wait_for would wait for its cancellation to finish too."""
+        name = type(source).__name__
+        try:
+            closing = asyncio.ensure_future(source.__aexit__(None, None, None))
+        except (Exception, asyncio.CancelledError) as err:  # raised at the call, or no awaitable
+            self._source_close_failed(name, err)
+            return
         done, _ = await asyncio.wait({closing}, timeout=self._stop_time_left())
         if not done:
             closing.cancel()
+            closing.add_done_callback(_retrieve)
             self.engine_counters["sources_left_open"] += 1
             log.warning("source %s did not close within stop_timeout_s (%g s): left behind",
-                        type(source).__name__, self.limits.stop_timeout_s)
+                        name, self.limits.stop_timeout_s)
+        elif closing.cancelled():  # its close cancelled itself: .exception() would raise it here
+            self._source_close_failed(name, asyncio.CancelledError("cancelled while closing"))
         elif closing.exception() is not None:
-            log.warning("source %s failed to close: %s: %s", type(source).__name__,
-                        type(closing.exception()).__name__, closing.exception())
+            self._source_close_failed(name, closing.exception())
+
+    def _source_close_failed(self, name: str, err: BaseException) -> None:
+        self.engine_counters["source_close_failures"] += 1
+        log.warning("source %s failed to close: %s: %s", name, type(err).__name__, err)
 
     async def _shutdown(self) -> None:
         deadline = self._begin_stop()
@@ -411,7 +446,10 @@ class Engine:
                 log.warning("%d backend call(s) still running after stop_timeout_s (%g s): left behind",
                             self._executor.busy, self.limits.stop_timeout_s)
             self._executor = None
-        self.backend.close(timeout=self._stop_time_left())
+        try:
+            self.backend.close(timeout=self._stop_time_left())
+        except Exception:  # the stop goes on: statuses are out, files closed
+            log.exception("the %s backend failed to close", self.backend.name)
 
     def _warm_up(self) -> None:
         t0 = time.perf_counter()

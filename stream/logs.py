@@ -56,7 +56,10 @@ _DETAIL_CHARS = 200  # a bad message's text may be anything, and long
 
 class RateLimitedLog:
     """Log the first event at once, then at most one line per `interval_s` saying how many
-    more came meanwhile. :attr:`count` has them all; :attr:`last` the latest's detail."""
+    more came meanwhile. :attr:`count` has them all; :attr:`last` the latest's detail.
+
+    Events held back are written by the next event or `flush` after the interval: a caller
+    that waits calls `flush` by `due_in`, and `flush(force=True)` when it closes."""
 
     def __init__(self, logger: logging.Logger, what: str, interval_s: float = LOG_INTERVAL_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -72,10 +75,17 @@ class RateLimitedLog:
         self._pending += 1
         self.flush()
 
-    def flush(self) -> None:
-        """Write the line for events held back, if the interval has passed (call it now and then)."""
+    def due_in(self) -> float | None:
+        """Seconds until the line for events held back may be written (0: now); None when none are."""
+        if not self._pending:
+            return None
+        return max(0.0, self._next - self.clock())
+
+    def flush(self, force: bool = False) -> None:
+        """Write the line for events held back, if the interval has passed (or `force`: the
+        caller closes, and would lose them)."""
         now = self.clock()
-        if not self._pending or now < self._next:
+        if not self._pending or (now < self._next and not force):
             return
         more = f"; {self._pending} since the last report" if self._pending > 1 else ""
         self.logger.warning("%s: %s (%d in all%s)", self.what, self.last, self.count, more)

@@ -471,7 +471,7 @@ class Recorder:
         for device in list(self.open):
             self._close(device, reason)
         self._reap(wait=True)
-        self._behind.flush()
+        self._behind.flush(force=True)  # the count held back would be lost at exit
 
     def _close(self, device: str, reason: str) -> None:
         """End the device's segment; it is written (`_reap`) once its MP4 has finished."""

@@ -74,7 +74,7 @@ class EngineLimits:
     max_devices: int = 256            # devices beyond this are refused (bad_input on _engine)
     workers: int = 2                  # backend threads (renders run off the event loop)
     drain_timeout_s: float = 10.0     # when finite sources end, wait this long for queued beats
-    stop_timeout_s: float = 5.0       # on stop, wait this long for renders in flight
+    stop_timeout_s: float = 5.0       # a stop's whole budget: sources closing, renders in flight, the backend's close
     forget_after_s: float = 600.0     # a device silent this long is forgotten: its state and slot freed (0: never)
     remove_pacing_spikes: bool = True  # the pacing-spike remover before detection (kernels/pace_spikes.py)
 

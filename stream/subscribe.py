@@ -61,10 +61,22 @@ class _SubscriberCore:
             raise OSError(f"cannot connect to {endpoint}: {err}") from None
 
     def close(self) -> None:
+        self.malformed.flush(force=True)  # the count held back by the rate limit, not lost at exit
         if not self._socket.closed:
             self._socket.close(linger=0)
         if self._own_context and not self._context.closed:
             self._context.term()
+
+    def _wait_ms(self, deadline: float | None) -> int | None:
+        """How long a poll may wait: what is left of the timeout, but no later than when the
+        bad messages held back by the log's rate limit are due (they would otherwise wait
+        for the next bad message, however long that takes)."""
+        left = _remaining_ms(deadline)
+        due = self.malformed.due_in()
+        if due is None:
+            return left
+        due_ms = math.ceil(due * 1000)
+        return due_ms if left is None else min(left, due_ms)
 
     def decode(self, parts: list) -> Message | None:
         try:
@@ -129,11 +141,12 @@ class Subscriber(_SubscriberCore):
         """
         deadline = _deadline(timeout)
         while True:
-            if not self._socket.poll(_remaining_ms(deadline)):
-                return None
-            msg = self.decode(self._socket.recv_multipart(copy=False))
-            if msg is not None:
-                return msg
+            ready = self._socket.poll(self._wait_ms(deadline))
+            self.malformed.flush()
+            if ready:
+                msg = self.decode(self._socket.recv_multipart(copy=False))
+                if msg is not None:
+                    return msg
             if _expired(deadline):
                 return None
 
@@ -159,11 +172,12 @@ class AsyncSubscriber(_SubscriberCore):
         malformed messages are skipped without restarting the timeout, as in :class:`Subscriber`."""
         deadline = _deadline(timeout)
         while True:
-            if not await self._socket.poll(_remaining_ms(deadline)):
-                return None
-            msg = self.decode(await self._socket.recv_multipart(copy=False))
-            if msg is not None:
-                return msg
+            ready = await self._socket.poll(self._wait_ms(deadline))
+            self.malformed.flush()
+            if ready:
+                msg = self.decode(await self._socket.recv_multipart(copy=False))
+                if msg is not None:
+                    return msg
             if _expired(deadline):
                 return None
 

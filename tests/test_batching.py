@@ -229,3 +229,79 @@ def test_beat_seeds_never_repeat_within_a_device_and_first_beats_prime_off_the_l
         assert threads == [False, True, False, True]
     finally:
         backend.close()
+
+
+def _fake_resident() -> SimpleNamespace:
+    """What BatchingBackend reads of a resident generator, without a model."""
+    tokenizer = SimpleNamespace(image_size=16)
+    return SimpleNamespace(preset=SimpleNamespace(tokenizer=tokenizer, ecg=None), name="fake",
+                           generate=lambda requests: [], warm_up=lambda batch_sizes: None)
+
+
+def test_a_prime_stuck_at_stop_does_not_keep_the_event_loop_from_closing() -> None:
+    # A prime waits for the lock a batch holds; a stop that comes meanwhile cancels the beat.
+    # Once primed through asyncio.to_thread, whose default executor asyncio.run joins at its
+    # end: the stop waited for the prime (for ever behind a wedged GPU), past stop_timeout_s.
+    backend = BatchingBackend(_fake_resident(), BatchPolicy(window_s=0.001))
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck(state, beat):
+        entered.set()
+        release.wait(10.0)
+        raise RuntimeError("released")
+
+    backend._request = stuck
+    beat = SimpleNamespace(index=0, r_time=1.0, rr=0.8, window=np.zeros((1, 8), np.float32), valid=np.ones(8, bool))
+
+    async def stop_while_priming() -> None:
+        render = asyncio.create_task(backend.render_async(backend.new_state("dev"), beat))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        render.cancel()  # the engine's stop
+        await asyncio.gather(render, return_exceptions=True)
+
+    timer = threading.Timer(3.0, release.set)
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        asyncio.run(stop_while_priming())
+        waited = time.monotonic() - t0
+    finally:
+        release.set()
+        timer.cancel()
+        backend.close()
+    assert waited < 2.0
+
+
+def test_closing_an_idle_batcher_with_no_time_left_warns_of_no_batch(caplog) -> None:
+    # The engine's stop passes what is left of its budget: 0 once a stuck warm-up spent it.
+    # The idle dispatcher needs a moment to see the close; join(0) found it alive and the log
+    # said "a batch still running", while none ran.
+    import logging
+
+    batcher = BeatBatcher(lambda batch: batch, BatchPolicy(window_s=0.0))
+    assert batcher.submit("a", 1, 7).result(timeout=5.0) == 7  # the dispatcher has run, and is idle again
+    with caplog.at_level(logging.WARNING, logger="echopulse.stream.batching"):
+        batcher.close(timeout=0.0)
+    assert not [r for r in caplog.records if "still running" in r.getMessage()]
+
+
+def test_closing_a_batcher_in_the_middle_of_a_batch_says_so(caplog) -> None:
+    import logging
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow(batch):
+        started.set()
+        release.wait(5.0)
+        return batch
+
+    batcher = BeatBatcher(slow, BatchPolicy(window_s=0.0))
+    batcher.submit("a", 1, 7)
+    assert started.wait(5.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="echopulse.stream.batching"):
+            batcher.close(timeout=0.05)
+    finally:
+        release.set()
+    assert [r for r in caplog.records if "still running" in r.getMessage()]

@@ -526,3 +526,15 @@ async def test_a_refused_device_sending_bad_payloads_is_reported_once(tmp_path):
     assert len(about) == 1 and "refused device 'stranger'" in about[0]  # once: one more status per message
     assert engine.counters()[ENGINE_DEVICE]["source_malformed"] == 40  # still counted
     assert "stranger" not in engine.counters() and frames_of(got, "ok")
+
+
+async def test_a_backend_failing_to_close_does_not_fail_the_stop(tmp_path, caplog):
+    class FailsToClose(StubBackend):
+        def close(self, timeout: float | None = None) -> None:
+            raise RuntimeError("CUDA context lost")
+
+    with Publisher("tcp://127.0.0.1:0") as pub:
+        engine = Engine([ListSource(chunks("c", 2))], FailsToClose(), pub, tmp_path, limits=EngineLimits(beat_queue=64))
+        await asyncio.wait_for(engine.run(), timeout=30.0)  # once: the RuntimeError escaped run()
+    assert any("failed to close" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert len(datadir.read_device(tmp_path, "c")[1]) == len(chunks("c", 2))  # the raw store was closed whole

@@ -156,3 +156,19 @@ def test_switch_lead_checks_its_lead_and_a_switch_to_the_same_lead_is_nothing():
     rec = simulate_ecg(8.0, fs=FS, hr=75, seed=1, leads=2)
     beats = segment(seg, rec.signal, 0, rec.signal.shape[1])
     assert seg.switch_lead(1) == [] and len(beats) >= len(rec.r_peaks) - 2
+
+
+@pytest.mark.parametrize("nan_from, nan_to", [(39.0, 40.0), (20.0, 39.9)])
+def test_the_old_leads_last_r_stays_where_the_new_lead_has_no_samples_to_judge_it(nan_from, nan_to):
+    # The new lead is NaN over the old lead's latest R (its own contact came back just now, or
+    # a burst of bad samples): it cannot say what that R was, so the old lead's word stands.
+    # Once the R was dropped all the same, and the beat it began was lost.
+    rec = simulate_ecg(60.0, fs=FS, hr=75, seed=3, leads=3, pvc_rate=0.0)
+    x = rec.signal.copy()
+    x[1, int(nan_from * FS):int(nan_to * FS)] = np.nan
+    n = int(40.0 * FS)
+    seg = BeatSegmenter(FS, 3)
+    beats = segment(seg, x, 0, n) + seg.switch_lead(1) + segment(seg, x, n, x.shape[1])
+    assert missed(rec.r_peaks, beats, 60.0).size == 0
+    assert_true_beats(beats, rec.r_peaks)
+    assert [b.index for b in beats] == list(range(len(beats)))

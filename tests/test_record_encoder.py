@@ -166,6 +166,9 @@ def test_a_full_queue_leaves_frames_out_of_the_mp4_not_the_npz(tmp_path, monkeyp
         release.set()
         rec.close()
     assert len(live) == 1 and "1 in all" in live[0]     # rate-limited: one line, not 16
+    # the 15 held back are written at close, not lost with the process
+    behind = [r.getMessage() for r in caplog.records if "MP4 encoder behind" in r.getMessage()]
+    assert len(behind) == 2 and "16 in all; 15 since the last report" in behind[1]
     assert any("16 of 20 frame(s) left out of the MP4" in r.getMessage() for r in caplog.records)
     (line,) = _lines(tmp_path)
     meta, seq, frames = _npz(tmp_path, line)

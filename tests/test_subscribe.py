@@ -166,3 +166,59 @@ def test_subscribe_out_saves_when_stdout_closes(tmp_path):
     assert proc.returncode == 0 and b"Traceback" not in err and b"Exception" not in err, err.decode()[-2000:]
     with np.load(out) as z:  # once: BrokenPipeError, and no file
         assert len(z["frames"]) >= 2 and list(z["seq"]) == sorted(z["seq"])
+
+
+def _quiet_after_bad_messages(sub, pub, count: int = 3) -> None:
+    """Send bad messages until `sub` has seen one (a slow joiner misses the first), then `count` more."""
+    bad = [b"echo/dev1", msgpack.packb({"v": 2, "device": "dev1"}), b"\0" * 16]
+    deadline = time.monotonic() + 5.0
+    while sub.errors == 0 and time.monotonic() < deadline:
+        pub.send_multipart(bad)
+        sub.recv(timeout=0.05)
+    for _ in range(count):
+        pub.send_multipart(bad)
+
+
+def _malformed_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropping malformed message")]
+
+
+@pytest.fixture
+def pub_socket():
+    context = zmq.Context()
+    socket = context.socket(zmq.PUB)
+    socket.setsockopt(zmq.LINGER, 0)
+    port = socket.bind_to_random_port("tcp://127.0.0.1")
+    yield socket, f"tcp://127.0.0.1:{port}"
+    socket.close()
+    context.term()
+
+
+def test_bad_messages_held_back_are_logged_when_their_interval_ends_though_none_follow(pub_socket, caplog):
+    import logging
+
+    from echopulse.stream.logs import RateLimitedLog
+
+    pub, endpoint = pub_socket
+    with Subscriber(endpoint) as sub, caplog.at_level(logging.WARNING, logger="echopulse.stream.subscribe"):
+        sub.malformed = RateLimitedLog(logging.getLogger("echopulse.stream.subscribe"), "dropping malformed message",
+                                       interval_s=0.5)
+        _quiet_after_bad_messages(sub, pub)
+        assert sub.recv(timeout=1.5) is None  # waiting for a good message; the bad ones stopped
+        lines = _malformed_lines(caplog)
+    # once: the ones after the first were written only if another bad message came after 10 s
+    assert len(lines) == 2 and lines[1].endswith(f"({sub.errors} in all; {sub.errors - 1} since the last report)")
+
+
+def test_bad_messages_held_back_are_logged_when_the_subscriber_closes(pub_socket, caplog):
+    import logging
+
+    pub, endpoint = pub_socket
+    with caplog.at_level(logging.WARNING, logger="echopulse.stream.subscribe"):
+        with Subscriber(endpoint) as sub:
+            _quiet_after_bad_messages(sub, pub)
+            while sub.recv(timeout=0.3) is not None:
+                pass
+            assert len(_malformed_lines(caplog)) == 1  # within the 10 s: held back
+        lines = _malformed_lines(caplog)
+    assert len(lines) == 2 and f"({sub.errors} in all;" in lines[1]

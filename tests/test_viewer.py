@@ -39,6 +39,35 @@ async def test_feed_keeps_the_newest_frames_when_full():
     assert await asyncio.wait_for(feed.take(timeout=0.05), 2.0) == []  # nothing left: waits, then empty
 
 
+async def test_a_feed_keeps_nothing_of_devices_whose_frames_it_has_sent():
+    # A browser left open for months sees device ids come and go: once its feed kept an empty
+    # queue for every id it ever carried.
+    feed = ClientFeed(max_frames=2)
+    for i in range(100):
+        feed.put_frame(f"bed{i}", bytes([i % 256]))
+    assert len(await asyncio.wait_for(feed.take(timeout=1.0), 2.0)) == 100
+    assert feed._frames == {}
+    for i in range(3):
+        feed.put_frame("bed0", bytes([i]))
+    assert await asyncio.wait_for(feed.take(timeout=1.0), 2.0) == [b"\x01", b"\x02"] and feed.skipped == 1
+
+
+async def test_viewer_close_writes_the_bad_messages_held_back(caplog):
+    import logging
+
+    viewer = ViewerServer("tcp://127.0.0.1:9", port=0)  # never started: close has only its logs to see to
+    with caplog.at_level(logging.WARNING, logger="echopulse.stream.viewer.server"):
+        for i in range(3):
+            viewer.unforwardable(f"d{i}: KeyError")
+        viewer.recv_failures("ZMQError: gone")
+        await viewer.close()
+    lines = [r.getMessage() for r in caplog.records]
+    # once: the two held back by the 10 s limit were never written
+    assert lines == ["cannot forward message: d0: KeyError (1 in all)",
+                     "cannot receive from the engine: ZMQError: gone (1 in all)",
+                     "cannot forward message: d2: KeyError (3 in all; 2 since the last report)"]
+
+
 async def test_fanout_reaches_every_client_until_removed():
     fanout = Fanout(max_frames=2)
     a, b = fanout.add(), fanout.add()
@@ -320,8 +349,10 @@ async def test_malformed_messages_are_dropped_counted_and_logged_without_stoppin
     assert health["malformed"] == len(bad)                # once: not in /health at all
     assert "decoder bug" in health["last_malformed"]           # the latest, for whoever looks
     assert list(health["frames"]) == ["good"]            # no card for any bad message
-    dropped = [r for r in caplog.records if "malformed" in r.getMessage()]
-    assert len(dropped) == 1                              # once: one line per message
+    dropped = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(dropped) == 2                              # once: one line per message
+    assert dropped[0].endswith("(1 in all)")              # the first at once, the rest held back
+    assert dropped[1].endswith(f"({len(bad)} in all; {len(bad) - 1} since the last report)")  # written at close
 
 
 @pytest.mark.network

@@ -148,3 +148,68 @@ async def test_page_keeps_drawing_good_devices_among_frames_it_cannot_draw(tmp_p
     assert sorted(after["cards"]) == sorted(GOOD)   # no card for any frame it could not draw
     assert after["undrawable"] == 6                  # the six frames with a JSON header
     assert after["unreadable"] == 5                  # three frames, the status without a device, the unknown type
+
+
+class _Poison(dict):
+    """A JSON object no JavaScript can turn into a number or text: `{"toString": 1, "valueOf": 1}`."""
+
+    def __init__(self) -> None:
+        super().__init__(toString=1, valueOf=1)
+
+
+def _odd_but_parsable(t: float) -> tuple[list[bytes], list[str]]:
+    """Messages whose JSON parses but whose fields throw where the page turns them into numbers
+    or text; and JSON `null`, which once was dropped without being counted."""
+    base = {"seq": 0, "frame": 0, "frames": 5, "rr": 0.5, "hr": 120.0, "publish": 0.0, "recv": 0.0, "latency": 0.0,
+            "gap": 0, "shape": [8, 10]}
+    frames = [
+        # a beat of a good device whose ECG cannot be drawn, in the strip for 100 s: once, every
+        # later frame of that device failed to draw its strip, each counted
+        _page_frame({**base, "device": "good", "t": t, "beat": 10 ** 6, "r_time": t - 1.0, "rr": 100.0,
+                     "model": "sim", "ecg": [_Poison(), 0.5], "ecg_fs": 250.0}, bytes(80)),
+        _page_frame({**base, "device": "odd-fields", "t": t, "beat": "one", "r_time": _Poison(), "model": _Poison(),
+                     "prime": _Poison(), "ecg": [0.1, 0.2], "ecg_fs": _Poison()}, bytes(80)),
+        _page_frame(None, b""),
+    ]
+    events = [
+        # a status whose time is no number: once, the card's state failed on every animation frame
+        json.dumps({"type": "status", "device": "good", "code": "error", "message": "m", "time": _Poison()}),
+        "null",
+    ]
+    return frames, events
+
+
+async def test_fields_the_page_cannot_use_cost_one_message_each_not_every_frame_after(tmp_path):
+    from contextlib import AsyncExitStack
+
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("no chromium binary (apt-get install chromium)")
+    context = zmq.Context()
+    pub = context.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    publishing = asyncio.create_task(_publish(pub))
+    try:
+        async with AsyncExitStack() as stack, ViewerServer(f"tcp://127.0.0.1:{port}", port=0) as viewer:
+            cdp, session = await _open_page(binary, tmp_path / "profile", viewer.url, stack)
+            before = await _wait_state(cdp, session, lambda s: all(s["frames"].get(d, 0) > 3 for d in GOOD),
+                                       "the page drew too few frames")
+            frames, events = _odd_but_parsable(t=max(viewer.frames.values()) / FPS + 0.05)
+            for payload in frames:
+                viewer._fanout.put_frame("odd", payload)
+            for payload in events:
+                viewer._fanout.put_event(payload)
+            mid = await _wait_state(cdp, session, lambda s: s["frames"].get("odd-fields", 0) >= 1,
+                                    "the frame with odd fields was not drawn")
+            after = await _wait_state(
+                cdp, session, lambda s: all(s["frames"][d] > mid["frames"][d] + 15 for d in GOOD),
+                "the page stopped drawing")
+    finally:
+        publishing.cancel()
+        await asyncio.gather(publishing, return_exceptions=True)
+        pub.close()
+        context.term()
+    assert before["undrawable"] == before["unreadable"] == 0
+    assert after["undrawable"] == 1   # the null header; once 0 (not counted), then one per frame of "good"
+    assert after["unreadable"] == 2   # the status and "null"; once one per animation frame, and "null" not counted

@@ -50,7 +50,8 @@ class ClientFeed:
         self._events.clear()
         for queue in self._frames.values():
             batch.extend(queue)
-            queue.clear()
+        # all sent: a browser open for months sees ids come and go, and would keep a queue for each
+        self._frames.clear()
         return batch
 
 

@@ -100,6 +100,7 @@ class ViewerServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self._flush_logs(force=True)  # the counts the rate limit still holds back, not lost at exit
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -165,10 +166,11 @@ class ViewerServer:
             for feed in self._fanout.clients:
                 feed.put_event(self._stats_payload(feed))
 
-    def _flush_logs(self) -> None:
-        """Report the bad messages held back by the rate limit, once its interval has passed."""
+    def _flush_logs(self, force: bool = False) -> None:
+        """Report the bad messages held back by the rate limit, once its interval has passed
+        (`force`: now, as the viewer closes)."""
         for limited in (self.unforwardable, self.recv_failures, *([self._sub.malformed] if self._sub else [])):
-            limited.flush()
+            limited.flush(force)
 
     def _problems(self) -> dict[str, object]:
         """The counts of messages dropped, for /health and the page."""

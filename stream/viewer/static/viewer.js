@@ -23,8 +23,14 @@ const decoder = new TextDecoder();
 
 function parseJson(text) {
   // One message the page cannot read is skipped and counted; it must not stop the feed.
-  try { return JSON.parse(text); } catch (err) { skipped("unreadable", err.message); return null; }
+  // undefined when it is not JSON: null is JSON, and its message must be counted too.
+  try { return JSON.parse(text); } catch (err) { skipped("unreadable", err.message); return undefined; }
 }
+
+// Header fields are JSON of any kind: an object such as {"toString": 1} throws wherever it
+// is turned into a number or text, so what the page keeps or shows goes through these.
+function num(v) { return typeof v === "number" ? v : NaN; }
+function text(v) { return typeof v === "string" || typeof v === "number" ? String(v) : "?"; }
 
 function skipped(kind, why) {
   // Counted, and said on the console now and then: a flood of bad messages must not flood it.
@@ -76,7 +82,7 @@ function onFrame(buffer) {
   const n = new DataView(buffer).getUint32(0);
   if (n > buffer.byteLength - 4) return skipped("unreadable", "frame header longer than the frame");
   const header = parseJson(decoder.decode(new Uint8Array(buffer, 4, n)));
-  if (!header) return;
+  if (header === undefined) return;
   const problem = frameProblem(header, buffer.byteLength - 4 - n);
   if (problem) return skipped("undrawable", problem);
   const d = device(header.device);
@@ -103,13 +109,20 @@ function show(d, header, pixels) {
   d.echo.getContext("2d").putImageData(d.image, 0, 0);
   if (d.header && header.t < d.header.t) d.beats.clear();  // the stream restarted: beat numbers start again
   if (!d.beats.has(header.beat)) {
-    d.beats.set(header.beat, { r: header.r_time, rr: header.rr, hr: header.hr, ecg: header.ecg, fs: header.ecg_fs });
+    // kept for the strip's next frames: one beat the page cannot draw would fail every one of them
+    d.beats.set(header.beat, beatRecord(header));
     while (d.beats.size > BEATS_KEPT) d.beats.delete(d.beats.keys().next().value);
   }
   d.header = header;
   d.lastFrameAt = performance.now();
   echopulse.frames[header.device] += 1;
   drawCard(d);
+}
+
+function beatRecord(header) {
+  // What the strip reads of a beat, numbers only; ECG samples that are no number are unknown (null).
+  const ecg = Array.isArray(header.ecg) ? header.ecg.map(v => (Number.isFinite(v) ? v : null)) : null;
+  return { r: num(header.r_time), rr: num(header.rr), hr: num(header.hr), ecg, fs: num(header.ecg_fs) };
 }
 
 function playOut(d, nowS) {
@@ -123,8 +136,17 @@ function playOut(d, nowS) {
   }
 }
 
+function statusProblem(s) {
+  // What makes a status unusable ("" when it is fine): it is kept, and read on every animation frame.
+  if (typeof s.device !== "string" || !s.device) return "status without a device";
+  if (typeof s.code !== "string") return "status without a code";
+  if (!Number.isFinite(s.time)) return "status without a time";
+  return "";
+}
+
 function onStatus(s) {
-  if (typeof s.device !== "string" || !s.device) return skipped("unreadable", "status without a device");
+  const problem = statusProblem(s);
+  if (problem) return skipped("unreadable", problem);
   if (s.device === "_engine") return;  // engine-wide events have no card
   const d = device(s.device);
   d.status = s;
@@ -133,9 +155,9 @@ function onStatus(s) {
   const code = document.createElement("span");
   code.className = "code";
   code.style.color = BAD.has(s.code) ? "var(--bad)" : WARN.has(s.code) ? "var(--warn)" : "var(--ok)";
-  code.textContent = String(s.code);
+  code.textContent = s.code;
   const when = new Date(s.time * 1000).toLocaleTimeString();
-  line.append(code, `${s.message || ""} · ${when}`);
+  line.append(code, `${typeof s.message === "string" ? s.message : ""} · ${when}`);
   line.classList.remove("muted");
 }
 
@@ -159,10 +181,12 @@ function fmtMs(seconds) {
 function drawCard(d) {
   const h = d.header;
   $(".hr", d.node).textContent = Number.isFinite(h.hr) ? Math.round(h.hr) : "–";
-  $(".beat", d.node).textContent = `#${h.beat} · frame ${h.frame + 1}/${h.frames} · t ${h.t.toFixed(2)} s`;
-  $(".latency", d.node).textContent = `engine ${fmtMs(h.latency)} · to viewer ${fmtMs(h.recv - h.publish)}`;
-  $(".counts", d.node).textContent = `${echopulse.frames[d.id]} shown · ${d.lost} lost`;
-  $(".model", d.node).textContent = h.model;
+  const frame = `frame ${num(h.frame) + 1}/${text(h.frames)}`;
+  $(".beat", d.node).textContent = `#${text(h.beat)} · ${frame} · t ${h.t.toFixed(2)} s`;
+  const toViewer = fmtMs(num(h.recv) - num(h.publish));
+  $(".latency", d.node).textContent = `engine ${fmtMs(num(h.latency))} · to viewer ${toViewer}`;
+  $(".counts", d.node).textContent = `${echopulse.frames[d.id]} shown · ${text(d.lost)} lost`;
+  $(".model", d.node).textContent = text(h.model);
   drawPrime($(".prime", d.node), h.prime);
   drawStrip(d);
 }
@@ -174,7 +198,8 @@ const PRIMES = {
 };
 
 function drawPrime(node, prime) {
-  const known = Object.prototype.hasOwnProperty.call(PRIMES, prime) ? PRIMES[prime] : null;  // not "constructor"
+  const known = typeof prime === "string" && Object.prototype.hasOwnProperty.call(PRIMES, prime)
+    ? PRIMES[prime] : null;  // not "constructor", nor an object that cannot be a key
   node.hidden = !known;
   if (!known) return;
   node.textContent = known[0];
@@ -265,7 +290,8 @@ function tick() {
 function onMessage(data) {
   if (typeof data !== "string") return onFrame(data);
   const msg = parseJson(data);
-  if (!msg) return;
+  if (msg === undefined) return;
+  if (!msg || typeof msg !== "object") return skipped("unreadable", "message is not a JSON object");
   if (msg.type === "status") onStatus(msg);
   else if (msg.type === "stats") onStats(msg);
   else if (msg.type === "hello") $("#endpoint").textContent = msg.endpoint;
