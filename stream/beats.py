@@ -58,6 +58,8 @@ RING_S = 12.0  # history a window may use, back from its last delivered sample: 
 PIECE_S = 1.0  # long chunks are taken in pieces; the ring holds one more, run past the confirming sample
 N_HR = 8       # RR intervals the current heart rate is a median of
 DRIFT_S = 0.02  # re-anchor the timeline when chunk t0 and the sample count part by more (the checker's gap tolerance)
+AGREE_S = 0.06  # an R on another lead within this of a known R is the same beat (leads differ by tens of ms)
+N_RECENT_R = 16  # R peaks kept to judge which lead to move detection to
 
 
 @dataclass(frozen=True, eq=False)  # arrays inside: compare fields, not beats
@@ -117,6 +119,7 @@ class BeatSegmenter:
         self._last_r: int | None = None     # the latest R, whose beat waits for the next one
         self._emitted_r: int | None = None  # the R of the latest beat emitted
         self._rr: deque[int] = deque(maxlen=N_HR)
+        self._recent_r: deque[int] = deque(maxlen=N_RECENT_R)  # R peaks found, whichever lead found them
         self._count = 0
 
     # ---------------------------------------------------------------------------
@@ -207,6 +210,25 @@ class BeatSegmenter:
         # emitted now: their windows may hold what the ring holds now, as a live beat's would
         return self._detect(history, emitted_at=end - 1)
 
+    def lead_agreement(self, lead: int) -> int:
+        """How well a fresh detector on `lead` re-finds the recent R peaks in the ring's
+        history: those it finds again, less the peaks it finds among them that are none of
+        them. Where to move detection when its lead comes off: a lead can be live and show
+        no usable QRS (noise alone gives a detector peaks everywhere, some near the beats)."""
+        if not 0 <= lead < self.n_leads:
+            raise ValueError(f"lead {lead} out of range for {self.n_leads} leads")
+        start, end = self._ring.start, self._ring.end
+        known = np.array([r for r in self._recent_r if r >= start], dtype=np.int64)
+        if end == start or not known.size:
+            return 0
+        found = QrsDetector(self.fs, self._params, self._backend).push(self._ring.read(start, end)[lead]) + start
+        if not found.size:
+            return 0
+        tol = max(1, int(round(AGREE_S * self.fs)))
+        near = np.abs(known[:, None] - found[None, :]) <= tol
+        among = (found >= known[0] - tol) & (found <= known[-1] + tol)
+        return int(near.any(axis=1).sum()) - int((among & ~near.any(axis=0)).sum())
+
     def cut_window(self, r_time: float) -> tuple[np.ndarray, np.ndarray]:
         """The window around an R peak at `r_time` from what the ring holds now:
         (leads × window_samples float32, valid bool)."""
@@ -245,6 +267,7 @@ class BeatSegmenter:
                 self._rr.append(r - self._last_r)
                 self._emitted_r = self._last_r
             self._last_r = r
+            self._recent_r.append(r)
         return beats
 
     def _beat(self, r: int, r_next: int, det: int) -> Beat:

@@ -11,8 +11,10 @@ sockets. What each checker issue does here:
   before the flat line is abandoned); the first sample that is not flat again gives
   ``signal_restored``. Decided sample by sample (the checker's `flat` mask), so a long
   chunk's beats before the flat line are kept, as they would be in small chunks;
-- flat line on the detection lead only: detection moves to the first lead that is not
-  flat (``bad_input`` ``detect_lead``, counter ``detect_lead_switches``); it stays there
+- flat line on the detection lead only: detection moves to the lead not flat whose
+  recent samples re-find most of the beats already found (the first such lead on a tie:
+  a live lead may show no usable QRS; ``bad_input`` ``detect_lead``, counter
+  ``detect_lead_switches``); it stays there
   until that lead goes flat in turn, so it never flips back and forth. The beat detector
   is kept (`BeatSegmenter.switch_lead`): its ring holds every lead's recent samples, so
   the new lead's detector learns its thresholds on that history and finds the beats of
@@ -241,9 +243,10 @@ class Session:
         return [("signal_lost", f"flat line on every lead for {self.checker.flat_s:g} s (lead off?)")]
 
     def _switch_lead(self, flat: np.ndarray, capture: float) -> list[Event]:
-        """Detect on the first lead not flat now (the caller knows one is not). The
-        segmenter stays: its detector moves, warmed on the new lead's recent samples."""
-        old, self.detect_lead = self.detect_lead, int(np.flatnonzero(~flat)[0])
+        """Detect on the lead not flat now that re-finds most of the recent beats (the caller
+        knows one is not flat). The segmenter stays: its detector moves, warmed on the new
+        lead's recent samples."""
+        old, self.detect_lead = self.detect_lead, self._best_live_lead(np.flatnonzero(~flat))
         self.counters["detect_lead_switches"] += 1
         self.counters["bad_input"] += 1
         events = [("bad_input", f"detect_lead: lead {old} flat (lead off?); beats detected on lead {self.detect_lead} now")]
@@ -251,6 +254,15 @@ class Session:
             for beat in self.segmenter.switch_lead(self.detect_lead):
                 events.extend(self._enqueue(beat, capture))
         return events
+
+    def _best_live_lead(self, live: np.ndarray) -> int:
+        """Of the live leads, the one whose history re-finds most of the beats found so far
+        (`BeatSegmenter.lead_agreement`); the first on a tie, or without history. A live lead
+        can show no usable QRS, and detection stays where it moves until that lead is flat."""
+        if self.segmenter is None or len(live) == 1:
+            return int(live[0])
+        scores = [self.segmenter.lead_agreement(int(lead)) for lead in live]
+        return int(live[int(np.argmax(scores))])
 
     def _segment(self, chunk: EcgChunk, samples: np.ndarray, t0: float, capture: float) -> list[Event]:
         from .beats import BeatSegmenter  # numba: imported when the first chunk arrives

@@ -172,3 +172,42 @@ def test_the_old_leads_last_r_stays_where_the_new_lead_has_no_samples_to_judge_i
     assert missed(rec.r_peaks, beats, 60.0).size == 0
     assert_true_beats(beats, rec.r_peaks)
     assert [b.index for b in beats] == list(range(len(beats)))
+
+
+def test_detection_moves_to_the_lead_that_shows_the_beats_not_merely_the_first_live_one():
+    # Lead 1 is live (noise, no flat line) but shows no QRS: a lead reversed, a cable that
+    # picks up only muscle. Once detection moved to it as the first lead not flat, and
+    # beats stopped until it went flat in turn.
+    rec, x = lead_off(30.0, 12.0, seed=4)
+    x[1], x[2] = 0.05 * np.random.default_rng(0).standard_normal(x.shape[1]).astype(np.float32), x[1].copy()
+    s, pending, events = session_run(x)
+    beats = [p.beat for p in pending]
+    assert s.detect_lead == 2
+    assert missed(rec.r_peaks, beats, 30.0).size == 0
+    assert_true_beats(beats, rec.r_peaks)
+    switches = [m for c, m in events if c == "bad_input" and m.startswith("detect_lead")]
+    assert switches == ["detect_lead: lead 0 flat (lead off?); beats detected on lead 2 now"]
+
+
+def test_lead_agreement_counts_the_recent_beats_a_lead_finds_again():
+    x = simulate_ecg(20.0, fs=FS, hr=75.0, seed=4, leads=3, pvc_rate=0.0).signal.copy()
+    x[1], x[2] = 0.05 * np.random.default_rng(0).standard_normal(x.shape[1]).astype(np.float32), x[1].copy()
+    seg = BeatSegmenter(FS, 3)
+    seg.push(x, 0.0)
+    scores = [seg.lead_agreement(lead) for lead in range(3)]
+    assert scores[0] >= 10 and scores[2] >= scores[0] - 2 and scores[1] < scores[2] - 5
+    with pytest.raises(ValueError, match="lead 3 out of range"):
+        seg.lead_agreement(3)
+    assert BeatSegmenter(FS, 3).lead_agreement(1) == 0  # no history yet
+
+
+def test_a_lead_that_finds_beats_that_are_not_there_scores_lower():
+    rec = simulate_ecg(20.0, fs=FS, hr=75.0, seed=4, leads=3, pvc_rate=0.0)
+    good = rec.signal[1].copy()
+    spiky = good.copy()
+    for r in rec.r_peaks[:-1] + 0.4:  # a sharp deflection between every two beats
+        i = int(r * FS)
+        spiky[i:i + 3] += np.array([0.8, 2.0, 0.8], np.float32)
+    seg = BeatSegmenter(FS, 2)
+    seg.push(np.stack([good, spiky]), 0.0)
+    assert seg.lead_agreement(1) < seg.lead_agreement(0)
