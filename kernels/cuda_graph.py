@@ -27,10 +27,6 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def graphs_available() -> bool:
-    return torch.cuda.is_available()
-
-
 class CapturedGraph:
     """A recorded pipeline; `replay()` enqueues it on the current stream (no host sync)."""
 

@@ -26,7 +26,6 @@ Importing this module never imports CuPy; constructing `FusedKernels` does.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import numpy as np
@@ -244,11 +243,6 @@ ELEMENTWISE_BLOCK = 256
 # Where the launches' tensors must live. Only the tests change it: they run these methods'
 # argument checks and packing on the CPU, with the source compiled for the host.
 TENSOR_DEVICE = "cuda"
-
-
-def cupy_available() -> bool:
-    """True when CuPy is installed and torch sees a CUDA device (imports nothing heavy)."""
-    return importlib.util.find_spec("cupy") is not None and torch.cuda.is_available()
 
 
 def _ptr(t: Tensor) -> np.uint64:

@@ -20,7 +20,7 @@ if importlib.util.find_spec("cupy") is None:
     pytest.skip("CuPy not installed (pip install cupy-cuda12x or cupy-cuda13x to match torch.version.cuda)",
                 allow_module_level=True)
 
-from echopulse.kernels.cupy_kernels import FusedKernels  # noqa: E402
+from echopulse.kernels.cupy_kernels import FusedKernels, as_cupy  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -150,3 +150,14 @@ def test_kernels_run_on_torchs_stream_and_capture_into_a_graph(kernels: FusedKer
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, ref.frames_uint8(video))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_as_cupy_shares_the_tensors_memory(dtype: torch.dtype) -> None:
+    """DLPack: a CuPy view of the same bytes, no copy (bf16 seen as its int16 bits)."""
+    t = torch.arange(12, device="cuda", dtype=torch.float32).to(dtype).reshape(3, 4)
+    view = as_cupy(t)
+    assert view.data.ptr == t.data_ptr() and view.shape == (3, 4)
+    view[0, 0] = view[1, 1]  # written through CuPy, seen by torch
+    assert t[0, 0].item() == t[1, 1].item()
+
