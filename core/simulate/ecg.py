@@ -69,7 +69,7 @@ class EcgMorphology:
     wander: float = 0.08
     powerline: float = 0.01
     mains_hz: float = 50.0
-    pvc_rate: float = 0.0      # chance that a beat is replaced by a premature ventricular beat
+    pvc_rate: float = 0.0      # share of beats that are premature ventricular (no couplets: at most 4/9)
     #                            (not where it would start before the previous T end)
     pacing: str = "none"       # "ventricular": every sinus beat paced from the RV apex (wide QRS
     #                            after a spike); "dual": an atrial spike before each P too
@@ -191,9 +191,9 @@ def beat_times(duration: float, hr: float, morph: EcgMorphology, rng: np.random.
     r = r[(r >= -pad) & (r <= duration + pad)]
     kind = np.zeros(len(r), dtype=np.int8)
     if morph.pvc_rate > 0 and len(r) > 3:
-        cand = rng.random(len(r)) < morph.pvc_rate
+        cand = rng.random(len(r)) < _candidate_rate(morph.pvc_rate)
         cand[:2] = cand[-2:] = False
-        cand[1:] &= ~cand[:-1]  # no couplets: a PVC is followed by a sinus beat
+        cand &= _position_in_run(cand) % 2 == 0  # no couplets: a PVC is followed by a sinus beat
         idx = np.flatnonzero(cand)
         coupling = rng.uniform(0.55, 0.7, len(idx))
         # Premature by the coupling interval; the next sinus beat keeps its time, which
@@ -203,6 +203,24 @@ def beat_times(duration: float, hr: float, morph: EcgMorphology, rng: np.random.
         r[idx[ok]] = r_pvc[ok]
         kind[idx[ok]] = 1
     return r, kind
+
+
+CANDIDATE_RATE_MAX = 0.8  # PVC candidates: 4 PVCs in 9 beats at most, and runs of sinus beats still occur
+
+
+def _candidate_rate(pvc_rate: float) -> float:
+    """The chance of a beat being drawn as a PVC candidate for `pvc_rate` PVCs among all
+    beats: with every other candidate of a run kept (no couplets), candidates at rate q
+    give q / (1 + q) PVCs, so q = p / (1 − p). Capped below strict bigeminy, which would
+    leave no sinus beat between sinus neighbours (a beat-locked clip needs one)."""
+    return min(pvc_rate / (1.0 - pvc_rate), CANDIDATE_RATE_MAX) if pvc_rate < 1.0 else CANDIDATE_RATE_MAX
+
+
+def _position_in_run(flags: np.ndarray) -> np.ndarray:
+    """For each True, its place in its run of consecutive Trues (0 for the first)."""
+    n = np.arange(len(flags))
+    last_false = np.maximum.accumulate(np.where(flags, -1, n))
+    return n - last_false - 1
 
 
 def _after_repolarisation(r_prev: np.ndarray, r_pvc: np.ndarray, morph: EcgMorphology) -> np.ndarray:

@@ -68,7 +68,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--view", choices=("a4c", "a2c"), default="a4c", help="apical view (default a4c)")
     p.add_argument("--noise", type=ranged(float, 0.0, 5.0, "noise"), default=1.0, help="ECG and image noise scale (default 1)")
     p.add_argument("--pvc-rate", type=ranged(float, 0.0, 0.5, "pvc-rate"), default=0.0,
-                   help="chance a beat is a premature ventricular contraction (default 0)")
+                   help="share of beats that are premature ventricular contractions, never two in a row "
+                        "(0.5 gives 4 in 9, the most; default 0)")
     p.add_argument("--pacing", choices=("none", "ventricular", "dual"), default="none",
                    help="a paced patient: pacing spikes before each QRS (ventricular) or before each P and QRS "
                         "(dual) (default none)")
