@@ -22,7 +22,7 @@ import asyncio
 import logging
 import ssl
 import time
-from typing import Union
+from typing import Any, Union
 
 import aiomqtt
 
@@ -55,6 +55,15 @@ class _ClosingSSLSocket(ssl.SSLSocket):
         except BaseException:
             self.close()
             raise
+
+
+def _read_disconnect_reason(client: Any) -> None:
+    """aiomqtt keeps why a connection ended in a future that only its own waiters read;
+    read it when it is set, or asyncio logs "Future exception was never retrieved" with a
+    traceback at every lost connection (the reason reaches us as the MqttError anyway)."""
+    future = getattr(client, "_disconnected", None)  # private: nothing to do if it moves
+    if isinstance(future, asyncio.Future):
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 class MqttSource(BackgroundSource):
@@ -119,6 +128,7 @@ class MqttSource(BackgroundSource):
             live, since = False, 0.0
             try:
                 async with client:
+                    _read_disconnect_reason(client)
                     await client.subscribe(self.topic_filter, qos=self.qos)
                     live, since = True, time.monotonic()
                     code = status.RECONNECTED if connected_before else status.CONNECTED
@@ -133,6 +143,7 @@ class MqttSource(BackgroundSource):
                 log.exception("mqtt %s:%s: unexpected error", self.host, self.port)
                 code = status.DISCONNECTED if live else status.CONNECT_FAILED
                 self._emit(SourceStatus(None, code, f"{self.host}:{self.port}: {type(exc).__name__}: {exc}"))
+            _read_disconnect_reason(client)  # a connect that failed may have set it too
             if live:
                 self.backoff.connection_ended(time.monotonic() - since)
             delay = self.backoff.next_delay()

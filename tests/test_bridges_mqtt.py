@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import base64
 import json
 import uuid
@@ -300,3 +301,32 @@ async def test_two_sources_sharing_a_client_id_back_off(running_broker) -> None:
     assert sum(s.counters[status.DISCONNECTED] for s in sources) >= 2  # they did fight
     assert max(s.backoff.attempt for s in sources) >= 3  # and the delays grew
     assert sum(s.counters[status.RECONNECTED] for s in sources) <= 20  # not ~80 in 2 s
+
+
+async def test_a_lost_connection_leaves_no_unretrieved_error_behind(running_broker, caplog) -> None:
+    """aiomqtt keeps why a connection ended in a future only its own waiters read. Once
+    asyncio logged "Future exception was never retrieved" for every disconnection when
+    the future was collected: a traceback in a daemon's log, in whatever ran then."""
+    import gc
+
+    pre = prefix()
+    cid = f"{pre}-shared"
+    sources = [MqttSource(running_broker.host, running_broker.port, f"{pre}/+", client_id=cid, connect_timeout=0.5,
+                          backoff=Backoff(initial=0.05, maximum=0.3)) for _ in range(2)]
+
+    async def drain(src: MqttSource) -> None:
+        async for _ in src:
+            pass
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        async with sources[0], sources[1]:
+            tasks = [asyncio.create_task(drain(s)) for s in sources]
+            await asyncio.sleep(1.5)  # each connect takes the session from the other
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        sources.clear()
+        tasks.clear()
+        gc.collect()
+        await asyncio.sleep(0)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
