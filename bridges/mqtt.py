@@ -126,6 +126,9 @@ class MqttSource(BackgroundSource):
                 keepalive=self.keepalive,
             )
             live, since = False, 0.0
+            # Both futures: a session takeover can end the connection inside __aenter__,
+            # which then swaps in a new one.
+            _read_disconnect_reason(client)
             try:
                 async with client:
                     _read_disconnect_reason(client)
@@ -143,7 +146,6 @@ class MqttSource(BackgroundSource):
                 log.exception("mqtt %s:%s: unexpected error", self.host, self.port)
                 code = status.DISCONNECTED if live else status.CONNECT_FAILED
                 self._emit(SourceStatus(None, code, f"{self.host}:{self.port}: {type(exc).__name__}: {exc}"))
-            _read_disconnect_reason(client)  # a connect that failed may have set it too
             if live:
                 self.backoff.connection_ended(time.monotonic() - since)
             delay = self.backoff.next_delay()
