@@ -278,14 +278,14 @@ async def test_chunks_without_t0_arriving_together_stay_contiguous(running_broke
     assert sum(c.n_samples for c in kept if c is not None) == 250
 
 
-async def test_two_sources_sharing_a_client_id_back_off(running_broker) -> None:
-    """Each connect takes the session from the other. With the backoff reset at every
-    connect they reconnected at the initial delay for ever (dozens of times a second)."""
+async def fight_for_one_client_id(broker, seconds: float) -> list[MqttSource]:
+    """Two sources sharing a client id, drained for `seconds`: each connect takes the
+    session from the other. Returns them, closed."""
     pre = prefix()
     cid = f"{pre}-shared"
     # connect_timeout: aiomqtt now and then loses a connect whose socket the broker closed at
     # once, and waits out the timeout before it retries
-    sources = [MqttSource(running_broker.host, running_broker.port, f"{pre}/+", client_id=cid, connect_timeout=0.5,
+    sources = [MqttSource(broker.host, broker.port, f"{pre}/+", client_id=cid, connect_timeout=0.5,
                           backoff=Backoff(initial=0.05, maximum=0.3)) for _ in range(2)]
 
     async def drain(src: MqttSource) -> None:
@@ -294,10 +294,17 @@ async def test_two_sources_sharing_a_client_id_back_off(running_broker) -> None:
 
     async with sources[0], sources[1]:
         tasks = [asyncio.create_task(drain(s)) for s in sources]
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(seconds)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    return sources
+
+
+async def test_two_sources_sharing_a_client_id_back_off(running_broker) -> None:
+    """Each connect takes the session from the other. With the backoff reset at every
+    connect they reconnected at the initial delay for ever (dozens of times a second)."""
+    sources = await fight_for_one_client_id(running_broker, 2.0)
     assert sum(s.counters[status.DISCONNECTED] for s in sources) >= 2  # they did fight
     assert max(s.backoff.attempt for s in sources) >= 3  # and the delays grew
     assert sum(s.counters[status.RECONNECTED] for s in sources) <= 20  # not ~80 in 2 s
@@ -309,24 +316,8 @@ async def test_a_lost_connection_leaves_no_unretrieved_error_behind(running_brok
     the future was collected: a traceback in a daemon's log, in whatever ran then."""
     import gc
 
-    pre = prefix()
-    cid = f"{pre}-shared"
-    sources = [MqttSource(running_broker.host, running_broker.port, f"{pre}/+", client_id=cid, connect_timeout=0.5,
-                          backoff=Backoff(initial=0.05, maximum=0.3)) for _ in range(2)]
-
-    async def drain(src: MqttSource) -> None:
-        async for _ in src:
-            pass
-
     with caplog.at_level(logging.ERROR, logger="asyncio"):
-        async with sources[0], sources[1]:
-            tasks = [asyncio.create_task(drain(s)) for s in sources]
-            await asyncio.sleep(1.5)  # each connect takes the session from the other
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        sources.clear()
-        tasks.clear()
+        await fight_for_one_client_id(running_broker, 1.5)  # lost connections, both ways
         gc.collect()
         await asyncio.sleep(0)
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]

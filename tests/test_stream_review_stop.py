@@ -13,7 +13,7 @@ from echopulse.stream.engine import ENGINE_DEVICE, Engine
 from echopulse.stream.publish import Publisher
 from echopulse.stream.session import EngineLimits
 
-from test_engine import ListSource, StubBackend, chunks
+from test_engine import HangsOnClose, ListSource, StubBackend, chunks
 
 pytestmark = pytest.mark.network
 
@@ -33,22 +33,6 @@ class ClosesIn(ListSource):
     async def __aexit__(self, *exc) -> None:
         await asyncio.sleep(self.delay)
         self.closed = True
-
-
-class HangsOnClose(ListSource):
-    """A source whose close never finishes by itself, swallowing cancellation, until released."""
-
-    def __init__(self, items, release: asyncio.Event) -> None:
-        super().__init__(items, hold=60.0)
-        self.release = release
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        while not self.release.is_set():
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.release.wait()
 
 
 class CleansUpForEver:

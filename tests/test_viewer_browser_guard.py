@@ -7,12 +7,12 @@ to a hand-written publisher's good frames and malformed ZeroMQ messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import struct
 import subprocess
 import time
 
-import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -115,9 +115,10 @@ async def _open_page(binary: str, profile, url: str, stack) -> tuple[Cdp, str]:
     return cdp, session
 
 
-async def test_page_keeps_drawing_good_devices_among_frames_it_cannot_draw(tmp_path):
-    from contextlib import AsyncExitStack
-
+@contextlib.asynccontextmanager
+async def _viewed_good_devices(tmp_path):
+    """The viewer fed the good devices' frames over a real ZeroMQ socket, and the page open
+    in headless Chromium: (viewer, cdp, session)."""
     binary = chromium_binary()
     if binary is None:
         pytest.skip("no chromium binary (apt-get install chromium)")
@@ -127,24 +128,29 @@ async def test_page_keeps_drawing_good_devices_among_frames_it_cannot_draw(tmp_p
     port = pub.bind_to_random_port("tcp://127.0.0.1")
     publishing = asyncio.create_task(_publish(pub))
     try:
-        async with AsyncExitStack() as stack, ViewerServer(f"tcp://127.0.0.1:{port}", port=0) as viewer:
+        async with contextlib.AsyncExitStack() as stack, ViewerServer(f"tcp://127.0.0.1:{port}", port=0) as viewer:
             cdp, session = await _open_page(binary, tmp_path / "profile", viewer.url, stack)
-            every = lambda s: all(s["frames"].get(d, 0) > 3 for d in GOOD)  # noqa: E731
-            before = await _wait_state(cdp, session, every, "the page drew too few frames")
-            frames, events = _bad_page_messages(t=max(viewer.frames.values()) / FPS)
-            for payload in frames:
-                viewer._fanout.put_frame("bad", payload)  # straight to the page, past the viewer's checks
-            for payload in events:
-                viewer._fanout.put_event(payload)
-            after = await _wait_state(
-                cdp, session, lambda s: all(s["frames"][d] > before["frames"][d] + 10 for d in GOOD),
-                "the page stopped drawing after the bad frames")  # once: its animation loop died
-            await _wait_state(cdp, session, lambda s: "malformed dropped" in s["summary"], "no malformed count shown")
+            yield viewer, cdp, session
     finally:
         publishing.cancel()
         await asyncio.gather(publishing, return_exceptions=True)
         pub.close()
         context.term()
+
+
+async def test_page_keeps_drawing_good_devices_among_frames_it_cannot_draw(tmp_path):
+    async with _viewed_good_devices(tmp_path) as (viewer, cdp, session):
+        every = lambda s: all(s["frames"].get(d, 0) > 3 for d in GOOD)  # noqa: E731
+        before = await _wait_state(cdp, session, every, "the page drew too few frames")
+        frames, events = _bad_page_messages(t=max(viewer.frames.values()) / FPS)
+        for payload in frames:
+            viewer._fanout.put_frame("bad", payload)  # straight to the page, past the viewer's checks
+        for payload in events:
+            viewer._fanout.put_event(payload)
+        after = await _wait_state(
+            cdp, session, lambda s: all(s["frames"][d] > before["frames"][d] + 10 for d in GOOD),
+            "the page stopped drawing after the bad frames")  # once: its animation loop died
+        await _wait_state(cdp, session, lambda s: "malformed dropped" in s["summary"], "no malformed count shown")
     assert sorted(after["cards"]) == sorted(GOOD)   # no card for any frame it could not draw
     assert after["undrawable"] == 6                  # the six frames with a JSON header
     assert after["unreadable"] == 5                  # three frames, the status without a device, the unknown type
@@ -180,36 +186,19 @@ def _odd_but_parsable(t: float) -> tuple[list[bytes], list[str]]:
 
 
 async def test_fields_the_page_cannot_use_cost_one_message_each_not_every_frame_after(tmp_path):
-    from contextlib import AsyncExitStack
-
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("no chromium binary (apt-get install chromium)")
-    context = zmq.Context()
-    pub = context.socket(zmq.PUB)
-    pub.setsockopt(zmq.LINGER, 0)
-    port = pub.bind_to_random_port("tcp://127.0.0.1")
-    publishing = asyncio.create_task(_publish(pub))
-    try:
-        async with AsyncExitStack() as stack, ViewerServer(f"tcp://127.0.0.1:{port}", port=0) as viewer:
-            cdp, session = await _open_page(binary, tmp_path / "profile", viewer.url, stack)
-            before = await _wait_state(cdp, session, lambda s: all(s["frames"].get(d, 0) > 3 for d in GOOD),
-                                       "the page drew too few frames")
-            frames, events = _odd_but_parsable(t=max(viewer.frames.values()) / FPS + 0.05)
-            for payload in frames:
-                viewer._fanout.put_frame("odd", payload)
-            for payload in events:
-                viewer._fanout.put_event(payload)
-            mid = await _wait_state(cdp, session, lambda s: s["frames"].get("odd-fields", 0) >= 1,
-                                    "the frame with odd fields was not drawn")
-            after = await _wait_state(
-                cdp, session, lambda s: all(s["frames"][d] > mid["frames"][d] + 15 for d in GOOD),
-                "the page stopped drawing")
-    finally:
-        publishing.cancel()
-        await asyncio.gather(publishing, return_exceptions=True)
-        pub.close()
-        context.term()
+    async with _viewed_good_devices(tmp_path) as (viewer, cdp, session):
+        before = await _wait_state(cdp, session, lambda s: all(s["frames"].get(d, 0) > 3 for d in GOOD),
+                                   "the page drew too few frames")
+        frames, events = _odd_but_parsable(t=max(viewer.frames.values()) / FPS + 0.05)
+        for payload in frames:
+            viewer._fanout.put_frame("odd", payload)
+        for payload in events:
+            viewer._fanout.put_event(payload)
+        mid = await _wait_state(cdp, session, lambda s: s["frames"].get("odd-fields", 0) >= 1,
+                                "the frame with odd fields was not drawn")
+        after = await _wait_state(
+            cdp, session, lambda s: all(s["frames"][d] > mid["frames"][d] + 15 for d in GOOD),
+            "the page stopped drawing")
     assert before["undrawable"] == before["unreadable"] == 0
     assert after["undrawable"] == 1   # the null header; once 0 (not counted), then one per frame of "good"
     assert after["unreadable"] == 2   # the status and "null"; once one per animation frame, and "null" not counted
