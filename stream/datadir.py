@@ -47,7 +47,10 @@ ID_FILE = "device.txt"  # the id itself, for folders whose name had to be shorte
 
 def device_dirname(device: str) -> str:
     """A file-system-safe folder name for a device id: the id percent-encoded, or when that
-    is too long, its head and a hash (the id then also lies in the folder's ID_FILE)."""
+    is too long, its head and a hash (the id then also lies in the folder's ID_FILE).
+    Raises ValueError for an empty id (its folder would be the data dir itself)."""
+    if not device:
+        raise ValueError("empty device id")
     name = quote(device, safe="-_:@+=,")
     name = "%2E" + name[1:] if name.startswith(".") else name
     if len(name) > MAX_DIRNAME:

@@ -15,12 +15,13 @@ silent client cannot hold a connection open.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import re
 import time
 from typing import Any, Callable, Mapping
+
+from .protocol import to_json
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,13 @@ def render_primes(primes: Mapping[str, Any]) -> list[str]:
 
 def render_prometheus(counters: Counters, uptime_s: float, primes: Mapping[str, Any] | None = None) -> str:
     """The text exposition of every counter of every device, grouped by metric (one HELP/TYPE each)."""
-    by_metric: dict[str, list[tuple[str, float]]] = {}
+    # Keyed by metric name: counters that sanitize to one name ("a-b", "a_b") are summed,
+    # since a repeated TYPE line or series makes Prometheus reject the whole scrape.
+    by_metric: dict[str, dict[str, float]] = {}
     for device in sorted(counters):
         for counter, value in counters[device].items():
-            by_metric.setdefault(counter, []).append((device, value))
+            series = by_metric.setdefault(metric_name(counter), {})
+            series[device] = series.get(device, 0) + value
     lines = [
         "# HELP echopulse_uptime_seconds Seconds since the metrics server started.",
         "# TYPE echopulse_uptime_seconds gauge",
@@ -77,11 +81,11 @@ def render_prometheus(counters: Counters, uptime_s: float, primes: Mapping[str, 
         "# TYPE echopulse_devices gauge",
         f"echopulse_devices {sum(1 for d in counters if not d.startswith('_'))}",
     ]
-    for counter in sorted(by_metric):
-        name = metric_name(counter)
-        lines.append(f"# HELP {name} Engine counter {counter!r} per device.")
+    for name in sorted(by_metric):
+        counter = name[len("echopulse_"):-len("_total")]
+        lines.append(f"# HELP {name} Engine counter {counter} per device.")
         lines.append(f"# TYPE {name} counter")
-        lines.extend(f'{name}{{device="{_label(d)}"}} {_number(v)}' for d, v in by_metric[counter])
+        lines.extend(f'{name}{{device="{_label(d)}"}} {_number(v)}' for d, v in by_metric[name].items())
     if primes is not None:
         lines += render_primes(primes)
     return "\n".join(lines) + "\n"
@@ -121,8 +125,8 @@ class MetricsServer:
 
     def _answer(self, method: str, path: str) -> tuple[str, str, bytes]:
         """(status line, content type, body) for one request."""
-        if method != "GET":
-            return "405 Method Not Allowed", "text/plain", b"only GET\n"
+        if method not in ("GET", "HEAD"):  # HTTP requires HEAD wherever GET is served
+            return "405 Method Not Allowed", "text/plain", b"only GET or HEAD\n"
         path = path.split("?", 1)[0]
         if path not in ("/metrics", "/health"):
             return "404 Not Found", "text/plain", b"try /metrics or /health\n"
@@ -141,7 +145,8 @@ class MetricsServer:
                   "counters": {d: dict(c) for d, c in counters.items()}}
         if primes is not None:
             health["primes"] = primes
-        return "200 OK", "application/json", json.dumps(health).encode()
+        # to_json: NaN/inf become null; json.dumps would write NaN, which is not JSON.
+        return "200 OK", "application/json", to_json(health).encode()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -151,8 +156,9 @@ class MetricsServer:
                 status, kind, body = "400 Bad Request", "text/plain", b"bad request line\n"
             else:
                 status, kind, body = self._answer(parts[0], parts[1])
+            payload = b"" if parts[:1] == ["HEAD"] else body  # HEAD: GET's headers, no body
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
-                         "Connection: close\r\n\r\n".encode() + body)
+                         "Connection: close\r\n\r\n".encode() + payload)
             await asyncio.wait_for(writer.drain(), READ_TIMEOUT_S)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # the client went quiet, went away or sent too much: nothing to answer

@@ -196,6 +196,8 @@ def _check_field(name: str, value: Any, types: tuple[type, ...], rule: str) -> N
 def _validate(kind: str, data: Any, fields: dict[str, tuple[tuple[type, ...], str]]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ProtocolError(f"{kind} must be a map, got {type(data).__name__}")
+    if "v" in data:  # another version may lack v1's fields: name the version, not the fields
+        _check_field("v", data["v"], *fields["v"])
     missing = [name for name in fields if name not in data]
     if missing:
         raise ProtocolError(f"{kind} lacks field(s): {', '.join(missing)}")
