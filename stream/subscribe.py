@@ -48,8 +48,8 @@ class _SubscriberCore:
         self.last_seq: dict[str, int] = {}
         self.lost: dict[str, int] = {}        # frames missed (seq jumped forward)
         self.restarts: dict[str, int] = {}    # seq went back: the publisher restarted
-        self.errors = 0                       # messages that failed to decode
-        # anyone may publish to the endpoint: a stream of bad messages must not fill the log
+        # messages that failed to decode: counted, and logged at a bounded rate (anyone may
+        # publish to the endpoint: a stream of bad messages must not fill the log)
         self.malformed = RateLimitedLog(log, "dropping malformed message")
         self._own_context = context is None
         self._context = context or self._context_class()
@@ -59,6 +59,11 @@ class _SubscriberCore:
         except zmq.ZMQError as err:
             self.close()
             raise OSError(f"cannot connect to {endpoint}: {err}") from None
+
+    @property
+    def errors(self) -> int:
+        """Messages that failed to decode."""
+        return self.malformed.count
 
     def close(self) -> None:
         self.malformed.flush(force=True)  # the count held back by the rate limit, not lost at exit
@@ -82,7 +87,6 @@ class _SubscriberCore:
         try:
             msg = protocol.decode(parts)
         except Exception as err:  # ProtocolError, or a decoder bug on bytes nobody foresaw
-            self.errors += 1
             self.malformed(f"{_topic(parts)}: {err}")
             return None
         if not isinstance(msg, FrameMessage):
