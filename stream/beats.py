@@ -80,6 +80,11 @@ class Beat:
         return 60.0 / self.rr
 
 
+def _check_lead(lead: int, n_leads: int, what: str) -> None:
+    if not 0 <= lead < n_leads:
+        raise ValueError(f"{what} {lead} out of range for {n_leads} leads")
+
+
 class BeatSegmenter:
     """Beats from a stream of (leads × n) float32 chunks in millivolts at rate `fs`
     (`remove_spikes=False`: no pacing-spike remover, samples reach the detector at once)."""
@@ -87,8 +92,7 @@ class BeatSegmenter:
     def __init__(self, fs: float, n_leads: int, config: EcgEncoderConfig | None = None,
                  detect_lead: int = 0, backend: str = "numba", params: QrsParams | None = None,
                  remove_spikes: bool = True) -> None:
-        if not 0 <= detect_lead < n_leads:
-            raise ValueError(f"detect_lead {detect_lead} out of range for {n_leads} leads")
+        _check_lead(detect_lead, n_leads, "detect_lead")
         self.fs = float(fs)
         self.n_leads = int(n_leads)
         self.config = config or EcgEncoderConfig()
@@ -191,8 +195,7 @@ class BeatSegmenter:
         A new detector is warmed on the lead's history in the ring, so its thresholds are
         learnt before the next sample arrives; returns the beats that history completes
         (those after the last R already found: the old lead's R is not found again)."""
-        if not 0 <= lead < self.n_leads:
-            raise ValueError(f"detect_lead {lead} out of range for {self.n_leads} leads")
+        _check_lead(lead, self.n_leads, "detect_lead")
         if lead == self.detect_lead:
             return []
         self.detect_lead = int(lead)
@@ -215,8 +218,7 @@ class BeatSegmenter:
         history: those it finds again, less the peaks it finds among them that are none of
         them. Where to move detection when its lead comes off: a lead can be live and show
         no usable QRS (noise alone gives a detector peaks everywhere, some near the beats)."""
-        if not 0 <= lead < self.n_leads:
-            raise ValueError(f"lead {lead} out of range for {self.n_leads} leads")
+        _check_lead(lead, self.n_leads, "lead")
         start, end = self._ring.start, self._ring.end
         known = np.array([r for r in self._recent_r if r >= start], dtype=np.int64)
         if end == start or not known.size:
