@@ -390,11 +390,7 @@ class Engine:
             task.cancel()
         _, pending = await asyncio.wait(tasks, timeout=self._stop_time_left())
         for task in pending:
-            task.add_done_callback(_retrieve)
-            if task in pumps:
-                self.engine_counters["sources_left_open"] += 1
-            log.warning("%s did not stop within stop_timeout_s (%g s): left behind", task.get_name(),
-                        self.limits.stop_timeout_s)
+            self._leave_behind(task, task.get_name(), source=task in pumps)
 
     async def _close_sources(self, sources: list[Any]) -> None:
         """Close the sources side by side: one that hangs must not use up the others' time."""
@@ -413,14 +409,19 @@ class Engine:
         done, _ = await asyncio.wait({closing}, timeout=self._stop_time_left())
         if not done:
             closing.cancel()
-            closing.add_done_callback(_retrieve)
-            self.engine_counters["sources_left_open"] += 1
-            log.warning("source %s did not close within stop_timeout_s (%g s): left behind",
-                        name, self.limits.stop_timeout_s)
+            self._leave_behind(closing, f"closing source {name}", source=True)
         elif closing.cancelled():  # its close cancelled itself: .exception() would raise it here
             self._source_close_failed(name, asyncio.CancelledError("cancelled while closing"))
         elif closing.exception() is not None:
             self._source_close_failed(name, closing.exception())
+
+    def _leave_behind(self, task: asyncio.Future[Any], what: str, source: bool) -> None:
+        """Give up on a task at stop (it ends with the process, its outcome read then);
+        `source`: a source left open, counted in sources_left_open."""
+        task.add_done_callback(_retrieve)
+        if source:
+            self.engine_counters["sources_left_open"] += 1
+        log.warning("%s did not finish within stop_timeout_s (%g s): left behind", what, self.limits.stop_timeout_s)
 
     def _source_close_failed(self, name: str, err: BaseException) -> None:
         self.engine_counters["source_close_failures"] += 1
