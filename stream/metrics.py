@@ -32,9 +32,14 @@ MAX_REQUEST_BYTES = 8192
 _NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
 
 
+def _sanitized(counter: str) -> str:
+    """The counter's name with the characters Prometheus refuses made _."""
+    return _NAME_BAD.sub("_", counter)
+
+
 def metric_name(counter: str) -> str:
-    """``beats_dropped`` -> ``echopulse_beats_dropped_total`` (characters Prometheus refuses become _)."""
-    return f"echopulse_{_NAME_BAD.sub('_', counter)}_total"
+    """``beats_dropped`` -> ``echopulse_beats_dropped_total``."""
+    return f"echopulse_{_sanitized(counter)}_total"
 
 
 def _label(value: str) -> str:
@@ -66,12 +71,12 @@ def render_primes(primes: Mapping[str, Any]) -> list[str]:
 
 def render_prometheus(counters: Counters, uptime_s: float, primes: Mapping[str, Any] | None = None) -> str:
     """The text exposition of every counter of every device, grouped by metric (one HELP/TYPE each)."""
-    # Keyed by metric name: counters that sanitize to one name ("a-b", "a_b") are summed,
+    # Keyed by the sanitized name: counters that sanitize to one ("a-b", "a_b") are summed,
     # since a repeated TYPE line or series makes Prometheus reject the whole scrape.
     by_metric: dict[str, dict[str, float]] = {}
     for device in sorted(counters):
         for counter, value in counters[device].items():
-            series = by_metric.setdefault(metric_name(counter), {})
+            series = by_metric.setdefault(_sanitized(counter), {})
             series[device] = series.get(device, 0) + value
     lines = [
         "# HELP echopulse_uptime_seconds Seconds since the metrics server started.",
@@ -81,11 +86,11 @@ def render_prometheus(counters: Counters, uptime_s: float, primes: Mapping[str, 
         "# TYPE echopulse_devices gauge",
         f"echopulse_devices {sum(1 for d in counters if not d.startswith('_'))}",
     ]
-    for name in sorted(by_metric):
-        counter = name[len("echopulse_"):-len("_total")]
+    for counter in sorted(by_metric):
+        name = metric_name(counter)
         lines.append(f"# HELP {name} Engine counter {counter} per device.")
         lines.append(f"# TYPE {name} counter")
-        lines.extend(f'{name}{{device="{_label(d)}"}} {_number(v)}' for d, v in by_metric[name].items())
+        lines.extend(f'{name}{{device="{_label(d)}"}} {_number(v)}' for d, v in by_metric[counter].items())
     if primes is not None:
         lines += render_primes(primes)
     return "\n".join(lines) + "\n"
